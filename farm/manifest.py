@@ -1,0 +1,299 @@
+"""Manifest v1: the storyboard a user writes, validated before anything renders.
+
+Every error carries a field path (`shots[2].duration`) so `farm validate`, the CLI and the HTTP
+API can all point at the exact line to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from farm.presets import MotionLevel, Quality, Scene
+
+SHOT_ID = r"^[A-Za-z0-9_-]{1,64}$"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+DEFAULT_KEYFRAME_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+DEFAULT_VIDEO_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
+
+
+class Strict(BaseModel):
+    # Unknown fields are refused: a typo like `durration` must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_size(value: str, field: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(value))
+    if not match:
+        raise ValueError(f"{field} must look like WIDTHxHEIGHT, e.g. 1024x576")
+    width, height = int(match[1]), int(match[2])
+    if width <= 0 or height <= 0:
+        raise ValueError(f"{field} sides must be positive")
+    if width % 8 or height % 8:
+        raise ValueError(f"{field} {width}x{height}: both sides must be multiples of 8")
+    return width, height
+
+
+class Steps(Strict):
+    keyframe: Annotated[int, Field(ge=1, le=500)] | None = None
+    video: Annotated[int, Field(ge=1, le=500)] | None = None
+
+
+class Models(Strict):
+    keyframe: str = DEFAULT_KEYFRAME_MODEL
+    video: str = DEFAULT_VIDEO_MODEL
+    keyframe_revision: str | None = None
+    video_revision: str | None = None
+    lora: str | None = None  # applied to the keyframe model
+    vae: str | None = None  # VAE override for the keyframe model
+    allow_pickle: bool = False
+
+
+class Output(Strict):
+    fps: Annotated[int, Field(ge=1, le=120)] | None = None  # None: the quality template's fps
+    resolution: str = "1024x576"
+    final_resolution: str | None = None
+    crf: Annotated[int, Field(ge=0, le=51)] | None = None
+    preset: Literal[
+        "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"
+    ] | None = None
+    bitrate: Annotated[str, Field(pattern=r"^\d+(\.\d+)?[kKmM]?$")] | None = None
+    transition: Literal["cut", "crossfade"] = "cut"
+    crossfade_seconds: Annotated[float, Field(gt=0, le=5)] = 0.5
+    interpolate_fps: Annotated[int, Field(ge=1, le=120)] | None = None
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, value: str) -> str:
+        parse_size(value, "resolution")
+        return value
+
+    @field_validator("final_resolution")
+    @classmethod
+    def _final_resolution(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value, "final_resolution")
+        return value
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return parse_size(self.resolution, "resolution")
+
+    @property
+    def final_size(self) -> tuple[int, int] | None:
+        return parse_size(self.final_resolution, "final_resolution") if self.final_resolution else None
+
+
+class Defaults(Strict):
+    negative_prompt: str = "blurry, distorted"
+    guidance_scale: Annotated[float, Field(ge=1, le=30)] = 7.5
+    guidance_rescale: Annotated[float, Field(ge=0, le=1)] = 0.7
+
+
+class Shot(Strict):
+    id: Annotated[str, Field(pattern=SHOT_ID)]
+    prompt: Annotated[str, Field(min_length=1, max_length=2000)]
+    duration: Annotated[float, Field(gt=0, le=600)]
+    motion: MotionLevel | None = None
+    motion_bucket_id: Annotated[int, Field(ge=1, le=255)] | None = None
+    scene: Scene = "smooth"
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+    keyframe: str | None = None
+    continue_from: Literal["previous"] | None = None
+    negative_prompt: str | None = None
+    guidance_scale: Annotated[float, Field(ge=1, le=30)] | None = None
+    subjects: Annotated[int, Field(ge=1, le=3)] = 1  # I2VGen-XL adaptive guidance
+    steps: Steps | None = None
+
+    @model_validator(mode="after")
+    def _one_motion(self) -> Shot:
+        if self.motion is not None and self.motion_bucket_id is not None:
+            raise ValueError("give either motion (low|medium|high) or motion_bucket_id (1-255), not both")
+        if self.keyframe is not None and self.continue_from is not None:
+            raise ValueError("a shot takes its first frame from either keyframe or continue_from, not both")
+        return self
+
+
+class Manifest(Strict):
+    version: Literal[1]
+    title: Annotated[str, Field(min_length=1, max_length=200)]
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    quality: Quality = "balanced"
+    steps: Steps = Steps()
+    models: Models = Models()
+    output: Output = Output()
+    defaults: Defaults = Defaults()
+    webhook: str | None = None
+    shots: Annotated[list[Shot], Field(min_length=1, max_length=10_000)]
+
+
+@dataclass(frozen=True)
+class FieldError:
+    loc: tuple[str | int, ...]
+    msg: str
+
+    @property
+    def path(self) -> str:
+        return format_loc(self.loc)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.msg}"
+
+
+class ManifestError(ValueError):
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+    def as_json(self) -> list[dict[str, Any]]:
+        """The HTTP API's 422 body shape: [{"loc": [...], "msg": ...}]."""
+        return [{"loc": list(e.loc), "msg": e.msg} for e in self.errors]
+
+
+def format_loc(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "manifest"
+
+
+def _from_pydantic(exc: ValidationError) -> list[FieldError]:
+    errors = []
+    for err in exc.errors():
+        # Field names are identifiers; pydantic's union tags ('function-after[...]') are not.
+        loc = tuple(p for p in err["loc"] if isinstance(p, int) or p.isidentifier())
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        errors.append(FieldError(loc, msg))
+    return errors
+
+
+def inside_root(root: Path, relative: str) -> Path:
+    """Resolve `relative` against `root`, refusing absolute paths and anything that lands outside
+    the root once `..` and symlinks are followed."""
+    if os.path.isabs(relative) or relative.startswith("~"):
+        raise ValueError("must be a path relative to the manifest's folder, not an absolute path")
+    root = root.resolve()
+    target = (root / relative).resolve()
+    if target != root and root not in target.parents:
+        raise ValueError("escapes the manifest's folder (.. or a symlink pointing outside)")
+    return target
+
+
+def _semantic_errors(manifest: Manifest, root: Path | None) -> list[FieldError]:
+    """Checks that need the whole manifest or the filesystem."""
+    from farm.models import ModelError, resolve_model
+
+    errors: list[FieldError] = []
+    seen: dict[str, int] = {}
+    for i, shot in enumerate(manifest.shots):
+        if shot.id in seen:
+            errors.append(FieldError(("shots", i, "id"),
+                                     f"duplicate shot id {shot.id!r} (also shots[{seen[shot.id]}])"))
+        seen.setdefault(shot.id, i)
+        if shot.continue_from and i == 0:
+            errors.append(FieldError(("shots", 0, "continue_from"), "the first shot has no previous shot"))
+        if shot.keyframe is not None:
+            errors.extend(_keyframe_errors(shot.keyframe, root, ("shots", i, "keyframe")))
+    for role in ("keyframe", "video"):
+        try:
+            resolve_model(role, getattr(manifest.models, role), base_dir=root,
+                          allow_pickle=manifest.models.allow_pickle)
+        except ModelError as exc:
+            errors.append(FieldError(("models", role), str(exc)))
+    for field in ("lora", "vae"):
+        value = getattr(manifest.models, field)
+        if value is not None:
+            errors.extend(_weights_file_errors(value, root, manifest.models.allow_pickle, ("models", field)))
+    fps = manifest.output.interpolate_fps
+    if fps is not None and manifest.output.fps is not None and fps < manifest.output.fps:
+        errors.append(FieldError(("output", "interpolate_fps"), "must not be below output.fps"))
+    if manifest.output.transition == "crossfade":
+        xfade = manifest.output.crossfade_seconds
+        for i, shot in enumerate(manifest.shots):
+            if len(manifest.shots) > 1 and shot.duration <= xfade:
+                errors.append(FieldError(("shots", i, "duration"),
+                                         f"must be longer than output.crossfade_seconds ({xfade})"))
+    return errors
+
+
+def _keyframe_errors(value: str, root: Path | None, loc: tuple[str | int, ...]) -> list[FieldError]:
+    if root is None:
+        return [FieldError(loc, "keyframe images need a manifest file (paths are relative to its folder)")]
+    try:
+        path = inside_root(root, value)
+    except ValueError as exc:
+        return [FieldError(loc, str(exc))]
+    if not path.is_file():
+        return [FieldError(loc, f"file not found: {value}")]
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        return [FieldError(loc, "must be a .png, .jpg or .webp image")]
+    return []
+
+
+def _weights_file_errors(value: str, root: Path | None, allow_pickle: bool,
+                         loc: tuple[str | int, ...]) -> list[FieldError]:
+    if value.lower().endswith(PICKLE_SUFFIXES) and not allow_pickle:
+        return [FieldError(loc, "pickle checkpoints can run code when loaded; use .safetensors "
+                                "or set models.allow_pickle: true")]
+    if root is not None and not os.path.isabs(value):
+        try:
+            path = inside_root(root, value)
+        except ValueError as exc:
+            return [FieldError(loc, str(exc))]
+        if not path.exists():
+            return [FieldError(loc, f"not found: {value}")]
+    return []
+
+
+def parse_text(text: str) -> Any:
+    """YAML or JSON (JSON is YAML, but json gives better messages for JSON-looking input)."""
+    stripped = text.lstrip()
+    try:
+        if stripped.startswith("{"):
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError([FieldError((), f"invalid JSON at line {exc.lineno}: {exc.msg}")]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ManifestError([FieldError((), f"invalid YAML{where}: {getattr(exc, 'problem', exc)}")]) from None
+
+
+def validate_data(data: Any, root: Path | None = None) -> Manifest:
+    """Validate parsed manifest data; `root` is the folder relative paths are confined to."""
+    if not isinstance(data, dict):
+        raise ManifestError([FieldError((), "must be a mapping with version, title and shots")])
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(_from_pydantic(exc)) from None
+    errors = _semantic_errors(manifest, root)
+    if errors:
+        raise ManifestError(errors)
+    return manifest
+
+
+def load(path: Path | str) -> Manifest:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError([FieldError((), f"cannot read {path}: {exc.strerror}")]) from None
+    return validate_data(parse_text(text), root=path.parent)
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Manifest.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "farm storyboard manifest v1"
+    return schema

@@ -1,0 +1,160 @@
+"""Storyboard -> DAG of stages: keyframe -> video segment(s) -> clip per shot; all clips -> merge.
+
+Plain data only, so the scheduler, the simulator and tests can all walk the same plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from farm.hashing import derive_seed
+from farm.manifest import Manifest, Shot
+from farm.presets import QUALITY_TEMPLATES
+
+StageKind = Literal["keyframe", "video", "clip", "merge"]
+GPU_STAGES: tuple[StageKind, ...] = ("keyframe", "video")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One image-to-video model call: generate `frames` frames, keep all but the first `drop`.
+
+    A segment that starts from a frame we already show (the previous segment's or shot's last
+    frame) drops its first output frame, which re-draws that conditioning frame.
+    """
+
+    index: int
+    frames: int
+    drop: int
+
+    @property
+    def kept(self) -> int:
+        return self.frames - self.drop
+
+
+@dataclass(frozen=True)
+class Stage:
+    id: str
+    kind: StageKind
+    shot: str | None
+    deps: tuple[str, ...]
+    segment: Segment | None = None
+    seed: int | None = None
+
+    @property
+    def gpu(self) -> bool:
+        return self.kind in GPU_STAGES
+
+
+@dataclass(frozen=True)
+class ShotPlan:
+    shot: Shot
+    index: int
+    seed: int
+    frames: int
+    segments: tuple[Segment, ...]
+    first_frame_from: Literal["keyframe", "image", "previous"]
+
+
+@dataclass
+class Plan:
+    stages: dict[str, Stage] = field(default_factory=dict)
+    shots: list[ShotPlan] = field(default_factory=list)
+    fps: int = 15
+
+    def add(self, stage: Stage) -> Stage:
+        assert stage.id not in self.stages, stage.id
+        self.stages[stage.id] = stage
+        return stage
+
+    def dependents(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {sid: [] for sid in self.stages}
+        for stage in self.stages.values():
+            for dep in stage.deps:
+                out[dep].append(stage.id)
+        return out
+
+    def ready(self, done: set[str], started: set[str]) -> list[Stage]:
+        """Stages whose dependencies are all done and that have not started, in plan order."""
+        return [s for s in self.stages.values()
+                if s.id not in done and s.id not in started and all(d in done for d in s.deps)]
+
+    def tail_lengths(self, cost: dict[str, float]) -> dict[str, float]:
+        """For each stage, the cost of the longest chain from it to the end (itself included)."""
+        after = self.dependents()
+        tail: dict[str, float] = {}
+        for sid in reversed(list(self.stages)):  # reverse topological order
+            tail[sid] = cost.get(sid, 0.0) + max((tail[d] for d in after[sid]), default=0.0)
+        return tail
+
+    def critical_path(self, cost: dict[str, float]) -> float:
+        """Longest chain of stage costs: no schedule can finish sooner (the simulator's bound)."""
+        finish: dict[str, float] = {}
+        for sid, stage in self.stages.items():  # insertion order is topological
+            finish[sid] = cost.get(sid, 0.0) + max((finish[d] for d in stage.deps), default=0.0)
+        return max(finish.values(), default=0.0)
+
+
+def output_fps(manifest: Manifest) -> int:
+    return manifest.output.fps or QUALITY_TEMPLATES[manifest.quality].fps
+
+
+def shot_seed(manifest: Manifest, shot: Shot) -> int:
+    return shot.seed if shot.seed is not None else derive_seed(manifest.seed, shot.id)
+
+
+def shot_frames(duration: float, fps: int) -> int:
+    return max(1, round(duration * fps))
+
+
+def segments_for(frames: int, frames_per_call: int, starts_from_shown_frame: bool) -> tuple[Segment, ...]:
+    """Split a shot into model calls of at most `frames_per_call` frames, each continuing from the
+    previous call's last frame."""
+    out: list[Segment] = []
+    remaining = frames
+    drop = 1 if starts_from_shown_frame else 0
+    while remaining > 0:
+        # A call makes at least 2 frames: one-frame video calls are degenerate for the models.
+        generate = max(2, min(frames_per_call, remaining + drop))
+        kept = min(generate - drop, remaining)
+        out.append(Segment(len(out), generate, generate - kept))
+        remaining -= kept
+        drop = 1
+    return tuple(out)
+
+
+def stage_ids(shot_id: str) -> tuple[str, str, str]:
+    return f"keyframe:{shot_id}", f"video:{shot_id}:", f"clip:{shot_id}"
+
+
+def build_plan(manifest: Manifest, frames_per_call: int) -> Plan:
+    fps = output_fps(manifest)
+    plan = Plan(fps=fps)
+    clips: list[str] = []
+    previous_last: str | None = None
+    for index, shot in enumerate(manifest.shots):
+        seed = shot_seed(manifest, shot)
+        frames = shot_frames(shot.duration, fps)
+        keyframe_id, video_prefix, clip_id = stage_ids(shot.id)
+        if shot.continue_from == "previous":
+            first_from, start_dep = "previous", previous_last
+        elif shot.keyframe is not None:
+            first_from, start_dep = "image", None
+        else:
+            first_from = "keyframe"
+            start_dep = plan.add(Stage(keyframe_id, "keyframe", shot.id, (), seed=seed)).id
+        segments = segments_for(frames, frames_per_call, starts_from_shown_frame=first_from == "previous")
+        dep = start_dep
+        video_ids = []
+        for segment in segments:
+            stage = plan.add(Stage(f"{video_prefix}{segment.index}", "video", shot.id,
+                                   (dep,) if dep else (), segment,
+                                   seed=derive_seed(seed, "video", segment.index)))
+            video_ids.append(stage.id)
+            dep = stage.id
+        previous_last = video_ids[-1]
+        clips.append(plan.add(Stage(clip_id, "clip", shot.id, tuple(video_ids))).id)
+        plan.shots.append(ShotPlan(shot, index, seed, frames, segments, first_from))
+    plan.add(Stage("merge", "merge", None, tuple(clips)))
+    return plan

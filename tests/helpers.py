@@ -1,0 +1,40 @@
+"""Small builders for test manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def base_manifest(**over: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "version": 1,
+        "title": "test",
+        "seed": 7,
+        "models": {"keyframe": "tiny", "video": "tiny"},
+        "output": {"fps": 8, "resolution": "64x64", "preset": "ultrafast"},
+        "steps": {"keyframe": 2, "video": 2},
+        "shots": [
+            {"id": "a", "prompt": "misty valley at dawn", "duration": 1.0},
+            {"id": "b", "prompt": "a river in the valley", "duration": 0.5},
+        ],
+    }
+    data.update(over)
+    return data
+
+
+def write_manifest(folder: Path, data: dict[str, Any], name: str = "story.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def write_png(path: Path, size: tuple[int, int] = (64, 64), color: tuple[int, int, int] = (200, 120, 40)) -> Path:
+    import PIL.Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.new("RGB", size, color).save(path)
+    return path
