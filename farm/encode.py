@@ -1,0 +1,360 @@
+"""ffmpeg: per-shot clips from frames, the final film from clips, and probing the results.
+
+Everything goes through the `ffmpeg` binary (ffmpeg-python builds the command lines). There is
+deliberately no ffprobe dependency: imageio-ffmpeg ships only ffmpeg, so `probe` reads ffmpeg's
+own stream report and counts frames by decoding.
+
+Every output is written through `atomic_path`, so a failed or killed encode never leaves a
+truncated mp4 where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import struct
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import ffmpeg
+import numpy as np
+
+from farm.paths import atomic_path
+
+X264_PRESETS = (
+    "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo",
+)  # fmt: skip
+TRANSITIONS = ("cut", "crossfade")
+_BITRATE = re.compile(r"\d+(\.\d+)?[kKmM]?")
+# The stream line looks like `Video: h264 (High) (avc1 / 0x31637661), yuv420p(tv, progressive), 64x48,
+# ...`: the pix_fmt's parenthetical may hold commas, and the codec tag holds `0x...`, so anchor the
+# size right after the pix_fmt instead of searching for the first `NxM`.
+_VIDEO_STREAM = re.compile(
+    r"Stream #\d+:\d+.*?: Video: (?P<codec>\w+)[^,]*, (?P<pix_fmt>\w+)(?:\([^)]*\))?, "
+    r"(?P<w>\d+)x(?P<h>\d+)(?P<rest>.*)"
+)
+_RATE = re.compile(r"(?P<v>\d+(?:\.\d+)?)(?P<k>k?) (?:fps|tbr)\b")
+
+
+class EncodeError(RuntimeError):
+    """ffmpeg failed; the message carries the tail of its stderr, `stderr` all of it."""
+
+    def __init__(self, message: str, stderr: str = "") -> None:
+        super().__init__(message)
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    crf: int = 20
+    preset: str = "medium"
+    bitrate: str | None = None  # e.g. "10000k": target bitrate instead of constant quality
+
+    def __post_init__(self) -> None:
+        # Checked here so a bad manifest value fails before any GPU time is spent, not at the merge.
+        if not 0 <= self.crf <= 51:
+            raise ValueError(f"crf must be in 0..51, got {self.crf}")
+        if self.preset not in X264_PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(X264_PRESETS)}, got {self.preset!r}")
+        if self.bitrate is not None and not _BITRATE.fullmatch(self.bitrate):
+            raise ValueError(f"bitrate must look like '10000k' or '8M', got {self.bitrate!r}")
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    width: int
+    height: int
+    fps: float
+    frames: int
+    duration: float
+    codec: str
+    pix_fmt: str
+    faststart: bool
+
+
+def ffmpeg_exe() -> str:
+    """The ffmpeg binary: the one on PATH (a system build may have more codecs), else imageio-ffmpeg's."""
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    import imageio_ffmpeg  # deferred: only needed where the system has no ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def encode_clip(frames: Sequence[np.ndarray] | np.ndarray, fps: float, out: Path, settings: EncodeSettings) -> Path:
+    """Encode uint8 RGB frames (HxWx3 each, or one (N,H,W,3) array) to an H.264 mp4 at `out`."""
+    height, width = _check_frames(frames)
+    _check_positive("fps", fps)
+    out = Path(out)
+    source = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=_rate(fps))
+    with atomic_path(out) as tmp:
+        # Frames go over stdin one at a time: no PNG round trip, and never the whole clip as one bytes copy.
+        stream = ffmpeg.output(source, str(tmp), **_h264_args(settings)).global_args("-loglevel", "error")
+        _run(stream.overwrite_output(), feed=(np.ascontiguousarray(f).tobytes() for f in frames))
+    return out
+
+
+def merge_clips(
+    clips: Sequence[Path],
+    out: Path,
+    settings: EncodeSettings,
+    *,
+    fps: float,
+    transition: str = "cut",
+    crossfade_seconds: float = 0.5,
+    final_resolution: tuple[int, int] | None = None,
+    interpolate_fps: float | None = None,
+) -> Path:
+    """Join per-shot clips into the film: concatenated ("cut") or chained `xfade`s ("crossfade").
+
+    Every clip is first brought to `fps` and a zero start time, because concat and xfade both need
+    matching frame rates and timebases. Interpolation runs before scaling so the expensive motion
+    search works on the small generation-size frames.
+    """
+    clips = [Path(c) for c in clips]
+    if not clips:
+        raise ValueError("merge_clips needs at least one clip")
+    if transition not in TRANSITIONS:
+        raise ValueError(f"transition must be one of {', '.join(TRANSITIONS)}, got {transition!r}")
+    _check_positive("fps", fps)
+    if transition == "crossfade":
+        _check_positive("crossfade_seconds", crossfade_seconds)
+    if interpolate_fps is not None:
+        _check_positive("interpolate_fps", interpolate_fps)
+    if final_resolution is not None:
+        w, h = final_resolution
+        if w <= 0 or h <= 0 or w % 2 or h % 2:
+            raise ValueError(f"final_resolution must be positive and even (yuv420p), got {w}x{h}")
+    infos = [probe(c) for c in clips]
+    first = infos[0]
+    streams = []
+    for clip, info in zip(clips, infos, strict=True):
+        s = ffmpeg.input(str(clip)).video.filter("fps", fps=_rate(fps)).filter("setpts", "PTS-STARTPTS")
+        if (info.width, info.height) != (first.width, first.height):
+            s = s.filter("scale", first.width, first.height, flags="lanczos")
+        streams.append(s.filter("format", "yuv420p").filter("setsar", 1))
+
+    if len(streams) == 1:
+        video = streams[0]
+    elif transition == "cut":
+        video = ffmpeg.concat(*streams, v=1, a=0)
+    else:
+        for clip, info in zip(clips, infos, strict=True):
+            if info.duration < crossfade_seconds:
+                raise ValueError(
+                    f"clip {clip} is {info.duration:.3f}s long, shorter than the {crossfade_seconds}s crossfade"
+                )
+        video, elapsed = streams[0], infos[0].duration
+        for stream, info in zip(streams[1:], infos[1:], strict=True):
+            # xfade's offset is on the merged timeline so far, which each transition shortens.
+            offset = elapsed - crossfade_seconds
+            video = ffmpeg.filter(
+                [video, stream], "xfade", transition="fade", duration=crossfade_seconds, offset=f"{offset:.6f}"
+            )
+            elapsed = offset + info.duration
+
+    if interpolate_fps is not None:
+        # minterpolate stops short of the last source frame (about 3 frames lost at 15->30 fps), so
+        # hold the end for two frames and then trim to the film's length at the new rate.
+        seconds = sum(i.duration for i in infos)
+        if transition == "crossfade":
+            seconds -= (len(infos) - 1) * crossfade_seconds
+        video = (
+            video.filter("tpad", stop_mode="clone", stop=2)
+            .filter("minterpolate", fps=_rate(interpolate_fps))
+            .filter("trim", end_frame=max(1, round(seconds * interpolate_fps)))
+        )
+    if final_resolution is not None:
+        w, h = final_resolution
+        # Letterbox rather than stretch when the aspect ratio differs from the generation size.
+        video = (
+            video.filter("scale", w, h, flags="lanczos", force_original_aspect_ratio="decrease", force_divisible_by=2)
+            .filter("pad", w, h, "(ow-iw)/2", "(oh-ih)/2")
+            .filter("setsar", 1)
+        )
+    video = video.filter("format", "yuv420p")
+
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        stream = ffmpeg.output(video, str(tmp), **_h264_args(settings)).global_args("-nostdin", "-loglevel", "error")
+        _run(stream.overwrite_output())
+    return out
+
+
+def probe(path: Path) -> VideoInfo:
+    """Size, codec and pix_fmt from ffmpeg's stream report; the frame count by decoding every frame."""
+    path = _existing(path)
+    # `-progress` reports the exact count of frames that reached the null muxer; passthrough stops
+    # ffmpeg from dropping or duplicating any on the way there.
+    stream = ffmpeg.output(ffmpeg.input(str(path)).video, "-", format="null", fps_mode="passthrough").global_args(
+        "-nostdin", "-hide_banner", "-nostats", "-progress", "pipe:1"
+    )
+    progress, report = _run(stream, capture_stdout=True)
+    matches = list(_VIDEO_STREAM.finditer(report))
+    counts = re.findall(r"^frame=(\d+)", progress.decode(), flags=re.MULTILINE)
+    if not matches or not counts:
+        raise EncodeError(f"no video stream found in {path}", report)
+    m = matches[0]  # the input's stream; later ones describe the null output
+    rate = _RATE.search(m["rest"])
+    if rate is None:
+        raise EncodeError(f"no frame rate in ffmpeg's report for {path}: {m.group(0)}", report)
+    fps = float(rate["v"]) * (1000 if rate["k"] else 1)
+    frames = int(counts[-1])
+    return VideoInfo(
+        width=int(m["w"]),
+        height=int(m["h"]),
+        fps=fps,
+        frames=frames,
+        duration=frames / fps,
+        codec=m["codec"],
+        pix_fmt=m["pix_fmt"],
+        faststart=_moov_before_mdat(path),
+    )
+
+
+def read_frames(path: Path) -> np.ndarray:
+    """Decode every frame to an (N, H, W, 3) uint8 RGB array."""
+    path = _existing(path)
+    stream = ffmpeg.output(
+        ffmpeg.input(str(path)).video, "pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough"
+    ).global_args("-nostdin", "-hide_banner", "-nostats")
+    raw, report = _run(stream, capture_stdout=True)
+    matches = list(_VIDEO_STREAM.finditer(report))
+    if not matches:
+        raise EncodeError(f"no video stream found in {path}", report)
+    # The last stream line is the rawvideo output: its size already includes any autorotation.
+    width, height = int(matches[-1]["w"]), int(matches[-1]["h"])
+    frame_bytes = width * height * 3
+    if len(raw) % frame_bytes:
+        raise EncodeError(f"decoded {len(raw)} bytes, not a whole number of {width}x{height} frames", report)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, height, width, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _run(stream: Any, *, feed: Iterable[bytes] | None = None, capture_stdout: bool = False) -> tuple[bytes, str]:
+    """Run an ffmpeg-python stream; return (stdout, stderr) or raise EncodeError with stderr's tail.
+
+    stdout and stderr are drained on threads while this thread writes `feed` to stdin: a full pipe
+    on either side would otherwise stall ffmpeg and us with it.
+    """
+    proc = stream.run_async(cmd=ffmpeg_exe(), pipe_stdin=feed is not None, pipe_stdout=capture_stdout, pipe_stderr=True)
+    sinks: dict[str, bytes] = {}
+
+    def drain(name: str, pipe: Any) -> None:
+        sinks[name] = pipe.read()
+
+    readers = [threading.Thread(target=drain, args=("err", proc.stderr), daemon=True)]
+    if capture_stdout:
+        readers.append(threading.Thread(target=drain, args=("out", proc.stdout), daemon=True))
+    for t in readers:
+        t.start()
+    try:
+        if feed is not None:
+            try:
+                for chunk in feed:
+                    proc.stdin.write(chunk)
+            except BrokenPipeError:
+                pass  # ffmpeg exited early; its exit status and stderr below say why
+            finally:
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.close()  # EOF tells ffmpeg the clip is complete
+        proc.wait()
+    except BaseException:
+        proc.kill()  # interrupted mid-encode: don't leave ffmpeg writing into the temp file
+        proc.wait()
+        raise
+    finally:
+        for t in readers:
+            t.join()
+    stderr = sinks.get("err", b"").decode(errors="replace")
+    if proc.returncode != 0:
+        tail = "\n".join(stderr.strip().splitlines()[-15:]) or "(no output)"
+        raise EncodeError(f"ffmpeg exited with status {proc.returncode}:\n{tail}", stderr)
+    return sinks.get("out", b""), stderr
+
+
+def _h264_args(settings: EncodeSettings) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "vcodec": "libx264",
+        "pix_fmt": "yuv420p",
+        "preset": settings.preset,
+        "movflags": "+faststart",  # index up front so players and browsers can start before the download ends
+        "an": None,
+    }
+    if settings.bitrate is None:
+        args["crf"] = settings.crf
+    else:
+        args["b:v"] = settings.bitrate
+    return args
+
+
+def _check_frames(frames: Sequence[np.ndarray] | np.ndarray) -> tuple[int, int]:
+    """Validate before ffmpeg starts, so a bad frame is a clear ValueError, not a garbled video."""
+    if isinstance(frames, np.ndarray) and frames.ndim != 4:
+        raise ValueError(f"a frames array must be (N, H, W, 3), got shape {frames.shape}")
+    if len(frames) == 0:
+        raise ValueError("no frames to encode")
+    shape = np.shape(frames[0])
+    for i, frame in enumerate(frames):
+        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
+            raise ValueError(f"frame {i}: expected a uint8 array, got {getattr(frame, 'dtype', type(frame))}")
+        if frame.ndim != 3 or frame.shape[2] != 3:
+            raise ValueError(f"frame {i}: expected H x W x 3 RGB, got shape {frame.shape}")
+        if frame.shape != shape:
+            raise ValueError(f"frame {i}: shape {frame.shape} differs from frame 0's {shape}")
+    height, width = shape[0], shape[1]
+    if height % 2 or width % 2:
+        raise ValueError(f"frame size {width}x{height} must be even for yuv420p")
+    return height, width
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _rate(fps: float) -> str:
+    """fps as an exact ratio string, so 23.976 becomes 24000/1001 instead of a lossy decimal."""
+    rate = Fraction(fps).limit_denominator(1001)
+    return str(rate.numerator) if rate.denominator == 1 else f"{rate.numerator}/{rate.denominator}"
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such video: {path}")
+    return path
+
+
+def _atoms(path: Path) -> Iterator[str]:
+    """Types of the top-level MP4 atoms, in file order."""
+    with path.open("rb") as f:
+        while header := f.read(8):
+            if len(header) < 8:
+                return
+            size, kind = struct.unpack(">I4s", header)
+            if size == 1:  # 64-bit size follows the type
+                size = struct.unpack(">Q", f.read(8))[0]
+                body = size - 16
+            elif size == 0:  # atom runs to the end of the file
+                yield kind.decode("latin-1")
+                return
+            else:
+                body = size - 8
+            if body < 0:
+                return  # not an MP4 (or corrupt): stop rather than loop
+            yield kind.decode("latin-1")
+            f.seek(body, 1)
+
+
+def _moov_before_mdat(path: Path) -> bool:
+    order = [a for a in _atoms(path) if a in ("moov", "mdat")]
+    return "moov" in order and "mdat" in order and order.index("moov") < order.index("mdat")
