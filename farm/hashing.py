@@ -32,3 +32,13 @@ def derive_seed(job_seed: int, *parts: str | int) -> int:
     """
     digest = hashlib.sha256(canonical_json([job_seed, *parts]).encode("utf-8")).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def array_hash(array: Any) -> str:
+    """Hash of an image or frame stack's pixels and shape (what an artifact *is*, not where it lives)."""
+    import numpy as np
+
+    arr = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{arr.dtype}{arr.shape}".encode())
+    digest.update(memoryview(arr).cast("B"))
+    return digest.hexdigest()

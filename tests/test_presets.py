@@ -30,7 +30,8 @@ def test_tier_for_vram(gib, tier):
 
 def test_quality_templates_match_seeds():
     t = p.QUALITY_TEMPLATES
-    assert (t["high"].keyframe_steps, t["high"].video_steps, t["high"].crf, t["high"].x264_preset) == (50, 70, 18, "slow")
+    high = t["high"]
+    assert (high.keyframe_steps, high.video_steps, high.crf, high.x264_preset) == (50, 70, 18, "slow")
     assert (t["balanced"].keyframe_steps, t["balanced"].video_steps, t["balanced"].crf) == (40, 60, 20)
     assert (t["fast"].fps, t["fast"].decode_chunk, t["fast"].noise_aug_strength, t["fast"].crf) == (12, 6, 0.0003, 23)
 

@@ -1,0 +1,1 @@
+"""Ray actors: thin glue that moves data between `farm/` functions on the cluster."""

@@ -1,0 +1,153 @@
+"""The `farm` command line. Each subcommand parses arguments and calls one function in farm/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from farm.manifest import ManifestError
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from farm.manifest import load
+
+    try:
+        manifest = load(args.file)
+    except ManifestError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stdout)
+        return EXIT_INVALID
+    print(f"ok: {args.file} ({len(manifest.shots)} shots)")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from farm.manifest import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from farm.presets import tables
+
+    data = tables()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    for name, table in data.items():
+        print(f"\n== {name}")
+        if isinstance(table, dict) and all(isinstance(v, dict) for v in table.values()):
+            print_table([{"": k, **{c: _fmt(x) for c, x in v.items()}} for k, v in table.items()])
+        else:
+            print_table([{"": k, "value": _fmt(v)} for k, v in table.items()])
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from farm.manifest import load
+    from farm.plan import build_plan
+    from farm.render import resolve_models
+
+    try:
+        manifest = load(args.file)
+    except ManifestError as exc:
+        for error in exc.errors:
+            print(error)
+        return EXIT_INVALID
+    specs = resolve_models(manifest, Path(args.file).parent, args.models)
+    plan = build_plan(manifest, specs["video"].frames_per_call)
+    rows = [{"stage": s.id, "kind": s.kind, "shot": s.shot or "", "frames": s.segment.frames if s.segment else "",
+             "deps": ",".join(s.deps)} for s in plan.stages.values()]
+    print_table(rows)
+    print(f"\n{len(plan.shots)} shots, {len(plan.stages)} stages, {sum(sp.frames for sp in plan.shots)} frames "
+          f"at {plan.fps} fps, {specs['video'].frames_per_call} frames per video call")
+    return EXIT_OK
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from actors.director import RenderError
+    from farm.models import ModelError
+    from farm.render import render
+
+    try:
+        result = render(args.file, args.output, models=args.models, workers=args.workers, tier=args.tier,
+                        progress=not args.quiet)
+    except ManifestError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        return EXIT_INVALID
+    except (ModelError, RenderError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"wrote {result.layout.final} ({len(result.lock['shots'])} shots) in {result.seconds:.1f} s")
+    if result.lock["tiny_models"]:
+        print("note: tiny random-weight models were used; the film is noise by design")
+    return EXIT_OK
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "-".join(str(v) for v in value)
+    return str(value)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    cols = list(dict.fromkeys(c for row in rows for c in row))
+    width = {c: max(len(str(c)), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    print("  ".join(str(c).ljust(width[c]) for c in cols).rstrip())
+    for row in rows:
+        print("  ".join(str(row.get(c, "")).ljust(width[c]) for c in cols).rstrip())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="farm", description="A Ray render farm for AI video.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("validate", help="check a storyboard manifest; exit 2 with one line per error")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("schema", help="print the manifest's JSON Schema (for editor autocompletion)")
+    s.set_defaults(func=cmd_schema)
+
+    s = sub.add_parser("presets", help="print the preset tables (tiers, quality, scenes, motion, I2VGen-XL)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_presets)
+
+    s = sub.add_parser("plan", help="print the stage table of a storyboard")
+    s.add_argument("file")
+    s.add_argument("--models", choices=["tiny"], default=None)
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("render", help="render a storyboard on a local Ray")
+    s.add_argument("file")
+    s.add_argument("-o", "--output", default="out", help="output folder (default: ./out)")
+    s.add_argument("--models", choices=["tiny"], default=None,
+                   help="use tiny random-weight models of the same families (offline demo and tests)")
+    s.add_argument("--workers", type=int, default=None, help="worker actors (default: one per GPU, else 1)")
+    s.add_argument("--tier", choices=["auto", "high", "mid", "low", "cpu"], default="auto",
+                   help="force every worker's VRAM tier presets (default: read from the GPU)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_render)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    # `farm presets | head` should end quietly, like any Unix tool.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    args = parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""manifest.lock.json: what a render really used, so it can be reproduced or audited."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import re
+import subprocess
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+
+from farm import __version__
+from farm.hashing import content_hash
+from farm.manifest import Manifest
+from farm.models import ModelSpec, model_revision
+from farm.plan import Plan
+
+PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "ray", "numpy", "pydantic", "pyarrow")
+
+
+@cache
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "storyfarm": __version__}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "missing"
+    out["ffmpeg"] = ffmpeg_version()
+    return out
+
+
+@cache
+def ffmpeg_version() -> str:
+    from farm.encode import ffmpeg_exe
+
+    try:
+        first = subprocess.run([ffmpeg_exe(), "-version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    match = re.search(r"ffmpeg version (\S+)", first)
+    return match[1] if match else "unknown"
+
+
+def model_entry(spec: ModelSpec) -> dict[str, Any]:
+    return {"source": spec.source, "family": spec.family, "kind": spec.kind, "location": spec.location,
+            "revision": model_revision(spec), "tiny": spec.kind == "tiny",
+            "frames_per_call": spec.frames_per_call}
+
+
+def build_lock(job_id: str, manifest: Manifest, plan: Plan, models: dict[str, ModelSpec],
+               records: dict[str, dict[str, Any]], encode: dict[str, Any]) -> dict[str, Any]:
+    shots = []
+    for sp in plan.shots:
+        kf = records.get(f"keyframe:{sp.shot.id}")
+        segments = [records[f"video:{sp.shot.id}:{seg.index}"] | {"index": seg.index, "frames": seg.frames,
+                                                                   "drop": seg.drop}
+                    for seg in sp.segments]
+        first = segments[0]["params"]
+        tiers = sorted({s["tier"] for s in segments})
+        shots.append({
+            "id": sp.shot.id,
+            "seed": sp.seed,
+            "duration": sp.shot.duration,
+            "frames": sp.frames,
+            "first_frame_from": sp.first_frame_from,
+            "tier": tiers[0] if len(tiers) == 1 else "mixed:" + ",".join(tiers),
+            "keyframe": kf,
+            "video": {
+                # The effective parameters every segment of the shot shares, then each segment's record.
+                **{k: first[k] for k in first if k not in ("num_frames", "seed")},
+                "segments": segments,
+            },
+        })
+    tiny = any(spec.kind == "tiny" for spec in models.values())
+    return {
+        "farm_version": __version__,
+        "job": job_id,
+        "created": datetime.now(UTC).isoformat(),
+        "title": manifest.title,
+        "tiny_models": tiny,
+        "note": "rendered with tiny random-weight models: the pictures are noise, not a real render" if tiny else "",
+        "manifest_sha256": content_hash(manifest.model_dump(mode="json")),
+        "manifest": manifest.model_dump(mode="json"),
+        "seed": manifest.seed,
+        "quality": manifest.quality,
+        "fps": plan.fps,
+        "models": {role: model_entry(spec) for role, spec in models.items()},
+        "encode": encode,
+        "packages": package_versions(),
+        "shots": shots,
+    }

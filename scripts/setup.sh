@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install the farm and what its tests need, on a fresh machine or an existing one (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# torch first, pinned, so pip takes the local CPU wheel instead of pulling CUDA packages for it.
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
+    "$PY" -m pip install --quiet torch==2.13.0
+fi
+"$PY" -m pip install --quiet -e '.[test]'
