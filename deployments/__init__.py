@@ -1,0 +1,1 @@
+"""Ray Serve application (FastAPI ingress) for submitting storyboards over HTTP."""
