@@ -77,7 +77,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     try:
         result = render(args.file, args.output, models=args.models, workers=args.workers, tier=args.tier,
-                        progress=not args.quiet)
+                        progress=not args.quiet, draft=args.preview)
     except ManifestError as exc:
         for error in exc.errors:
             print(error, file=sys.stderr)
@@ -135,6 +135,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="worker actors (default: one per GPU, else 1)")
     s.add_argument("--tier", choices=["auto", "high", "mid", "low", "cpu"], default="auto",
                    help="force every worker's VRAM tier presets (default: read from the GPU)")
+    s.add_argument("--preview", action="store_true",
+                   help="draft render: long side 256 px, 4 steps, no final upscale (same shots, cuts, seeds)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_render)
     return p

@@ -500,7 +500,7 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 def model_revision(spec: ModelSpec) -> str:
     """What the lockfile records as the model's version; cheap (stats files, never hashes weights).
 
-    tiny: "tiny-v1". hub: the commit of the cached snapshot when it can be found offline, else the
+    tiny: "tiny-<TINY_VERSION>". hub: the commit of the cached snapshot when it can be found offline, else the
     requested revision or "unknown". dir/file: "local-" + a digest of file names, sizes and mtimes,
     which changes when the weights are replaced.
     """

@@ -260,3 +260,15 @@ def tables() -> dict[str, Any]:
             for q in QUALITY_TEMPLATES
         },
     }
+
+
+# --- draft renders -----------------------------------------------------------------------------
+
+PREVIEW_LONG_SIDE = 256
+PREVIEW_STEPS = 4  # SEEDS.md section 3: distilled few-step sampling is the preview regime (4-8 steps)
+
+
+def preview_size(width: int, height: int, long_side: int = PREVIEW_LONG_SIDE) -> tuple[int, int]:
+    """Scale so the long side is `long_side`, keeping the aspect ratio and multiples of 8."""
+    scale = min(1.0, long_side / max(width, height))
+    return (max(8, round(width * scale / 8) * 8), max(8, round(height * scale / 8) * 8))

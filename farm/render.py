@@ -17,6 +17,7 @@ from farm.models import ModelSpec, resolve_model, with_tiny
 from farm.paths import OutputLayout
 from farm.plan import build_plan
 from farm.presets import QUALITY_TEMPLATES
+from farm.preview import preview
 from farm.progress import ProgressBars
 
 
@@ -87,7 +88,8 @@ def start_pool(workers: int | None, tier: str) -> dict[str, tuple[Any, str]]:
 
 
 def render(path: Path | str, out_dir: Path | str, *, models: str | None = None, workers: int | None = None,
-           tier: str = "auto", progress: bool = True, job_id: str | None = None) -> RenderResult:
+           tier: str = "auto", progress: bool = True, job_id: str | None = None,
+           draft: bool = False) -> RenderResult:
     import ray
 
     from actors.director import Director, Job
@@ -96,6 +98,8 @@ def render(path: Path | str, out_dir: Path | str, *, models: str | None = None, 
     started = time.perf_counter()
     path = Path(path)
     manifest = load(path)  # refuses bad input before anything starts
+    if draft:
+        manifest = preview(manifest)
     root = path.parent
     specs = resolve_models(manifest, root, models)
     plan = build_plan(manifest, specs["video"].frames_per_call)
@@ -120,6 +124,6 @@ def render(path: Path | str, out_dir: Path | str, *, models: str | None = None, 
             ray.shutdown()
     encode = {"crf": job.encode.crf, "preset": job.encode.preset, "bitrate": job.encode.bitrate,
               **{k: v for k, v in job.merge_options.items() if k != "fps"}}
-    lock = build_lock(job.id, manifest, plan, specs, director.records, encode)
+    lock = build_lock(job.id, manifest, plan, specs, director.records, encode) | {"preview": draft}
     write_lockfile(layout.lockfile, lock)
     return RenderResult(job.id, layout, lock, director.ledger, time.perf_counter() - started)

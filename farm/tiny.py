@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the heavy imports stay lazy so `import farm.tiny` is cheap
     from diffusers import I2VGenXLPipeline, StableDiffusionXLPipeline, StableVideoDiffusionPipeline
     from transformers import CLIPTokenizer
 
-TINY_VERSION = "v1"  # bump when a builder changes, so cached folders of the old shape are not reused
+TINY_VERSION = "v2"  # bump when a builder changes, so cached folders of the old shape are not reused
 FAMILIES = ("sdxl", "svd", "i2vgen")
 SEED = 0
 
@@ -244,12 +244,14 @@ def build_tiny_svd() -> StableVideoDiffusionPipeline:
             in_channels=8,  # noisy latents + the conditioning image's latents
             out_channels=4,
             # the spatio-temporal blocks hard-code 32 norm groups, so channels are multiples of 32
-            block_out_channels=(32, 64),
+            # Attention only at the deepest (1/4) level: spatial self-attention is quadratic in pixels,
+            # and at full latent size it made a 1024x576 tiny render take minutes per segment.
+            block_out_channels=(32, 32, 64),
             layers_per_block=1,
-            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            down_block_types=("DownBlockSpatioTemporal", "DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
+            up_block_types=("CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal", "UpBlockSpatioTemporal"),
             cross_attention_dim=cross_dim,
-            num_attention_heads=(2, 4),
+            num_attention_heads=(2, 2, 4),
             addition_time_embed_dim=add_time_dim,
             projection_class_embeddings_input_dim=3 * add_time_dim,  # fps, motion bucket, noise aug
             num_frames=8,
@@ -284,10 +286,10 @@ def build_tiny_i2vgen() -> I2VGenXLPipeline:
             sample_size=SAMPLE_SIZE,
             in_channels=4,
             out_channels=4,
-            block_out_channels=(32, 64),
+            block_out_channels=(32, 32, 64),  # attention only at the 1/4 level, as for tiny SVD
             layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+            down_block_types=("DownBlock3D", "DownBlock3D", "CrossAttnDownBlock3D"),
+            up_block_types=("CrossAttnUpBlock3D", "UpBlock3D", "UpBlock3D"),
             cross_attention_dim=cross_dim,
             attention_head_dim=4,
             norm_num_groups=32,

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-farm render examples/storyboard.yaml --models tiny -o out "$@"
+farm render examples/storyboard.yaml --models tiny --preview -o out "$@"

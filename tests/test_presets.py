@@ -105,3 +105,21 @@ def test_cli_presets_prints_every_table():
     assert data["effective_video"]["balanced"]["low"] == {"steps": 50, "decode_chunk_size": 6}
     text = subprocess.run([sys.executable, "-m", "farm.cli", "presets"], capture_output=True, text=True, timeout=60)
     assert "16-24 GB" in text.stdout and "DPM++ 2M Karras" in text.stdout
+
+
+def test_preview_keeps_shots_and_cuts_but_shrinks_cost():
+    from conftest import EXAMPLES
+
+    from farm.manifest import load
+    from farm.plan import build_plan
+    from farm.preview import preview
+
+    full = load(EXAMPLES / "storyboard.yaml")
+    draft = preview(full)
+    assert draft.output.size == (256, 144) and draft.output.final_resolution is None
+    assert draft.steps.keyframe == draft.steps.video == p.PREVIEW_STEPS
+    assert [s.id for s in draft.shots] == [s.id for s in full.shots]
+    full_plan, draft_plan = build_plan(full, 25), build_plan(draft, 25)
+    assert list(full_plan.stages) == list(draft_plan.stages)
+    assert [sp.seed for sp in full_plan.shots] == [sp.seed for sp in draft_plan.shots]
+    assert p.preview_size(1920, 1080) == (256, 144) and p.preview_size(200, 96) == (200, 96)
