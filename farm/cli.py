@@ -71,13 +71,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from actors.director import RenderError
     from farm.models import ModelError
-    from farm.render import render
+    from farm.render import RenderError, render
 
     try:
         result = render(args.file, args.output, models=args.models, workers=args.workers, tier=args.tier,
-                        progress=not args.quiet, draft=args.preview)
+                        progress=not args.quiet, draft=args.preview, cache=not args.no_cache,
+                        priority=args.priority)
     except ManifestError as exc:
         for error in exc.errors:
             print(error, file=sys.stderr)
@@ -137,6 +137,8 @@ def parser() -> argparse.ArgumentParser:
                    help="force every worker's VRAM tier presets (default: read from the GPU)")
     s.add_argument("--preview", action="store_true",
                    help="draft render: long side 256 px, 4 steps, no final upscale (same shots, cuts, seeds)")
+    s.add_argument("--no-cache", action="store_true", help="render every stage again instead of reusing outputs")
+    s.add_argument("--priority", type=int, default=0, help="higher runs first when jobs share the farm")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_render)
     return p

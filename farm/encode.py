@@ -54,6 +54,9 @@ class EncodeSettings:
     crf: int = 20
     preset: str = "medium"
     bitrate: str | None = None  # e.g. "10000k": target bitrate instead of constant quality
+    # None lets x264 pick (1.5x cores). Set where encodes share cores with denoising (CPU-only hosts),
+    # since x264's threads would otherwise preempt torch's.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         # Checked here so a bad manifest value fails before any GPU time is spent, not at the merge.
@@ -289,6 +292,8 @@ def _h264_args(settings: EncodeSettings) -> dict[str, Any]:
         "movflags": "+faststart",  # index up front so players and browsers can start before the download ends
         "an": None,
     }
+    if settings.threads is not None:
+        args["threads"] = settings.threads
     if settings.bitrate is None:
         args["crf"] = settings.crf
     else:

@@ -244,13 +244,14 @@ def _weights_file_errors(value: str, root: Path | None, allow_pickle: bool,
     if value.lower().endswith(PICKLE_SUFFIXES) and not allow_pickle:
         return [FieldError(loc, "pickle checkpoints can run code when loaded; use .safetensors "
                                 "or set models.allow_pickle: true")]
-    if root is not None and not os.path.isabs(value):
-        try:
-            path = inside_root(root, value)
-        except ValueError as exc:
-            return [FieldError(loc, str(exc))]
-        if not path.exists():
-            return [FieldError(loc, f"not found: {value}")]
+    if root is None:
+        return [FieldError(loc, "needs a manifest file (paths are relative to its folder)")]
+    try:
+        path = inside_root(root, value)
+    except ValueError as exc:
+        return [FieldError(loc, str(exc))]
+    if not path.exists():
+        return [FieldError(loc, f"not found: {value}")]
     return []
 
 

@@ -1,24 +1,25 @@
-"""`farm render`: one storyboard, rendered on a local Ray (or the cluster this process is attached to)."""
+"""`farm render`: one storyboard rendered by the farm's director on a local Ray (or the cluster this
+process is attached to), with progress bars fed by the director's events."""
 
 from __future__ import annotations
 
-import os
+import json
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from farm.artifacts import write_ledger, write_lockfile
 from farm.encode import EncodeSettings
-from farm.lockfile import build_lock
 from farm.manifest import Manifest, load
 from farm.models import ModelSpec, resolve_model, with_tiny
-from farm.paths import OutputLayout
-from farm.plan import build_plan
+from farm.paths import OutputLayout, state_dir
+from farm.pool import PoolConfig, resources_for_local
 from farm.presets import QUALITY_TEMPLATES
-from farm.preview import preview
 from farm.progress import ProgressBars
+
+
+class RenderError(RuntimeError):
+    pass
 
 
 @dataclass
@@ -28,6 +29,8 @@ class RenderResult:
     lock: dict[str, Any]
     ledger: list[dict[str, Any]]
     seconds: float
+    startup_seconds: float = 0.0  # Ray start, director, worker actors, model loads
+    render_seconds: float = 0.0  # submit to the final film written: the part that scales with shots
 
 
 def resolve_models(manifest: Manifest, root: Path | None, override: str | None = None) -> dict[str, ModelSpec]:
@@ -59,71 +62,82 @@ def merge_options(manifest: Manifest, fps: int) -> dict[str, Any]:
             "final_resolution": out.final_size, "interpolate_fps": out.interpolate_fps}
 
 
-def start_ray(tier: str, workers: int) -> bool:
+def start_ray(pool: PoolConfig) -> bool:
     """Start a local Ray unless this process is already attached to one. Returns whether we started it."""
     import ray
 
-    from actors.worker import tier_resource
-
     if ray.is_initialized():
         return False
-    resources = {tier_resource(tier): workers} if tier != "auto" else {}
-    ray.init(resources=resources, include_dashboard=False, log_to_driver=bool(os.environ.get("FARM_RAY_LOGS")),
+    # address="local": always a fresh local cluster, never someone else's that happens to be running.
+    ray.init(address="local", resources=resources_for_local(pool), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     return True
 
 
-def start_pool(workers: int | None, tier: str) -> dict[str, tuple[Any, str]]:
-    """One worker actor per GPU (or `workers` of them); returns id -> (handle, tier it reports)."""
+def local_director(pool: PoolConfig) -> Any:
+    """A director for local renders with this pool shape (forced tier and worker count)."""
+    from actors.director import get_director
+
+    name = f"farm-local-{pool.tier}-{pool.workers or 0}"
+    root = state_dir()
+    return get_director(pool, name=name, store_path=str(root / "farm.sqlite"), cache_dir=str(root / "cache"))
+
+
+def follow(director: Any, job_id: str, bars: ProgressBars, poll_s: float = 0.2) -> str:
+    """Feed the director's events to the progress bars until the job ends; returns its final state."""
     import ray
 
-    from actors.worker import start_worker
-
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    count = workers or gpus or 1
-    threads = max(1, (os.cpu_count() or 1) // count) if not gpus else None
-    handles = {f"w{i}": start_worker(f"w{i}", tier, gpu=gpus > 0, threads=threads) for i in range(count)}
-    infos = ray.get([h.info.remote() for h in handles.values()])
-    return {wid: (h, info["tier"]) for (wid, h), info in zip(handles.items(), infos, strict=True)}
+    since = 0
+    while True:
+        events, state = ray.get(director.events.remote(job_id, since))
+        since += len(events)
+        for event in events:
+            bars(event)
+        if state not in ("queued", "running"):
+            return state
+        time.sleep(poll_s)
 
 
 def render(path: Path | str, out_dir: Path | str, *, models: str | None = None, workers: int | None = None,
-           tier: str = "auto", progress: bool = True, job_id: str | None = None,
-           draft: bool = False) -> RenderResult:
+           tier: str = "auto", progress: bool = True, draft: bool = False, priority: int = 0,
+           cache: bool = True) -> RenderResult:
     import ray
 
-    from actors.director import Director, Job
-    from actors.encoder import EncoderActor
+    from actors.director import job_key
 
     started = time.perf_counter()
-    path = Path(path)
+    path = Path(path).resolve()
     manifest = load(path)  # refuses bad input before anything starts
-    if draft:
-        manifest = preview(manifest)
-    root = path.parent
-    specs = resolve_models(manifest, root, models)
-    plan = build_plan(manifest, specs["video"].frames_per_call)
-    layout = OutputLayout(out_dir)
-    job = Job(job_id or uuid.uuid4().hex[:12], manifest, root, plan, specs, layout, encode_settings(manifest),
-              merge_options(manifest, plan.fps))
-
-    we_started = start_ray(tier, workers or 1)
-    pool = start_pool(workers, tier)
-    encoder = EncoderActor.remote()
-    bars = ProgressBars(progress)
-    director = Director(pool, encoder, on_event=bars)
+    resolve_models(manifest, path.parent, models)
+    out = OutputLayout(Path(out_dir).resolve())
+    pool = PoolConfig(tier=tier, workers=workers)
+    we_started = start_ray(pool)
     try:
-        director.run(job)
+        director = local_director(pool)
+        data = manifest.model_dump(mode="json", exclude_unset=True)
+        options = {"models": models, "preview": draft, "cache": cache}
+        job = ray.get(director.submit.remote(data, str(path.parent), str(out.root), options=options,
+                                             priority=priority,
+                                             idempotency_key=job_key(data, str(out.root), options)))
+        if job["state"] in ("failed", "cancelled"):  # the same render failed before: try it again
+            job = ray.get(director.requeue.remote(job["id"]))
+        ray.get(director.ping.remote())
+        startup = time.perf_counter() - started
+        bars = ProgressBars(progress)
+        try:
+            state = follow(director, job["id"], bars)
+        finally:
+            bars.close()
+        rendered = time.perf_counter()
+        status = ray.get(director.status.remote(job["id"]))
     finally:
-        bars.close()
-        write_ledger(layout.ledger, director.ledger)
-        for handle, _ in pool.values():
-            ray.kill(handle)
-        ray.kill(encoder)
         if we_started:
             ray.shutdown()
-    encode = {"crf": job.encode.crf, "preset": job.encode.preset, "bitrate": job.encode.bitrate,
-              **{k: v for k, v in job.merge_options.items() if k != "fps"}}
-    lock = build_lock(job.id, manifest, plan, specs, director.records, encode) | {"preview": draft}
-    write_lockfile(layout.lockfile, lock)
-    return RenderResult(job.id, layout, lock, director.ledger, time.perf_counter() - started)
+    if state != "succeeded":
+        raise RenderError(f"job {job['id']} {state}: {status['error']}")
+    lock = json.loads(out.lockfile.read_text())
+    import pyarrow.parquet as pq
+
+    ledger = pq.read_table(out.ledger).to_pylist()
+    total = time.perf_counter() - started
+    return RenderResult(job["id"], out, lock, ledger, total, startup, rendered - started - startup)

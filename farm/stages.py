@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,15 +34,22 @@ class Observed:
         }
 
 
+class StageCancelled(RuntimeError):
+    """The director cancelled the job while this stage was denoising."""
+
+
 @contextlib.contextmanager
-def observe(pipe: Any) -> Iterator[Observed]:
+def observe(pipe: Any, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Observed]:
     """Count scheduler steps and VAE decode batch sizes by wrapping the pipeline's own objects
-    for the duration of one call (the pipeline stays resident, so the wrappers are removed)."""
+    for the duration of one call (the pipeline stays resident, so the wrappers are removed).
+    Between steps it checks `cancelled`, so a cancelled job stops mid-stage, not at its end."""
     seen = Observed()
     scheduler, vae = pipe.scheduler, pipe.vae
     step, decode = scheduler.step, vae.decode
 
     def counting_step(*args: Any, **kwargs: Any) -> Any:
+        if cancelled():
+            raise StageCancelled("job cancelled")
         seen.steps += 1
         return step(*args, **kwargs)
 
@@ -73,9 +80,10 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def run_keyframe(pipe: Any, params: dict[str, Any]) -> tuple[np.ndarray, Observed]:
+def run_keyframe(pipe: Any, params: dict[str, Any],
+                 cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, Observed]:
     """Text-to-image: returns an HxWx3 uint8 image."""
-    with observe(pipe) as seen:
+    with observe(pipe, cancelled) as seen:
         out = pipe(
             prompt=params["prompt"],
             negative_prompt=params["negative_prompt"] or None,
@@ -90,7 +98,8 @@ def run_keyframe(pipe: Any, params: dict[str, Any]) -> tuple[np.ndarray, Observe
     return to_uint8(out.images[0]), seen
 
 
-def run_video(pipe: Any, family: str, image: np.ndarray, params: dict[str, Any]) -> tuple[np.ndarray, Observed]:
+def run_video(pipe: Any, family: str, image: np.ndarray, params: dict[str, Any],
+              cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, Observed]:
     """Image-to-video: returns (num_frames, H, W, 3) uint8 frames starting from `image`."""
     cond = PIL.Image.fromarray(image).resize((params["width"], params["height"]), PIL.Image.LANCZOS)
     common = {
@@ -103,7 +112,7 @@ def run_video(pipe: Any, family: str, image: np.ndarray, params: dict[str, Any])
         "generator": generator(params["seed"]),
         "output_type": "np",
     }
-    with observe(pipe) as seen:
+    with observe(pipe, cancelled) as seen:
         if family == "i2vgen":
             out = pipe(prompt=params["prompt"], negative_prompt=params["negative_prompt"] or None,
                        guidance_scale=params["guidance_scale"], target_fps=params["target_fps"], **common)

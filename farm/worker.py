@@ -5,15 +5,16 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import platform
 import time
 from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 import torch
 
+from farm.cache import ArtifactCache
 from farm.gpu import GpuInfo, gpus, resolve_tier
 from farm.hashing import array_hash
 from farm.models import ModelSpec, apply_memory_knobs, load_pipeline
@@ -48,6 +49,8 @@ class StageWorker:
             self.dtype = torch.float32
         self.pipelines: dict[tuple[Any, ...], tuple[MemoryKnobs, Any, dict[str, bool]]] = {}
         self.stages_run = 0
+        self.faults: list[dict[str, Any]] = []
+        self.cancelled: set[str] = set()
 
     # --- residency ---------------------------------------------------------------------------
 
@@ -70,6 +73,15 @@ class StageWorker:
         self.pipelines[key] = (knobs, pipe, applied)
         return pipe, applied
 
+    def warm(self, specs: list[ModelSpec], knobs: MemoryKnobs, lora: str | None = None,
+             vae: str | None = None) -> list[str]:
+        """Load a job's models before its first stage, so the first stage pays no load time.
+        LoRA and VAE overrides apply to the keyframe model, as in `keyframe`."""
+        for spec in specs:
+            keyframe = spec.role == "keyframe"
+            self.pipeline(spec, knobs, lora if keyframe else None, vae if keyframe else None)
+        return self.loaded_models()
+
     def unload(self, key: tuple[Any, ...]) -> None:
         self.pipelines.pop(key, None)
         if self.device == "cuda":
@@ -80,6 +92,27 @@ class StageWorker:
 
     def holds(self, spec: ModelSpec) -> bool:
         return any(key[0] == spec for key in self.pipelines)
+
+    # --- faults and cancellation ----------------------------------------------------------------
+
+    def set_faults(self, faults: list[dict[str, Any]]) -> None:
+        """Arm faults for tests and drills: [{"match": "video:a:*", "kind": "oom|error|crash", "times": 1}].
+        They fire inside the stage, before the pipeline runs, through the same paths real failures take."""
+        self.faults = [dict(f) for f in faults]
+
+    def _maybe_fault(self, stage_id: str) -> None:
+        for fault in self.faults:
+            if fault.get("times", 1) > 0 and fnmatch.fnmatch(stage_id, fault["match"]):
+                fault["times"] = fault.get("times", 1) - 1
+                if fault["kind"] == "crash":
+                    os._exit(13)  # a worker process dying mid-stage (driver crash, OOM killer)
+                if fault["kind"] == "oom":
+                    raise torch.OutOfMemoryError(f"CUDA out of memory (injected fault on {stage_id})")
+                raise RuntimeError(f"injected fault on {stage_id}")
+
+    def cancel(self, stage_id: str) -> None:
+        """Called concurrently with a running stage (the actor is threaded): it stops at the next step."""
+        self.cancelled.add(stage_id)
 
     # --- stages --------------------------------------------------------------------------------
 
@@ -99,25 +132,42 @@ class StageWorker:
             "pid": os.getpid(),
         }
 
-    def _report(self, started: float, observed: dict[str, Any], applied: dict[str, bool], preset: str) -> dict:
+    def run(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Run one keyframe or video stage. Inputs and outputs go through the artifact cache by key,
+        so a stage's result survives this process and is found again by whoever needs it next."""
+        started = time.perf_counter()
+        stage_id = req["stage"]
+        cache = ArtifactCache(req["cache_dir"])
+        is_cancelled = lambda: stage_id in self.cancelled  # noqa: E731
+        try:
+            self._maybe_fault(stage_id)
+            if req["kind"] == "keyframe":
+                pipe, applied = self.pipeline(req["model"], req["knobs"], req.get("lora"), req.get("vae"))
+                image, seen = run_keyframe(pipe, req["params"], is_cancelled)
+                cache.put_arrays(req["output_key"], last=image)
+                hashes = {"output_sha": array_hash(image)}
+            else:
+                pipe, applied = self.pipeline(req["model"], req["knobs"])
+                first = cache.get_arrays(req["input_key"])["last"]
+                frames, seen = run_video(pipe, req["model"].family, first, req["params"], is_cancelled)
+                kept = frames[req["drop"]:req["drop"] + req["kept"]]
+                last = frames[-1]
+                cache.put_arrays(req["output_key"], frames=kept, last=last)
+                # Input and output hashes make chains checkable: a segment's input is its predecessor's output.
+                hashes = {"input_sha": array_hash(first), "output_sha": array_hash(last)}
+        except torch.OutOfMemoryError as exc:
+            # Free what the failed call held before the director retries on a lower preset.
+            self.pipelines.clear()
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+            raise OutOfMemory(str(exc)) from None
+        finally:
+            self.cancelled.discard(stage_id)
         self.stages_run += 1
-        return {"worker": self.worker_id, "tier": self.tier, "device": self.device, "preset": preset,
-                "knobs": applied, "observed": observed, "wall_seconds": time.perf_counter() - started}
+        return {"worker": self.worker_id, "tier": self.tier, "device": self.device, "preset": req["preset"],
+                "knobs": applied, "observed": seen.as_dict(), "wall_seconds": time.perf_counter() - started,
+                **hashes}
 
-    def keyframe(self, req: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-        started = time.perf_counter()
-        pipe, applied = self.pipeline(req["model"], req["knobs"], req.get("lora"), req.get("vae"))
-        image, seen = run_keyframe(pipe, req["params"])
-        report = self._report(started, seen.as_dict(), applied, req["preset"])
-        return image, report | {"output_sha": array_hash(image)}
 
-    def video(self, req: dict[str, Any], image: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Returns (frames kept for the clip, last frame for the next segment, report)."""
-        started = time.perf_counter()
-        pipe, applied = self.pipeline(req["model"], req["knobs"])
-        frames, seen = run_video(pipe, req["model"].family, image, req["params"])
-        kept = frames[req["drop"]:req["drop"] + req["kept"]]
-        last = frames[-1].copy()
-        report = self._report(started, seen.as_dict(), applied, req["preset"])
-        # Input and output hashes make the chain checkable: a segment's input is its predecessor's output.
-        return kept, last, report | {"input_sha": array_hash(image), "output_sha": array_hash(last)}
+class OutOfMemory(RuntimeError):
+    """A stage ran out of GPU memory; the director retries it one rung down the preset ladder."""

@@ -183,3 +183,14 @@ def test_cli_schema_is_json_schema():
     bad = base_manifest()
     bad["shots"][0]["duration"] = 0
     assert not validator.is_valid(bad)
+
+
+def test_lora_and_vae_stay_inside_the_root(tmp_path):
+    (tmp_path / "job").mkdir()
+    (tmp_path / "style.safetensors").write_bytes(b"x")
+    data = base_manifest()
+    data["models"]["lora"] = "../style.safetensors"
+    data["models"]["vae"] = str(tmp_path / "style.safetensors")
+    errs = errors_of(data, tmp_path / "job")
+    assert errs[0].startswith("models.lora:") and "escapes" in errs[0]
+    assert errs[1].startswith("models.vae:") and "absolute" in errs[1]

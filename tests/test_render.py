@@ -48,8 +48,9 @@ def two_renders(ray_session, tiny_models, tmp_path_factory):
     outs = []
     for name in ("run1", "run2"):
         out = root / name
+        # --no-cache: the second run renders every stage again, so equal frames mean determinism
         rc = cli.main(["render", str(path), "-o", str(out), "--models", "tiny", "--workers", "2", "--tier", "low",
-                       "--quiet"])
+                       "--quiet", "--no-cache"])
         assert rc == 0
         outs.append(out)
     return data, outs
@@ -114,9 +115,9 @@ def test_ledger_has_one_row_per_stage_attempt(two_renders):
     stages = {r["stage"] for r in rows}
     assert stages == {"keyframe:a", "video:a:0", "video:a:1", "video:b:0", "video:c:0", "keyframe:d", "video:d:0",
                       "clip:a", "clip:b", "clip:c", "clip:d", "merge"}
-    assert all(r["outcome"] == "succeeded" for r in rows) and len(rows) == len(stages)
+    assert all(r["outcome"] == "succeeded" and not r["cache_hit"] for r in rows) and len(rows) == len(stages)
     gpu_rows = [r for r in rows if r["stage"].split(":")[0] in ("keyframe", "video")]
-    assert {r["tier"] for r in gpu_rows} == {"low"} and {r["worker"] for r in gpu_rows} <= {"w0", "w1"}
+    assert {r["tier"] for r in gpu_rows} == {"low"} and len({r["worker"] for r in gpu_rows}) == 2
     assert all(r["end"] >= r["start"] and r["seconds"] >= 0 for r in rows)
 
 

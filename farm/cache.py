@@ -1,0 +1,96 @@
+"""Content-addressed stage outputs.
+
+A stage's key hashes everything that determines its output: model identity, effective parameters,
+seed and the keys of its inputs. Execution details that do not change the pictures (the worker,
+its tier's decode chunk and memory knobs) stay out of the key, so a shot rendered on a mid-tier
+card is reused on a low-tier one. Finished outputs live under the state dir; a restarted director
+or an edited storyboard finds them by key and skips the work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from farm.hashing import content_hash, file_hash
+from farm.paths import atomic_path, state_dir
+
+# Parameters that change how a stage runs, not what it produces.
+EXECUTION_ONLY = ("decode_chunk_size",)
+
+
+def model_identity(spec: Any) -> dict[str, Any]:
+    from farm.models import model_revision
+
+    return {"family": spec.family, "kind": spec.kind, "location": spec.location, "revision": model_revision(spec)}
+
+
+def keyframe_key(model: dict[str, Any], params: dict[str, Any], overrides: dict[str, Any]) -> str:
+    return content_hash({"stage": "keyframe", "model": model, "params": params, "overrides": overrides})
+
+
+def video_key(model: dict[str, Any], params: dict[str, Any], input_key: str, drop: int, kept: int) -> str:
+    outcome = {k: v for k, v in params.items() if k not in EXECUTION_ONLY}
+    return content_hash({"stage": "video", "model": model, "params": outcome, "input": input_key,
+                         "drop": drop, "kept": kept})
+
+
+def image_key(path: Path, size: tuple[int, int]) -> str:
+    return content_hash({"stage": "image", "file": file_hash(str(path)), "size": list(size)})
+
+
+def clip_key(segment_keys: list[str], fps: int, encode: dict[str, Any]) -> str:
+    return content_hash({"stage": "clip", "segments": segment_keys, "fps": fps, "encode": encode})
+
+
+def merge_key(clip_keys: list[str], options: dict[str, Any], encode: dict[str, Any]) -> str:
+    return content_hash({"stage": "merge", "clips": clip_keys, "options": options, "encode": encode})
+
+
+class ArtifactCache:
+    """Files under `root/<2 hex>/<key>.<suffix>`, written atomically. On a multi-node cluster, root
+    must be shared storage (FARM_CACHE_DIR on NFS/EFS) for workers on other nodes to reuse outputs."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root or os.environ.get("FARM_CACHE_DIR") or state_dir() / "cache")
+
+    def path(self, key: str, suffix: str) -> Path:
+        return self.root / key[:2] / f"{key}.{suffix}"
+
+    def has(self, key: str, suffix: str) -> bool:
+        return self.path(key, suffix).is_file()
+
+    def put_arrays(self, key: str, **arrays: np.ndarray) -> Path:
+        path = self.path(key, "npz")
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)  # uncompressed: frames are noise-like to zlib, and speed matters here
+        return path
+
+    def get_arrays(self, key: str) -> dict[str, np.ndarray]:
+        with np.load(self.path(key, "npz")) as data:
+            return {name: data[name] for name in data.files}
+
+    def put_json(self, key: str, value: Any) -> Path:
+        path = self.path(key, "json")
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(value, default=str))
+        return path
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.path(key, "json").read_text())
+
+    def put_file(self, key: str, src: Path, suffix: str) -> Path:
+        path = self.path(key, suffix)
+        with atomic_path(path) as tmp:
+            shutil.copyfile(src, tmp)
+        return path
+
+    def get_file(self, key: str, dest: Path, suffix: str) -> Path:
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(self.path(key, suffix), tmp)
+        return dest

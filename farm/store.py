@@ -1,0 +1,195 @@
+"""Durable farm state in SQLite: jobs, stage states and the ledger of stage attempts.
+
+One file in the farm's state dir. WAL mode so readers (status, the API) never block the director.
+If the director restarts it reloads queued and running jobs from here.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from farm.paths import state_dir
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+ACTIVE = ("queued", "running")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    title TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    manifest TEXT NOT NULL,          -- validated manifest, JSON
+    root TEXT NOT NULL,              -- folder relative paths resolve against
+    out_dir TEXT NOT NULL,
+    options TEXT NOT NULL,           -- models override, preview, ...: JSON
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    error TEXT,
+    idempotency_key TEXT UNIQUE,
+    webhook TEXT
+);
+CREATE TABLE IF NOT EXISTS stages (
+    job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    stage_id TEXT NOT NULL,
+    state TEXT NOT NULL,             -- pending, running, succeeded, failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    tier TEXT,
+    cache_key TEXT,
+    record TEXT,                     -- effective params and observations, JSON (feeds the lockfile)
+    updated REAL NOT NULL,
+    PRIMARY KEY (job_id, stage_id)
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    job TEXT NOT NULL, shot TEXT, stage TEXT NOT NULL, attempt INTEGER NOT NULL, worker TEXT, tier TEXT,
+    preset TEXT, start REAL NOT NULL, "end" REAL NOT NULL, seconds REAL NOT NULL, peak_vram_bytes INTEGER,
+    outcome TEXT NOT NULL, cache_hit INTEGER NOT NULL, error TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_job ON attempts(job);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, priority);
+"""
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: str
+    title: str
+    priority: int
+    state: str
+    manifest: dict[str, Any]
+    root: str
+    out_dir: str
+    options: dict[str, Any]
+    created: float
+    started: float | None
+    finished: float | None
+    error: str | None
+    idempotency_key: str | None
+    webhook: str | None
+
+
+def default_path() -> Path:
+    return state_dir() / "farm.sqlite"
+
+
+class Store:
+    def __init__(self, path: Path | str | None = None) -> None:
+        self.path = Path(path) if path is not None else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # one connection, shared by the director's threads
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- jobs ----------------------------------------------------------------------------------
+
+    def add_job(self, job_id: str, title: str, manifest: dict[str, Any], root: str, out_dir: str, *,
+                priority: int = 0, options: dict[str, Any] | None = None, idempotency_key: str | None = None,
+                webhook: str | None = None) -> tuple[JobRow, bool]:
+        """Insert a queued job; with an idempotency key already used, return that job instead.
+        Returns (job, created)."""
+        with self.tx() as db:
+            if idempotency_key is not None:
+                row = db.execute("SELECT * FROM jobs WHERE idempotency_key=?", (idempotency_key,)).fetchone()
+                if row is not None:
+                    return _job(row), False
+            db.execute(
+                "INSERT INTO jobs (id, title, priority, state, manifest, root, out_dir, options, created, "
+                "idempotency_key, webhook) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, title, priority, json.dumps(manifest), root, out_dir, json.dumps(options or {}),
+                 time.time(), idempotency_key, webhook))
+            return _job(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()), True
+
+    def job(self, job_id: str) -> JobRow | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def jobs(self, states: tuple[str, ...] = JOB_STATES) -> list[JobRow]:
+        marks = ",".join("?" * len(states))
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created", states)
+            return [_job(r) for r in rows.fetchall()]
+
+    def set_job_state(self, job_id: str, state: str, error: str | None = None) -> None:
+        assert state in JOB_STATES, state
+        now = time.time()
+        with self.tx() as db:
+            if state == "running":
+                db.execute("UPDATE jobs SET state=?, started=COALESCE(started, ?), error=NULL WHERE id=?",
+                           (state, now, job_id))
+            elif state == "queued":
+                db.execute("UPDATE jobs SET state=?, finished=NULL, error=NULL WHERE id=?", (state, job_id))
+            else:
+                db.execute("UPDATE jobs SET state=?, finished=?, error=? WHERE id=?", (state, now, error, job_id))
+
+    # --- stages --------------------------------------------------------------------------------
+
+    def stage_rows(self, job_id: str) -> dict[str, sqlite3.Row]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM stages WHERE job_id=?", (job_id,)).fetchall()
+        return {r["stage_id"]: r for r in rows}
+
+    def set_stage(self, job_id: str, stage_id: str, state: str, *, attempts: int | None = None,
+                  worker: str | None = None, tier: str | None = None, cache_key: str | None = None,
+                  record: dict[str, Any] | None = None) -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO stages (job_id, stage_id, state, attempts, worker, tier, cache_key, record, updated) "
+                "VALUES (?, ?, ?, COALESCE(?, 0), ?, ?, ?, ?, ?) ON CONFLICT(job_id, stage_id) DO UPDATE SET "
+                "state=excluded.state, attempts=COALESCE(?, attempts), worker=COALESCE(excluded.worker, worker), "
+                "tier=COALESCE(excluded.tier, tier), cache_key=COALESCE(excluded.cache_key, cache_key), "
+                "record=COALESCE(excluded.record, record), updated=excluded.updated",
+                (job_id, stage_id, state, attempts, worker, tier, cache_key,
+                 json.dumps(record, default=str) if record is not None else None, time.time(), attempts))
+
+    def records(self, job_id: str) -> dict[str, dict[str, Any]]:
+        return {sid: json.loads(r["record"]) for sid, r in self.stage_rows(job_id).items()
+                if r["state"] == "succeeded" and r["record"]}
+
+    # --- ledger --------------------------------------------------------------------------------
+
+    def add_attempt(self, row: dict[str, Any]) -> None:
+        cols = ("job", "shot", "stage", "attempt", "worker", "tier", "preset", "start", "end", "seconds",
+                "peak_vram_bytes", "outcome", "cache_hit", "error")
+        with self.tx() as db:
+            db.execute(f"INSERT INTO attempts ({', '.join(repr(c) if c == 'end' else c for c in cols)}) "
+                       f"VALUES ({', '.join('?' * len(cols))})", tuple(row.get(c) for c in cols))
+
+    def attempts(self, job_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM attempts WHERE job=? ORDER BY start", (job_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+
+def _job(row: sqlite3.Row) -> JobRow:
+    data = dict(row)
+    data["manifest"] = json.loads(data["manifest"])
+    data["options"] = json.loads(data["options"])
+    return JobRow(**data)
