@@ -13,6 +13,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from farm.lockfile import build_lock
 from farm.manifest import Manifest, ManifestError, inside_root, validate_data
 from farm.models import ModelSpec
 from farm.paths import OutputLayout
-from farm.plan import Plan, Stage, build_plan
+from farm.plan import Plan, ShotPlan, Stage, build_plan
 from farm.pool import PoolConfig, Slot, desired_slots
 from farm.presets import VideoPreset, base_preset, memory_knobs, next_lower_preset
 from farm.schedule import ReadyStage, WorkerView, assign
@@ -92,12 +93,17 @@ class JobRun:
     avoid: dict[str, set[str]] = field(default_factory=dict)
     not_before: dict[str, float] = field(default_factory=dict)
     ladder: dict[str, VideoPreset] = field(default_factory=dict)
+    cache_checked: set[str] = field(default_factory=set)
+    shots: dict[str | None, ShotPlan] = field(default_factory=dict)
     running: dict[str, str] = field(default_factory=dict)  # stage -> worker ("encoder" for CPU stages)
     side: list[Any] = field(default_factory=list)  # keyframe PNG writes
     events: list[dict[str, Any]] = field(default_factory=list)
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     state: str = "queued"
     error: str | None = None
+
+    def shot(self, shot_id: str | None) -> ShotPlan:
+        return self.shots[shot_id]
 
     @property
     def use_cache(self) -> bool:
@@ -122,7 +128,11 @@ def job_key(manifest: dict[str, Any], out_dir: str, options: dict[str, Any]) -> 
 class Director:
     def __init__(self, pool: PoolConfig | None = None, store_path: str | None = None, cache_dir: str | None = None,
                  policy: Policy | None = None, backend: type | None = None,
-                 backend_args: dict[str, Any] | None = None, threads: int | None = None) -> None:
+                 backend_args: dict[str, Any] | None = None, threads: int | None = None,
+                 encoder_backend: type | None = None, encoder_args: dict[str, Any] | None = None,
+                 assign_fn: Callable[[list[ReadyStage], list[WorkerView]], list[tuple[str, str]]] = assign) -> None:
+        """`backend`/`encoder_backend` swap in classes with the same methods (the simulator's, for the
+        scheduler benchmark); `assign_fn` swaps the dispatch policy (a FIFO baseline, same benchmark)."""
         self.pool_config = pool or PoolConfig()
         self.policy = policy or Policy()
         self.store = Store(store_path)
@@ -139,8 +149,13 @@ class Director:
         self._faults: dict[str, list[dict[str, Any]]] = {}
         from actors.encoder import EncoderActor
 
+        self.assign_fn = assign_fn
         gpu = bool(ray.cluster_resources().get("GPU"))
-        self.encoder = EncoderActor.remote(str(self.cache.root), yield_cpu=not gpu)
+        if encoder_backend is None:
+            self.encoder = EncoderActor.remote(str(self.cache.root), yield_cpu=not gpu)
+        else:
+            cls = ray.remote(num_cpus=0, max_concurrency=2)(encoder_backend)
+            self.encoder = cls.remote(str(self.cache.root), **(encoder_args or {}))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="director", daemon=True)
         self._thread.start()
@@ -258,6 +273,9 @@ class Director:
     def ping(self) -> bool:
         return True
 
+    def encoder_handle(self) -> Any:
+        return self.encoder
+
     def shutdown(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
@@ -365,7 +383,8 @@ class Director:
         costs = stage_costs(plan, manifest)
         run = JobRun(row, manifest, root, plan, specs, {r: keys.model_identity(s) for r, s in specs.items()},
                      OutputLayout(row.out_dir), encode_settings(manifest), merge_options(manifest, plan.fps),
-                     plan.tail_lengths(costs), {sid: i for i, sid in enumerate(plan.stages)})
+                     plan.tail_lengths(costs), {sid: i for i, sid in enumerate(plan.stages)},
+                     shots={sp.shot.id: sp for sp in plan.shots})
         size = manifest.output.size
         for sp in plan.shots:
             if sp.first_frame_from == "image":
@@ -391,8 +410,11 @@ class Director:
                     continue
                 self.ready_since.setdefault((run.id, stage.id), time.monotonic())
                 if stage.gpu:
-                    if not self._try_cache_gpu(run, stage):
-                        ready_gpu.append((run, stage))
+                    if stage.id not in run.cache_checked:  # once per stage: keys are hashes of params
+                        run.cache_checked.add(stage.id)
+                        if self._try_cache_gpu(run, stage):
+                            continue
+                    ready_gpu.append((run, stage))
                 else:
                     self._dispatch_cpu(run, stage)
         if not ready_gpu or not self.workers:
@@ -402,7 +424,7 @@ class Director:
                              run.seq[stage.id], frozenset(run.avoid.get(stage.id, ())))
                   for run, stage in ready_gpu]
         views = [WorkerView(w.id, w.tier, frozenset(w.models), w.busy is None) for w in self.workers.values()]
-        for ident, worker_id in assign(wanted, views):
+        for ident, worker_id in self.assign_fn(wanted, views):
             job_id, stage_id = ident.split("/", 1)
             self._dispatch_gpu(*by_id[(job_id, stage_id)], self.workers[worker_id])
 
@@ -412,7 +434,7 @@ class Director:
 
     def _gpu_request(self, run: JobRun, stage: Stage, tier: str) -> tuple[dict[str, Any], str, str]:
         """(request, cache key, preset label) of a GPU stage on a worker of `tier`."""
-        sp = run.plan.shots[[s.shot.id for s in run.plan.shots].index(stage.shot)]
+        sp = run.shot(stage.shot)
         if stage.kind == "keyframe":
             params = keyframe_params(run.manifest, sp)
             extra = overrides(run)
@@ -571,7 +593,7 @@ class Director:
             self._ledger(run, flight, "oom", error=_short(exc))
             self._event(run, {"type": "stage_oom", "stage": stage.id, "preset": flight.detail["preset"]})
             if stage.kind == "video":
-                sp = next(s for s in run.plan.shots if s.shot.id == stage.shot)
+                sp = run.shot(stage.shot)
                 current = run.ladder.get(stage.id) or base_preset(run.manifest.quality, sp.shot.scene,
                                                                     flight.detail["tier"])
                 lower = next_lower_preset(current, run.manifest.quality, sp.shot.scene)

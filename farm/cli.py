@@ -61,6 +61,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(error)
         return EXIT_INVALID
     specs = resolve_models(manifest, Path(args.file).parent, args.models)
+    if args.simulate:
+        from farm.simulate import simulate_file
+
+        try:
+            print(simulate_file(args.file, args.simulate, frames_per_call=specs["video"].frames_per_call))
+        except (ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+        return EXIT_OK
     plan = build_plan(manifest, specs["video"].frames_per_call)
     rows = [{"stage": s.id, "kind": s.kind, "shot": s.shot or "", "frames": s.segment.frames if s.segment else "",
              "deps": ",".join(s.deps)} for s in plan.stages.values()]
@@ -125,6 +134,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="print the stage table of a storyboard")
     s.add_argument("file")
     s.add_argument("--models", choices=["tiny"], default=None)
+    s.add_argument("--simulate", metavar="CLUSTER",
+                   help="estimate the makespan on a cluster: a cluster.yaml or a file with `tiers: {high: 4, mid: 8}`")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("render", help="render a storyboard on a local Ray")

@@ -87,9 +87,16 @@ def follow(director: Any, job_id: str, bars: ProgressBars, poll_s: float = 0.2) 
     """Feed the director's events to the progress bars until the job ends; returns its final state."""
     import ray
 
+    from ray.exceptions import ActorUnavailableError
+
     since = 0
     while True:
-        events, state = ray.get(director.events.remote(job_id, since))
+        try:
+            events, state = ray.get(director.events.remote(job_id, since))
+        except ActorUnavailableError:  # the director is restarting; it reloads the job from the store
+            time.sleep(0.5)
+            since = 0  # a restarted director starts a fresh event list for the job
+            continue
         since += len(events)
         for event in events:
             bars(event)

@@ -43,13 +43,19 @@ def worker_score(stage: ReadyStage, worker: WorkerView) -> tuple[int, int]:
 def assign(ready: list[ReadyStage], workers: list[WorkerView]) -> list[tuple[str, str]]:
     """Greedy: every idle worker gets a ready stage if one exists (no GPU idles while work waits);
     the most urgent stage picks first, taking the idle worker that holds its model, then the best tier.
-    A stage is kept off workers it failed on unless no other worker is idle."""
+    A failed stage waits for a worker it has not failed on (even a busy one); only when it has failed on
+    every worker in the pool may it go back to one of them."""
     idle = [w for w in workers if w.idle]
+    everyone = {w.id for w in workers}
     out: list[tuple[str, str]] = []
     for stage in order(ready):
         if not idle:
             break
-        candidates = [w for w in idle if w.id not in stage.avoid] or idle
+        candidates = [w for w in idle if w.id not in stage.avoid]
+        if not candidates and everyone <= stage.avoid:
+            candidates = idle
+        if not candidates:
+            continue
         best = max(candidates, key=lambda w: worker_score(stage, w))
         out.append((stage.id, best.id))
         idle.remove(best)

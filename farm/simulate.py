@@ -6,15 +6,18 @@ Two uses:
 - `SimWorker` has `farm.worker.StageWorker`'s public methods but sleeps instead of rendering, so the
   real director can be benchmarked at cluster scale on a laptop.
 
-Both call `farm.schedule.assign` over `farm.plan.build_plan`'s DAG, the same way
+`simulate` calls `farm.schedule.assign` over `farm.plan.build_plan`'s DAG the same way
 `actors/director.py` does, so what the simulator says about scheduling is what the farm does.
 Plain functions over plain data; no Ray.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import heapq
 import math
+import os
+import platform
 import statistics
 import time
 from collections import deque
@@ -468,9 +471,18 @@ def simulate_file(manifest_path: str, cluster_path: str, frames_per_call: int = 
 # --- simulated worker ---------------------------------------------------------------------------
 
 
-def _pause(seconds: float) -> None:
-    if seconds > 0:
-        time.sleep(seconds)
+class StageCancelled(RuntimeError):
+    """A cancelled stage stopped mid-sleep. Same name as farm.stages.StageCancelled, which the director
+    recognises by name, so this module need not import torch."""
+
+
+def _pause(seconds: float, cancelled: Callable[[], bool] = lambda: False) -> None:
+    """Sleep `seconds`, in short slices so a cancel lands mid-stage as it does between denoising steps."""
+    end = time.perf_counter() + max(seconds, 0.0)
+    while (left := end - time.perf_counter()) > 0:
+        if cancelled():
+            raise StageCancelled("job cancelled")
+        time.sleep(min(left, 0.05))
 
 
 def _model_id(spec: Any) -> tuple[str, str]:
@@ -486,17 +498,20 @@ def _knobs_dict(knobs: Any) -> dict[str, bool]:
     return {k: bool(v) for k, v in dict(knobs or {}).items()}
 
 
+def _seed_colour(seed: int) -> np.ndarray:
+    return np.array([seed & 0xFF, (seed >> 8) & 0xFF, (seed >> 16) & 0xFF], dtype=np.int64)
+
+
 def sim_image(height: int, width: int, seed: int) -> np.ndarray:
     """A flat HxWx3 uint8 image whose colour comes from the seed: deterministic and cheap."""
-    colour = np.array([seed & 0xFF, (seed >> 8) & 0xFF, (seed >> 16) & 0xFF], dtype=np.uint8)
-    return np.broadcast_to(colour, (height, width, 3)).copy()
+    return np.broadcast_to(_seed_colour(seed).astype(np.uint8), (height, width, 3)).copy()
 
 
 def sim_frames(image: np.ndarray | None, count: int, height: int, width: int, seed: int) -> np.ndarray:
     """`count` frames; the first re-draws the conditioning image (as SVD does), the rest drift from
     a seed-derived colour, so each segment's content depends on its seed and its input."""
     frames = np.empty((count, height, width, 3), dtype=np.uint8)
-    base = np.array([seed & 0xFF, (seed >> 8) & 0xFF, (seed >> 16) & 0xFF], dtype=np.int64)
+    base = _seed_colour(seed)
     for i in range(count):
         frames[i] = ((base + 3 * i) % 256).astype(np.uint8)
     if count and image is not None and image.shape == (height, width, 3):
@@ -505,13 +520,37 @@ def sim_frames(image: np.ndarray | None, count: int, height: int, width: int, se
 
 
 def _observed(steps: int, frames: int, chunk: int | None, seconds: float) -> dict[str, Any]:
+    """The shape of farm.stages.Observed.as_dict(): what a real run would have counted."""
     chunk = max(1, min(chunk or frames, frames))
     return {"steps": steps, "decode_chunk_max": chunk, "decode_calls": math.ceil(frames / chunk),
             "seconds": round(seconds, 4), "peak_vram_bytes": None}
 
 
+def sim_keyframe(params: dict[str, Any], cost: TierCost, time_scale: float,
+                 cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, dict[str, Any]]:
+    """One keyframe stage, simulated: sleep its cost, return (image, observed)."""
+    steps = int(params["num_inference_steps"])
+    started = time.perf_counter()
+    _pause(keyframe_seconds(steps, cost) * time_scale, cancelled)
+    image = sim_image(int(params["height"]), int(params["width"]), int(params.get("seed", 0)))
+    return image, _observed(steps, 1, 1, time.perf_counter() - started)
+
+
+def sim_video(image: np.ndarray | None, params: dict[str, Any], cost: TierCost, time_scale: float,
+              cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, dict[str, Any]]:
+    """One video segment, simulated: sleep its cost, return (all generated frames, observed)."""
+    steps, count = int(params["num_inference_steps"]), int(params["num_frames"])
+    started = time.perf_counter()
+    _pause(video_seconds(steps, count, cost) * time_scale, cancelled)
+    frames = sim_frames(image, count, int(params["height"]), int(params["width"]), int(params.get("seed", 0)))
+    return frames, _observed(steps, count, params.get("decode_chunk_size"), time.perf_counter() - started)
+
+
 class SimWorker:
-    """`farm.worker.StageWorker`'s interface, sleeping `cost x time_scale` instead of rendering."""
+    """`farm.worker.StageWorker`'s interface, sleeping `cost x time_scale` instead of rendering.
+
+    Both interfaces are here: `run(req)` over the artifact cache (what the director calls now) and
+    the older `keyframe(req)` / `video(req, image)` over arrays."""
 
     def __init__(self, worker_id: str, tier: str = "cpu", threads: int | None = None, *,
                  costs: Mapping[str, TierCost] = DEFAULT_COSTS, time_scale: float = 1.0) -> None:
@@ -526,6 +565,8 @@ class SimWorker:
         self.device = "sim"
         self.pipelines: dict[tuple[str, str | None, str | None], str] = {}  # resident key -> model name
         self.stages_run = 0
+        self.faults: list[dict[str, Any]] = []
+        self.cancelled: set[str] = set()
 
     # --- residency ---------------------------------------------------------------------------
 
@@ -550,12 +591,30 @@ class SimWorker:
     def holds(self, spec: Any) -> bool:
         return any(key[0] == _model_id(spec)[0] for key in self.pipelines)
 
+    # --- faults and cancellation ---------------------------------------------------------------
+
+    def set_faults(self, faults: list[dict[str, Any]]) -> None:
+        """As StageWorker.set_faults: [{"match": "video:a:*", "kind": "oom|error|crash", "times": 1}]."""
+        self.faults = [dict(f) for f in faults]
+
+    def _maybe_fault(self, stage_id: str) -> None:
+        for fault in self.faults:
+            if fault.get("times", 1) > 0 and fnmatch.fnmatch(stage_id, fault["match"]):
+                fault["times"] = fault.get("times", 1) - 1
+                if fault["kind"] == "crash":
+                    os._exit(13)
+                if fault["kind"] == "oom":
+                    from farm.worker import OutOfMemory  # imports torch: only when an OOM drill fires
+
+                    raise OutOfMemory(f"CUDA out of memory (injected fault on {stage_id})")
+                raise RuntimeError(f"injected fault on {stage_id}")
+
+    def cancel(self, stage_id: str) -> None:
+        self.cancelled.add(stage_id)
+
     # --- stages ------------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        import os
-        import platform
-
         return {
             "id": self.worker_id,
             "node": platform.node(),
@@ -575,15 +634,37 @@ class SimWorker:
         return {"worker": self.worker_id, "tier": self.tier, "device": self.device, "preset": preset,
                 "knobs": applied, "observed": observed, "wall_seconds": time.perf_counter() - started}
 
+    def run(self, req: dict[str, Any]) -> dict[str, Any]:
+        """StageWorker.run: inputs and outputs through the artifact cache, by key."""
+        from farm.cache import ArtifactCache
+
+        started = time.perf_counter()
+        stage_id = req["stage"]
+        cache = ArtifactCache(req["cache_dir"])
+        is_cancelled = lambda: stage_id in self.cancelled  # noqa: E731
+        try:
+            self._maybe_fault(stage_id)
+            if req["kind"] == "keyframe":
+                applied = self.pipeline(req["model"], req["knobs"], req.get("lora"), req.get("vae"))
+                image, observed = sim_keyframe(req["params"], self.cost, self.time_scale, is_cancelled)
+                cache.put_arrays(req["output_key"], last=image)
+                hashes = {"output_sha": array_hash(image)}
+            else:
+                applied = self.pipeline(req["model"], req["knobs"])
+                first = cache.get_arrays(req["input_key"])["last"]
+                frames, observed = sim_video(first, req["params"], self.cost, self.time_scale, is_cancelled)
+                kept = frames[req["drop"]:req["drop"] + req["kept"]]
+                last = frames[-1]
+                cache.put_arrays(req["output_key"], frames=kept, last=last)
+                hashes = {"input_sha": array_hash(first), "output_sha": array_hash(last)}
+        finally:
+            self.cancelled.discard(stage_id)
+        return self._report(started, observed, applied, req["preset"]) | hashes
+
     def keyframe(self, req: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
         started = time.perf_counter()
         applied = self.pipeline(req["model"], req["knobs"], req.get("lora"), req.get("vae"))
-        params = req["params"]
-        steps = int(params["num_inference_steps"])
-        run_start = time.perf_counter()
-        _pause(keyframe_seconds(steps, self.cost) * self.time_scale)
-        image = sim_image(int(params["height"]), int(params["width"]), int(params.get("seed", 0)))
-        observed = _observed(steps, 1, 1, time.perf_counter() - run_start)
+        image, observed = sim_keyframe(req["params"], self.cost, self.time_scale)
         report = self._report(started, observed, applied, req["preset"])
         return image, report | {"output_sha": array_hash(image)}
 
@@ -591,12 +672,7 @@ class SimWorker:
         """Returns (frames kept for the clip, last frame for the next segment, report)."""
         started = time.perf_counter()
         applied = self.pipeline(req["model"], req["knobs"])
-        params = req["params"]
-        steps, count = int(params["num_inference_steps"]), int(params["num_frames"])
-        run_start = time.perf_counter()
-        _pause(video_seconds(steps, count, self.cost) * self.time_scale)
-        frames = sim_frames(image, count, int(params["height"]), int(params["width"]), int(params.get("seed", 0)))
-        observed = _observed(steps, count, params.get("decode_chunk_size"), time.perf_counter() - run_start)
+        frames, observed = sim_video(image, req["params"], self.cost, self.time_scale)
         kept = frames[req["drop"]:req["drop"] + req["kept"]]
         last = frames[-1].copy()
         report = self._report(started, observed, applied, req["preset"])

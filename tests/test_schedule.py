@@ -37,3 +37,11 @@ def test_failed_worker_avoided_unless_it_is_the_only_one():
     workers = [WorkerView("bad", "high", frozenset({"svd"})), WorkerView("ok", "low", frozenset())]
     assert assign([ReadyStage("s", "svd", avoid=frozenset({"bad"}))], workers) == [("s", "ok")]
     assert assign([ReadyStage("s", "svd", avoid=frozenset({"bad"}))], workers[:1]) == [("s", "bad")]
+
+
+def test_failed_stage_waits_for_another_worker_even_if_busy():
+    workers = [WorkerView("bad", "high", frozenset()), WorkerView("ok", "low", frozenset(), idle=False)]
+    retry = ReadyStage("s", "svd", avoid=frozenset({"bad"}))
+    assert assign([retry, ReadyStage("t", "svd")], workers) == [("t", "bad")]  # s waits for "ok"
+    everywhere = ReadyStage("s", "svd", avoid=frozenset({"bad", "ok"}))
+    assert assign([everywhere], workers) == [("s", "bad")]

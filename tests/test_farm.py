@@ -1,0 +1,251 @@
+"""The farm as a shared service: cache, durable state, priorities, cancel, failures, chaos.
+
+Real director actor, real tiny-model workers, real SQLite; faults come from the workers' own fault
+hook, not from mocking Ray."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from helpers import base_manifest
+
+from farm.encode import read_frames
+
+pytestmark = pytest.mark.slow
+
+
+def wait_state(ray, director, job_id, states=("succeeded", "failed", "cancelled"), timeout=180):
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.time() + timeout
+    status = {"state": "unknown"}
+    while time.time() < deadline:
+        try:
+            status = ray.get(director.status.remote(job_id))
+        except ActorUnavailableError:  # restarting
+            time.sleep(0.2)
+            continue
+        if status["state"] in states:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} still {status['state']} after {timeout}s")
+
+
+def story(**over):
+    data = base_manifest(**over)
+    data["shots"] = over.get("shots", [
+        {"id": "a", "prompt": "misty valley", "duration": 1.5},
+        {"id": "b", "prompt": "river at dawn", "duration": 0.5, "continue_from": "previous"},
+        {"id": "c", "prompt": "birds over water", "duration": 0.5},
+    ])
+    return data
+
+
+@pytest.fixture(scope="module")
+def farm(ray_session, tiny_models, tmp_path_factory):
+    from actors.director import Policy, get_director
+    from farm.pool import PoolConfig
+
+    root = tmp_path_factory.mktemp("farm")
+    director = get_director(PoolConfig(tier="cpu", workers=2), name="test-farm",
+                            store_path=str(root / "farm.sqlite"), cache_dir=str(root / "cache"),
+                            policy=Policy(backoff_s=0.05, reconcile_s=0.3), threads=1)
+    ray_session.get(director.ping.remote())
+    yield ray_session, director, root
+    ray_session.kill(director, no_restart=True)
+
+
+def submit(farm, data, name, **kw):
+    ray, director, root = farm
+    out = root / name
+    job = ray.get(director.submit.remote(data, str(root), str(out), options={"models": "tiny", **kw.pop("opts", {})},
+                                         **kw))
+    return job, out
+
+
+def ledger(out):
+    return pq.read_table(out / "ledger.parquet").to_pylist()
+
+
+def executed(rows):
+    return {r["stage"] for r in rows if r["outcome"] == "succeeded" and not r["cache_hit"]}
+
+
+def test_rerender_after_prompt_edit_runs_only_that_shot(farm):
+    ray, director, _ = farm
+    data = story(seed=101)
+    job, out = submit(farm, data, "edit1")
+    assert wait_state(ray, director, job["id"])["state"] == "succeeded"
+    first = ledger(out)
+    assert not any(r["cache_hit"] for r in first)
+
+    data["shots"][2]["prompt"] = "a heron over the water"  # only shot c changes
+    job2, out2 = submit(farm, data, "edit2")
+    assert wait_state(ray, director, job2["id"])["state"] == "succeeded"
+    rows = ledger(out2)
+    assert executed(rows) == {"keyframe:c", "video:c:0", "clip:c", "merge"}
+    hits = {r["stage"] for r in rows if r["cache_hit"]}
+    assert hits == {"keyframe:a", "video:a:0", "video:a:1", "video:b:0", "clip:a", "clip:b"}
+    # a cached clip is byte-identical to the first render's
+    assert (out2 / "shots" / "a.mp4").read_bytes() == (out / "shots" / "a.mp4").read_bytes()
+
+
+def test_idempotent_submit_returns_the_same_job(farm):
+    ray, director, root = farm
+    data = story(seed=102)
+    a = ray.get(director.submit.remote(data, str(root), str(root / "idem"), options={"models": "tiny"},
+                                       idempotency_key="same-key"))
+    b = ray.get(director.submit.remote(data, str(root), str(root / "idem"), options={"models": "tiny"},
+                                       idempotency_key="same-key"))
+    assert a["id"] == b["id"]
+    wait_state(ray, director, a["id"])
+
+
+def test_bad_manifest_is_refused_at_submit(farm):
+    from farm.manifest import ManifestError
+
+    ray, director, root = farm
+    data = story()
+    data["shots"][0]["duration"] = -1
+    with pytest.raises(ManifestError) as info:
+        ray.get(director.submit.remote(data, str(root), str(root / "bad"), options={"models": "tiny"}))
+    assert "shots[0].duration" in str(info.value)
+
+
+def test_error_is_retried_with_backoff_on_another_worker(farm):
+    ray, director, _ = farm
+    workers = ray.get(director.workers_info.remote())
+    assert len(workers) == 2
+    for w in workers:  # whichever worker takes video:a:0 first fails it once
+        ray.get(director.set_faults.remote(w["id"], [{"match": "*/video:a:0", "kind": "error", "times": 1}]))
+    job, out = submit(farm, story(seed=103), "retry")
+    assert wait_state(ray, director, job["id"])["state"] == "succeeded"
+    rows = sorted((r for r in ledger(out) if r["stage"] == "video:a:0"), key=lambda r: r["start"])
+    # armed on both workers: the retry goes to the other worker (and fails there too), the third
+    # attempt succeeds; each retry waits longer (back-off 0.05 s, then 0.1 s)
+    assert [r["outcome"] for r in rows] == ["failed", "failed", "succeeded"]
+    assert "injected fault" in rows[0]["error"]
+    assert rows[0]["worker"] != rows[1]["worker"]
+    gap1 = (rows[1]["start"] - rows[0]["end"]).total_seconds()
+    gap2 = (rows[2]["start"] - rows[1]["end"]).total_seconds()
+    assert gap1 >= 0.05 and gap2 >= 0.1, (gap1, gap2)
+    for w in workers:
+        ray.get(director.set_faults.remote(w["id"], []))
+
+
+def test_oom_walks_down_the_preset_ladder(farm):
+    ray, director, _ = farm
+    for w in ray.get(director.workers_info.remote()):
+        ray.get(director.set_faults.remote(w["id"], [{"match": "*/video:c:0", "kind": "oom", "times": 2}]))
+    job, out = submit(farm, story(seed=104), "oom")
+    assert wait_state(ray, director, job["id"])["state"] == "succeeded"
+    rows = [r for r in ledger(out) if r["stage"] == "video:c:0"]
+    assert [r["outcome"] for r in rows][-1] == "succeeded"
+    ooms = [r for r in rows if r["outcome"] == "oom"]
+    assert len(ooms) == 2
+    presets = [r["preset"] for r in rows]
+    assert presets[0] == "cpu/chunk10" and len(set(presets)) == 3, presets  # each retry one rung lower
+    for w in ray.get(director.workers_info.remote()):
+        ray.get(director.set_faults.remote(w["id"], []))
+
+
+def test_failed_job_can_be_requeued(farm):
+    ray, director, _ = farm
+    workers = ray.get(director.workers_info.remote())
+    for w in workers:
+        ray.get(director.set_faults.remote(w["id"], [{"match": "*/keyframe:c", "kind": "error", "times": 2}]))
+    job, out = submit(farm, story(seed=105), "requeue")
+    status = wait_state(ray, director, job["id"])
+    assert status["state"] == "failed" and "keyframe:c" in status["error"]
+    # both workers failed keyframe:c once, then a third attempt... unless the budget (3) was spent
+    ray.get(director.requeue.remote(job["id"]))
+    assert wait_state(ray, director, job["id"])["state"] == "succeeded"
+    assert (out / "final.mp4").is_file()
+
+
+def test_cancel_stops_a_running_stage(farm):
+    ray, director, _ = farm
+    data = story(seed=106, shots=[{"id": "long", "prompt": "slow", "duration": 1.0, "steps": {"video": 400}}])
+    job, out = submit(farm, data, "cancel")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        status = ray.get(director.status.remote(job["id"]))
+        if status["shots"] and status["shots"][0]["stage"] == "video:long:0":
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)  # let it denoise a few steps
+    t0 = time.time()
+    assert ray.get(director.cancel.remote(job["id"]))["state"] == "cancelled"
+    # the worker stops at its next step: it is soon free for other work
+    while any(w["state"] == "busy" for w in ray.get(director.workers_info.remote())):
+        assert time.time() - t0 < 10, "the running stage did not stop"
+        time.sleep(0.05)
+    assert time.time() - t0 < 10
+    status = ray.get(director.status.remote(job["id"]))
+    assert status["state"] == "cancelled"
+    assert not (out / "final.mp4").exists()
+
+
+def test_higher_priority_job_goes_first(farm):
+    ray, director, _ = farm
+    shots = [{"id": f"s{i}", "prompt": f"shot {i}", "duration": 0.5} for i in range(3)]
+    low, _ = submit(farm, story(seed=107, shots=shots), "prio-low", priority=0)
+    high, _ = submit(farm, story(seed=108, shots=shots), "prio-high", priority=10)
+    s_low, s_high = wait_state(ray, director, low["id"]), wait_state(ray, director, high["id"])
+    assert s_low["state"] == s_high["state"] == "succeeded"
+    # submitted second, the high-priority job still finishes first
+    assert s_high["finished"] < s_low["finished"]
+
+
+def test_director_restart_resumes_without_redoing_finished_stages(farm):
+    ray, director, _ = farm
+    shots = [{"id": f"r{i}", "prompt": f"resume {i}", "duration": 1.0} for i in range(4)]
+    job, out = submit(farm, story(seed=109, shots=shots), "restart")
+    deadline = time.time() + 60
+    while len(ray.get(director.status.remote(job["id"]))["shots"]) == 0 or \
+            ray.get(director.status.remote(job["id"]))["progress"] < 0.3:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    ray.kill(director, no_restart=False)  # Ray restarts it; it reloads the store
+    status = wait_state(ray, director, job["id"], timeout=240)
+    assert status["state"] == "succeeded"
+    rows = ledger(out)
+    done = [r for r in rows if r["outcome"] == "succeeded"]
+    hits = [r for r in done if r["cache_hit"]]
+    assert hits, "stages finished before the restart came back from the cache"
+    # no stage was executed twice
+    ran = [r["stage"] for r in done if not r["cache_hit"]]
+    assert len(ran) == len(set(ran))
+    assert set(ran) | {r["stage"] for r in hits} >= {"merge", "clip:r0", "clip:r3"}
+
+
+def test_chaos_killed_workers_do_not_change_the_film(farm):
+    """Kill worker processes at random during a render: every shot completes, and the frames equal
+    those of an undisturbed render with the same seeds."""
+    ray, director, _ = farm
+    shots = [{"id": f"k{i}", "prompt": f"chaos {i}", "duration": 1.0, "steps": {"video": 30}} for i in range(5)]
+    calm, calm_out = submit(farm, story(seed=110, shots=shots), "calm", opts={"cache": False})
+    assert wait_state(ray, director, calm["id"])["state"] == "succeeded"
+
+    rng = np.random.default_rng(0)
+    job, out = submit(farm, story(seed=110, shots=shots), "chaos", opts={"cache": False})
+    kills = 0
+    deadline = time.time() + 240
+    while ray.get(director.status.remote(job["id"]))["state"] in ("queued", "running"):
+        assert time.time() < deadline
+        time.sleep(float(rng.uniform(0.2, 0.6)))
+        busy = [w for w in ray.get(director.workers_info.remote()) if w["state"] == "busy" and w.get("pid")]
+        if busy and kills < 3:
+            os.kill(busy[int(rng.integers(len(busy)))]["pid"], signal.SIGKILL)
+            kills += 1
+    assert kills >= 1
+    assert ray.get(director.status.remote(job["id"]))["state"] == "succeeded"
+    lost = [r for r in ledger(out) if r["outcome"] == "worker_lost"]
+    assert lost, "the kills hit running stages"
+    for i in range(5):
+        assert np.array_equal(read_frames(out / "shots" / f"k{i}.mp4"), read_frames(calm_out / "shots" / f"k{i}.mp4"))

@@ -1,0 +1,349 @@
+"""The farm simulator: same plan, same dispatch policy, assumed costs; plus the sleeping worker."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import yaml
+from helpers import base_manifest, write_manifest
+
+from farm.cache import ArtifactCache
+from farm.hashing import array_hash
+from farm.manifest import validate_data
+from farm.models import resolve_model
+from farm.plan import build_plan
+from farm.presets import memory_knobs
+from farm.simulate import (
+    CLIP_FRAME_S,
+    DEFAULT_COSTS,
+    MERGE_FRAME_S,
+    SimWorker,
+    TierCost,
+    assign_fifo,
+    calibrate,
+    load_cluster,
+    lower_bound,
+    simulate,
+    simulate_file,
+    stage_cost,
+)
+
+
+def manifest_of(shots, **over):
+    data = {"version": 1, "title": "sim", "seed": 3, "models": {"keyframe": "tiny", "video": "tiny"},
+            "shots": shots, **over}
+    return validate_data(data)
+
+
+def storyboard(n, chained_every=0, durations=(2.0, 3.5, 5.0, 1.5, 4.0, 6.0, 2.5)):
+    shots = []
+    for i in range(n):
+        shot = {"id": f"s{i:03d}", "prompt": "a scene", "duration": durations[(i * 5) % len(durations)]}
+        if chained_every and i % chained_every == chained_every - 1:
+            shot["continue_from"] = "previous"
+        shots.append(shot)
+    return manifest_of(shots)
+
+
+def write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# --- cluster files ------------------------------------------------------------------------------
+
+
+def test_load_cluster_tiers_file(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"tiers": {"high": 4, "mid": 8, "low": 4}})
+    assert load_cluster(path) == {"high": 4, "mid": 8, "low": 4}
+
+
+def test_load_cluster_ray_launcher_config(tmp_path):
+    config = {
+        "cluster_name": "farm",
+        "max_workers": 20,
+        "head_node_type": "head",
+        "available_node_types": {
+            "head": {"resources": {"CPU": 8}, "node_config": {}},
+            "a100": {"resources": {"GPU": 4, "farm_tier_high": 4}, "min_workers": 0, "max_workers": 2},
+            "l4": {"resources": {"GPU": 1, "farm_tier_mid": 1}, "min_workers": 3},
+            "t4": {"resources": {"GPU": 2, "farm_tier_low": 2}},
+        },
+    }
+    assert load_cluster(write_yaml(tmp_path / "cluster.yaml", config)) == {"high": 8, "mid": 3, "low": 2}
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"available_node_types": {"gpu_nodes": {"resources": {"GPU": 2}, "max_workers": 3}}}, "gpu_nodes"),
+    ({"tiers": {"huge": 2}}, "huge"),
+    ({"tiers": {"high": -1}}, "tiers.high"),
+    ({"tiers": {"high": 0}}, "no GPU workers"),
+    ({"nodes": 3}, "available_node_types"),
+    ([1, 2], "mapping"),
+])
+def test_load_cluster_errors_name_file_and_problem(tmp_path, data, needle):
+    path = write_yaml(tmp_path / "bad.yaml", data)
+    with pytest.raises(ValueError) as info:
+        load_cluster(path)
+    assert str(path) in str(info.value) and needle in str(info.value)
+
+
+def test_load_cluster_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="cannot read"):
+        load_cluster(tmp_path / "nope.yaml")
+
+
+# --- simulation ---------------------------------------------------------------------------------
+
+
+def test_single_gpu_makespan_is_the_sum_of_its_stages():
+    manifest = manifest_of([{"id": "a", "prompt": "p", "duration": 3.0},
+                            {"id": "b", "prompt": "p", "duration": 2.0, "continue_from": "previous"},
+                            {"id": "c", "prompt": "p", "duration": 1.0}])
+    plan = build_plan(manifest, 25)
+    result = simulate(plan, manifest, {"mid": 1})
+    gpu_work = sum(stage_cost(s, manifest, "mid", DEFAULT_COSTS) for s in plan.stages.values() if s.gpu)
+    loads = 2 * DEFAULT_COSTS["mid"].load_s  # keyframe and video model, each loaded once and kept
+    assert result.loads == 2
+    assert result.busy["mid-0"] == pytest.approx(gpu_work + loads, abs=1e-6)
+    # After the GPU's last stage only that shot's clip and the merge remain.
+    last_gpu = max((r for r in result.runs if r.worker == "mid-0"), key=lambda r: r.end)
+    last_shot = plan.stages[last_gpu.stage_id].shot
+    tail = stage_cost(plan.stages[f"clip:{last_shot}"], manifest, "mid") + stage_cost(plan.stages["merge"], manifest,
+                                                                                       "mid")
+    assert result.makespan == pytest.approx(gpu_work + loads + tail, abs=1e-6)
+    assert len(result.runs) == len(plan.stages)
+
+
+def test_stage_costs_follow_steps_frames_and_tier():
+    manifest = manifest_of([{"id": "a", "prompt": "p", "duration": 1.0}], quality="balanced")
+    plan = build_plan(manifest, 25)
+    kf, video = plan.stages["keyframe:a"], plan.stages["video:a:0"]
+    assert stage_cost(kf, manifest, "mid") == pytest.approx(40 * DEFAULT_COSTS["mid"].keyframe_step_s)
+    # balanced = 60 video steps on high and mid; low clamps to its 50.
+    assert stage_cost(video, manifest, "high") == pytest.approx(60 * 15 * DEFAULT_COSTS["high"].video_frame_step_s)
+    assert stage_cost(video, manifest, "low") == pytest.approx(50 * 15 * DEFAULT_COSTS["low"].video_frame_step_s)
+    assert stage_cost(plan.stages["clip:a"], manifest, "high") == pytest.approx(15 * CLIP_FRAME_S)
+    assert stage_cost(plan.stages["merge"], manifest, "low") == pytest.approx(15 * MERGE_FRAME_S)
+    pinned = manifest_of([{"id": "a", "prompt": "p", "duration": 1.0, "steps": {"video": 10}}])
+    assert stage_cost(video, pinned, "low") == pytest.approx(10 * 15 * DEFAULT_COSTS["low"].video_frame_step_s)
+    assert DEFAULT_COSTS["high"].video_frame_step_s < DEFAULT_COSTS["mid"].video_frame_step_s \
+        < DEFAULT_COSTS["low"].video_frame_step_s < DEFAULT_COSTS["cpu"].video_frame_step_s
+
+
+@pytest.mark.parametrize("shots, cluster", [
+    (6, {"mid": 1}),
+    (12, {"high": 2, "low": 3}),
+    (30, {"high": 4, "mid": 8, "low": 4}),
+    (40, {"low": 16}),
+])
+@pytest.mark.parametrize("chained_every", [0, 2, 5])
+def test_makespan_never_beats_the_lower_bound(shots, cluster, chained_every):
+    manifest = storyboard(shots, chained_every)
+    plan = build_plan(manifest, 25)
+    for policy in (None, assign_fifo):
+        result = simulate(plan, manifest, cluster, **({"policy": policy} if policy else {}))
+        assert result.lower_bound == pytest.approx(lower_bound(plan, manifest, cluster))
+        assert result.makespan >= result.lower_bound - 1e-6, (result.makespan, result.lower_bound)
+        assert result.ratio >= 1.0 - 1e-9
+
+
+def test_fully_chained_storyboard_is_bound_by_its_chain():
+    manifest = manifest_of(
+        [{"id": "a", "prompt": "p", "duration": 4.0}]
+        + [{"id": f"c{i}", "prompt": "p", "duration": 4.0, "continue_from": "previous"} for i in range(7)])
+    plan = build_plan(manifest, 25)
+    result = simulate(plan, manifest, {"high": 8})
+    # One chain: extra GPUs cannot help; the simulation should run it back to back on the fast tier.
+    assert result.ratio == pytest.approx(1.0, abs=0.02), result
+
+
+def test_more_gpus_never_slow_a_parallel_storyboard():
+    manifest = storyboard(24)
+    plan = build_plan(manifest, 25)
+    spans = [simulate(plan, manifest, {"mid": n}).makespan for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)]
+    assert all(b <= a + 1e-6 for a, b in zip(spans, spans[1:], strict=False)), spans
+    assert spans[-1] < spans[0] / 10
+    mixed = [simulate(plan, manifest, {"high": h, "low": 4}).makespan for h in (0, 1, 2, 4, 8)]
+    assert all(b <= a + 1e-6 for a, b in zip(mixed, mixed[1:], strict=False)), mixed
+
+
+def test_farm_policy_beats_fifo_on_a_mixed_cluster():
+    manifest = storyboard(120, chained_every=5)  # a fifth of the shots continue the previous one
+    plan = build_plan(manifest, 25)
+    cluster = {"high": 4, "mid": 8, "low": 4}
+    started = time.perf_counter()
+    farm = simulate(plan, manifest, cluster)
+    elapsed = time.perf_counter() - started
+    fifo = simulate(plan, manifest, cluster, policy=assign_fifo)
+    message = (f"farm policy: makespan {farm.makespan:.0f}s ratio {farm.ratio:.3f}; "
+               f"fifo: makespan {fifo.makespan:.0f}s ratio {fifo.ratio:.3f}; lower bound {farm.lower_bound:.0f}s")
+    assert farm.makespan <= fifo.makespan, message
+    assert farm.ratio < 1.15, message
+    assert elapsed < 2.0  # milliseconds in practice: no sleeping
+    assert set(farm.busy) >= {"high-0", "high-3", "mid-7", "low-3"}
+
+
+def test_policy_sees_what_the_director_shows():
+    manifest = storyboard(3)
+    plan = build_plan(manifest, 25)
+    seen = []
+
+    def spy(ready, workers):
+        seen.append((ready, workers))
+        return assign_fifo(ready, workers)
+
+    simulate(plan, manifest, {"high": 1, "low": 1}, policy=spy, model_keys={"keyframe": "sdxl:x", "video": "svd:y"})
+    first_ready, first_workers = seen[0]
+    assert [w.id for w in first_workers] == ["high-0", "low-0"] and all(w.idle for w in first_workers)
+    assert {s.model for s in first_ready} == {"sdxl:x"}
+    assert [s.seq for s in first_ready] == sorted(s.seq for s in first_ready)
+    assert all(s.rank > 0 for s in first_ready)
+    assert any(w.models == frozenset({"sdxl:x", "svd:y"}) for _, ws in seen for w in ws)
+
+
+def test_bad_policy_is_refused():
+    manifest = storyboard(2)
+    plan = build_plan(manifest, 25)
+    with pytest.raises(ValueError, match="not a ready stage"):
+        simulate(plan, manifest, {"mid": 1}, policy=lambda ready, workers: [("merge", "mid-0")])
+    with pytest.raises(RuntimeError, match="stalled"):
+        simulate(plan, manifest, {"mid": 1}, policy=lambda ready, workers: [])
+
+
+def test_assign_fifo_ignores_tier_and_residency():
+    from farm.schedule import ReadyStage, WorkerView
+
+    workers = [WorkerView("high", "high", frozenset({"svd"})), WorkerView("low", "low", frozenset()),
+               WorkerView("busy", "high", frozenset(), idle=False)]
+    ready = [ReadyStage("b", "svd", seq=1, rank=100), ReadyStage("a", "svd", seq=0)]
+    assert assign_fifo(ready, workers) == [("a", "high"), ("b", "low")]
+    assert assign_fifo([ReadyStage("c", "svd", seq=1)], workers) == [("c", "low")]  # round-robin by seq
+
+
+def test_simulate_file_reports_makespan(tmp_path):
+    manifest = write_manifest(tmp_path, base_manifest())
+    cluster = write_yaml(tmp_path / "cluster.yaml", {"tiers": {"high": 1, "mid": 2}})
+    text = simulate_file(str(manifest), str(cluster))
+    assert "makespan" in text and "lower bound" in text
+    assert "high" in text and "mid" in text and "low" not in text.split("makespan")[0]
+
+
+# --- calibration ------------------------------------------------------------------------------
+
+
+def test_calibrate_recovers_per_tier_costs():
+    truth = {"high": (0.05, 0.07), "low": (0.3, 0.4)}
+    stages = {"keyframe:a": ("keyframe", 30, 1), "keyframe:b": ("keyframe", 50, 1),
+              "video:a:0": ("video", 60, 25), "video:b:0": ("video", 50, 14), "clip:a": ("clip", 0, 25)}
+    rows = []
+    for tier, (kf, vf) in truth.items():
+        for sid, (kind, steps, frames) in stages.items():
+            if kind == "clip":
+                rows.append({"stage": sid, "tier": "cpu", "seconds": 3.0, "outcome": "succeeded", "cache_hit": False})
+                continue
+            seconds = steps * kf if kind == "keyframe" else steps * frames * vf
+            rows.append({"stage": sid, "tier": tier, "seconds": seconds, "outcome": "succeeded", "cache_hit": False})
+        # Noise the fit must ignore: a failure, a cache hit, and a first stage that paid a model load.
+        rows.append({"stage": "video:a:0", "tier": tier, "seconds": 999.0, "outcome": "failed", "cache_hit": False})
+        rows.append({"stage": "video:a:0", "tier": tier, "seconds": 0.01, "outcome": "succeeded", "cache_hit": True})
+        rows.append({"stage": "keyframe:a", "tier": tier, "seconds": 30 * kf, "outcome": "succeeded",
+                     "cache_hit": False})
+    rows.append({"stage": "keyframe:b", "tier": "high", "seconds": 50 * 0.05 + 40.0, "outcome": "succeeded",
+                 "cache_hit": False})
+    fitted = calibrate(rows, stages)
+    for tier, (kf, vf) in truth.items():
+        assert fitted[tier].keyframe_step_s == pytest.approx(kf)
+        assert fitted[tier].video_frame_step_s == pytest.approx(vf)
+        assert fitted[tier].load_s == DEFAULT_COSTS[tier].load_s
+    assert fitted["mid"] == DEFAULT_COSTS["mid"] and fitted["cpu"] == DEFAULT_COSTS["cpu"]
+
+
+# --- simulated worker ---------------------------------------------------------------------------
+
+
+def video_request(tier="mid"):
+    return {"model": resolve_model("video", "tiny"), "knobs": memory_knobs(tier), "preset": f"{tier}/chunk8",
+            "params": {"width": 32, "height": 24, "num_frames": 8, "num_inference_steps": 4,
+                       "decode_chunk_size": 3, "seed": 11},
+            "drop": 1, "kept": 7}
+
+
+def test_sim_worker_video_sleeps_cost_times_scale_and_returns_frames():
+    costs = {**DEFAULT_COSTS, "mid": TierCost(keyframe_step_s=0.5, video_frame_step_s=0.25, load_s=5.0)}
+    worker = SimWorker("sim-0", "mid", costs=costs, time_scale=0.01)
+    image = np.full((24, 32, 3), 77, dtype=np.uint8)
+    cost = 4 * 8 * 0.25 * 0.01  # steps x frames x video_frame_step_s x time_scale = 0.08 s
+    load = 5.0 * 0.01
+
+    started = time.perf_counter()
+    kept, last, report = worker.video(video_request(), image)
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    worker.video(video_request(), image)
+    second = time.perf_counter() - started
+
+    assert cost + load <= first < cost + load + 0.5
+    assert cost <= second < cost + 0.5 and second < first
+    assert kept.shape == (7, 24, 32, 3) and kept.dtype == np.uint8
+    assert last.shape == (24, 32, 3) and last.dtype == np.uint8
+    assert set(report) == {"worker", "tier", "device", "preset", "knobs", "observed", "wall_seconds",
+                           "input_sha", "output_sha"}
+    assert report["input_sha"] == array_hash(image) and report["output_sha"] == array_hash(last)
+    assert report["observed"]["steps"] == 4 and report["observed"]["decode_chunk_max"] == 3
+    assert report["observed"]["decode_calls"] == 3 and report["observed"]["peak_vram_bytes"] is None
+    assert report["device"] == "sim" and report["tier"] == "mid" and report["knobs"]["vae_slicing"] is True
+    again, _, _ = SimWorker("sim-1", "mid", costs=costs, time_scale=0).video(video_request(), image)
+    assert np.array_equal(kept, again)  # deterministic
+
+
+def test_sim_worker_keyframe_warm_and_info():
+    worker = SimWorker("sim-k", "high", time_scale=0)
+    spec = resolve_model("keyframe", "tiny")
+    assert worker.warm([spec], memory_knobs("high")) == ["tiny"]
+    req = {"model": spec, "knobs": memory_knobs("high"), "preset": "high", "lora": None, "vae": None,
+           "params": {"width": 40, "height": 16, "num_inference_steps": 3, "seed": 5}}
+    image, report = worker.keyframe(req)
+    assert image.shape == (16, 40, 3) and image.dtype == np.uint8
+    assert report["output_sha"] == array_hash(image) and report["observed"]["steps"] == 3
+    info = worker.info()
+    assert set(info) == {"id", "node", "tier", "device", "gpu", "vram_total", "vram_used", "utilization",
+                         "loaded_models", "stages_run", "pid"}
+    assert info["stages_run"] == 1 and info["tier"] == "high" and info["loaded_models"] == ["tiny"]
+    with pytest.raises(ValueError, match="tier"):
+        SimWorker("x", "giant")
+
+
+def test_sim_worker_run_chains_through_the_artifact_cache(tmp_path):
+    worker = SimWorker("sim-r", "low", time_scale=0)
+    base = {"cache_dir": str(tmp_path), "preset": "low", "knobs": memory_knobs("low")}
+    kf = worker.run({**base, "stage": "j/keyframe:a", "kind": "keyframe", "model": resolve_model("keyframe", "tiny"),
+                     "params": {"width": 32, "height": 24, "num_inference_steps": 2, "seed": 9}, "output_key": "k1"})
+    video = worker.run({**video_request("low"), **base, "stage": "j/video:a:0", "kind": "video",
+                        "input_key": "k1", "output_key": "v1"})
+    cache = ArtifactCache(tmp_path)
+    image, out = cache.get_arrays("k1")["last"], cache.get_arrays("v1")
+    assert image.shape == (24, 32, 3) and out["frames"].shape == (7, 24, 32, 3)
+    assert kf["output_sha"] == array_hash(image) == video["input_sha"]
+    assert video["output_sha"] == array_hash(out["last"])
+    assert worker.info()["stages_run"] == 2 and video["tier"] == "low"
+
+
+def test_sim_worker_cancel_and_faults(tmp_path):
+    worker = SimWorker("sim-c", "mid", costs={"mid": TierCost(1.0, 1.0, 0.0)}, time_scale=1.0)
+    req = {**video_request(), "stage": "j/video:a:0", "kind": "video", "cache_dir": str(tmp_path),
+           "input_key": "in", "output_key": "out"}
+    ArtifactCache(tmp_path).put_arrays("in", last=np.zeros((24, 32, 3), np.uint8))
+    threading.Timer(0.1, worker.cancel, args=("j/video:a:0",)).start()
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match="cancelled") as info:
+        worker.run(req)  # 32 simulated seconds, cancelled after 0.1
+    assert type(info.value).__name__ == "StageCancelled" and time.perf_counter() - started < 2.0
+    worker.set_faults([{"match": "j/video:*", "kind": "error", "times": 1}])
+    with pytest.raises(RuntimeError, match="injected fault"):
+        worker.run(req)
+    worker.time_scale = 0
+    assert worker.run(req)["output_sha"]  # the fault fired once; the retry succeeds
