@@ -39,6 +39,7 @@ from farm.worker import OutOfMemory
 
 log = logging.getLogger("farm.director")
 DIRECTOR_NAME = "farm-director"
+HEAD = {"node:__internal_head__": 0.001}  # Ray's marker resource of the head node
 NAMESPACE = "farm"
 
 
@@ -147,18 +148,23 @@ class Director:
         self.ready_since: dict[tuple[str, str], float] = {}
         self._last_reconcile = 0.0
         self._faults: dict[str, list[dict[str, Any]]] = {}
-        from actors.encoder import EncoderActor
 
         self.assign_fn = assign_fn
-        gpu = bool(ray.cluster_resources().get("GPU"))
-        if encoder_backend is None:
-            self.encoder = EncoderActor.remote(str(self.cache.root), yield_cpu=not gpu)
-        else:
-            cls = ray.remote(num_cpus=0, max_concurrency=2)(encoder_backend)
-            self.encoder = cls.remote(str(self.cache.root), **(encoder_args or {}))
+        self._encoder_spec = (encoder_backend, encoder_args)
+        self.encoder = self._start_encoder()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="director", daemon=True)
         self._thread.start()
+
+    def _start_encoder(self) -> Any:
+        """The CPU encoder, on the head node beside the director (GPU nodes come and go)."""
+        from actors.encoder import EncoderActor
+
+        backend, args = self._encoder_spec
+        cls = EncoderActor if backend is None else ray.remote(num_cpus=0, max_concurrency=2)(backend)
+        if backend is None:
+            args = {"yield_cpu": not ray.cluster_resources().get("GPU")}
+        return cls.options(resources=HEAD).remote(str(self.cache.root), **(args or {}))
 
     # --- API (called from other processes) ----------------------------------------------------
 
@@ -272,6 +278,10 @@ class Director:
 
     def ping(self) -> bool:
         return True
+
+    def attempts(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's ledger so far: one row per stage attempt."""
+        return self.store.attempts(job_id)
 
     def encoder_handle(self) -> Any:
         return self.encoder
@@ -581,6 +591,10 @@ class Director:
         if run.state not in ACTIVE or isinstance(exc, TaskCancelledError) or "StageCancelled" in str(exc):
             self._ledger(run, flight, "cancelled", error="job cancelled")
             return
+        if isinstance(exc, RayActorError) and flight.worker is None:
+            self.encoder = self._start_encoder()  # the encoder died: a new one, and the stage runs again
+            self._ledger(run, flight, "worker_lost", error=_short(exc))
+            return
         if isinstance(exc, RayActorError) and flight.worker:
             # The worker died (process crash, node gone): requeue without spending an attempt.
             self._drop_worker(flight.worker, requeue=False)
@@ -710,7 +724,7 @@ DirectorActor = ray.remote(max_restarts=-1, max_concurrency=16, num_cpus=0)(Dire
 def get_director(pool: PoolConfig | None = None, *, name: str = DIRECTOR_NAME, **kwargs: Any) -> Any:
     """The cluster's director, created on first use. Detached and restartable: it outlives the
     client that created it, and Ray restarts it (it reloads its state from SQLite) if it dies."""
-    return DirectorActor.options(name=name, namespace=NAMESPACE, lifetime="detached",
-                                 get_if_exists=True).remote(pool, **kwargs)
+    return DirectorActor.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                                 resources=HEAD).remote(pool, **kwargs)
 
 

@@ -1,0 +1,52 @@
+"""Three-node cluster, one node per VRAM tier; a node is removed mid-render. Prints a JSON report.
+
+Run by tests/test_multinode.py in its own process: a ray.cluster_utils.Cluster cannot share a
+process with the test session's local Ray."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from actors.director import Policy, get_director
+from farm.pool import PoolConfig
+
+
+def main(root: Path) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = {t: cluster.add_node(num_cpus=1, resources={f"farm_tier_{t}": 1}) for t in ("high", "mid", "low")}
+    ray.init(address=cluster.address, log_to_driver=False)
+    director = get_director(PoolConfig(), name="multinode", store_path=str(root / "farm.sqlite"),
+                            cache_dir=str(root / "cache"), policy=Policy(backoff_s=0.05, reconcile_s=0.5), threads=1)
+    deadline = time.time() + 180
+    while len(ray.get(director.workers_info.remote())) < 3:
+        assert time.time() < deadline, "workers did not start"
+        time.sleep(0.5)
+    before = {w["id"]: w["tier"] for w in ray.get(director.workers_info.remote())}
+    shots = [{"id": f"m{i}", "prompt": f"shot {i}", "duration": 1.0, "steps": {"video": 12}} for i in range(8)]
+    data = {"version": 1, "title": "multinode", "seed": 5, "models": {"keyframe": "tiny", "video": "tiny"},
+            "output": {"fps": 8, "resolution": "64x64", "preset": "ultrafast"}, "steps": {"keyframe": 2},
+            "shots": shots}
+    job = ray.get(director.submit.remote(data, str(root), str(root / "out"), options={"models": "tiny"}))
+    removed_at = None
+    while (status := ray.get(director.status.remote(job["id"])))["state"] in ("queued", "running"):
+        if removed_at is None and status["progress"] >= 0.3:
+            cluster.remove_node(nodes["mid"])
+            removed_at = time.time()
+        assert time.time() < deadline + 300, "job did not finish"
+        time.sleep(0.1)
+    after = {w["id"]: w["tier"] for w in ray.get(director.workers_info.remote())}
+    attempts = [dict(r) for r in ray.get(director.attempts.remote(job["id"]))]
+    print(json.dumps({"state": status["state"], "error": status["error"], "before": before, "after": after,
+                      "removed_at": removed_at, "attempts": attempts}))
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
