@@ -62,6 +62,7 @@ class WorkerSlot:
     models: set[str] = field(default_factory=set)
     busy: str | None = None  # "job/stage" it runs
     failures: int = 0
+    freed_at: float = 0.0  # monotonic time its last stage's result arrived
 
 
 @dataclass
@@ -144,7 +145,7 @@ class Director:
         self.quarantined: set[str] = set()
         self.jobs: dict[str, JobRun] = {}
         self.inflight: dict[Any, Flight] = {}
-        self.dispatch_latency: list[float] = []  # seconds from a stage becoming ready to its dispatch
+        self.dispatch_latency: list[float] = []  # seconds from ready stage + free worker to dispatch
         self.ready_since: dict[tuple[str, str], float] = {}
         self._last_reconcile = 0.0
         self._faults: dict[str, list[dict[str, Any]]] = {}
@@ -486,7 +487,8 @@ class Director:
         run.running[stage.id] = slot.id
         since = self.ready_since.pop((run.id, stage.id), None)
         if since is not None:
-            self.dispatch_latency.append(time.monotonic() - since)
+            # The scheduler's own delay: from the later of "stage ready" and "worker free" to dispatch.
+            self.dispatch_latency.append(time.monotonic() - max(since, slot.freed_at))
         self.inflight[ref] = Flight(run.id, stage, slot.id, time.time(), key,
                                     {"params": req["params"], "preset": label, "tier": slot.tier})
         self._start_running(run)
@@ -537,6 +539,7 @@ class Director:
         slot = self.workers.get(flight.worker) if flight.worker else None
         if slot is not None:
             slot.busy = None
+            slot.freed_at = time.monotonic()
         if run is not None:
             run.running.pop(flight.stage.id, None)
         try:

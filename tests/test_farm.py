@@ -224,6 +224,21 @@ def test_director_restart_resumes_without_redoing_finished_stages(farm):
     assert set(ran) | {r["stage"] for r in hits} >= {"merge", "clip:r0", "clip:r3"}
 
 
+def test_worker_failing_repeatedly_leaves_rotation(farm):
+    ray, director, _ = farm
+    workers = ray.get(director.workers_info.remote())
+    bad = workers[0]["id"]
+    ray.get(director.set_faults.remote(bad, [{"match": "*", "kind": "error", "times": 1000}]))
+    shots = [{"id": f"q{i}", "prompt": f"quarantine {i}", "duration": 0.5} for i in range(4)]
+    job, out = submit(farm, story(seed=111, shots=shots), "quarantine")
+    assert wait_state(ray, director, job["id"])["state"] == "succeeded"
+    assert bad in ray.get(director.stats.remote())["quarantined"]
+    assert bad not in {w["id"] for w in ray.get(director.workers_info.remote())}
+    failed = [r for r in ledger(out) if r["outcome"] == "failed"]
+    assert failed and {r["worker"] for r in failed} == {bad} and len(failed) <= 3
+    ray.get(director.set_faults.remote(bad, []))
+
+
 def test_chaos_killed_workers_do_not_change_the_film(farm):
     """Kill worker processes at random during a render: every shot completes, and the frames equal
     those of an undisturbed render with the same seeds."""
