@@ -35,6 +35,7 @@ from farm.pool import PoolConfig, Slot, desired_slots
 from farm.presets import VideoPreset, base_preset, memory_knobs, next_lower_preset
 from farm.schedule import ReadyStage, WorkerView, assign
 from farm.store import ACTIVE, JobRow, Store
+from farm.webhook import deliver
 from farm.worker import OutOfMemory
 
 log = logging.getLogger("farm.director")
@@ -169,14 +170,18 @@ class Director:
 
     # --- API (called from other processes) ----------------------------------------------------
 
-    def submit(self, manifest: dict[str, Any], root: str, out_dir: str, *, options: dict[str, Any] | None = None,
-               priority: int = 0, idempotency_key: str | None = None, webhook: str | None = None) -> dict[str, Any]:
-        """Validate and queue a job. Raises ManifestError (with field paths) for bad input."""
+    def submit(self, manifest: dict[str, Any], root: str, out_dir: str | None = None, *,
+               options: dict[str, Any] | None = None, priority: int = 0, idempotency_key: str | None = None,
+               webhook: str | None = None) -> dict[str, Any]:
+        """Validate and queue a job. Raises ManifestError (with field paths) for bad input. Without an
+        `out_dir` the outputs go to <state dir>/outputs/<job id>."""
         validated = validate_data(manifest, Path(root))
         self._specs(validated, Path(root), (options or {}).get("models"))  # refuse bad models now
-        row, _ = self.store.add_job(uuid.uuid4().hex[:12], validated.title, validated.model_dump(mode="json"), root,
-                                    out_dir, priority=priority, options=options or {},
-                                    idempotency_key=idempotency_key, webhook=webhook)
+        job_id = uuid.uuid4().hex[:12]
+        out = out_dir or str(Path(self.store.path).parent / "outputs" / job_id)
+        row, _ = self.store.add_job(job_id, validated.title, validated.model_dump(mode="json"), root, out,
+                                    priority=priority, options=options or {}, idempotency_key=idempotency_key,
+                                    webhook=webhook or validated.webhook)
         return self.status(row.id)
 
     def status(self, job_id: str) -> dict[str, Any]:
@@ -277,6 +282,23 @@ class Director:
         return {"dispatches": len(lat), "dispatch_latency_p50": pick(0.5), "dispatch_latency_p99": pick(0.99),
                 "workers": len(self.workers), "quarantined": sorted(self.quarantined)}
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Plain data for /metrics (farm.metrics turns it into Prometheus text)."""
+        with self.lock:
+            queue: dict[str, int] = {}
+            for run in self.jobs.values():
+                if run.state in ACTIVE:
+                    for stage in run.plan.ready(run.done, set(run.running)):
+                        queue[stage.kind] = queue.get(stage.kind, 0) + 1
+            workers = [{"id": w.id, "tier": w.tier, "state": "busy" if w.busy else "idle"}
+                       for w in self.workers.values()]
+            quarantined = sorted(self.quarantined)
+        return {"jobs": self.store.job_counts(), "attempts": self.store.attempt_summary(), "queue": queue,
+                "workers": workers, "quarantined": quarantined}
+
+    def metrics_data(self) -> tuple[dict[str, Any], list[tuple[str, str, float]], list[dict[str, Any]]]:
+        return self.metrics_snapshot(), self.store.attempt_seconds(), self.workers_info()
+
     def ping(self) -> bool:
         return True
 
@@ -329,11 +351,12 @@ class Director:
                 self._drop_worker(wid, requeue=True)
         from actors.worker import start_worker
 
+        cpu_slots = [s for s in wanted.values() if not s.gpu]
         for wid, slot in wanted.items():
             if wid in self.workers or wid in self.quarantined:
                 continue
-            handle = start_worker(wid, slot.tier, gpu=slot.gpu, threads=self.threads, node_id=slot.node_id,
-                                  backend=self.backend, backend_args=self.backend_args)
+            handle = start_worker(wid, slot.tier, gpu=slot.gpu, threads=self._threads(slot, cpu_slots, nodes),
+                                  node_id=slot.node_id, backend=self.backend, backend_args=self.backend_args)
             try:
                 info = ray.get(handle.info.remote(), timeout=120)
             except (RayActorError, GetTimeoutError):
@@ -342,6 +365,16 @@ class Director:
                 ray.get(handle.set_faults.remote(self._faults[wid]))
             self.workers[wid] = WorkerSlot(wid, handle, info["tier"], slot)
         self._request_resources()
+
+    def _threads(self, slot: Slot, cpu_slots: list[Slot], nodes: list[dict[str, Any]]) -> int | None:
+        """Torch threads for a worker. Ray sets OMP_NUM_THREADS=1 in actors that reserve no CPUs, which
+        leaves a CPU-only worker on one core: CPU workers split their node's cores instead."""
+        if self.threads or slot.gpu:
+            return self.threads
+        cpus = sum(n["Resources"].get("CPU", 0) for n in nodes
+                   if n["Alive"] and (slot.node_id is None or n["NodeID"] == slot.node_id))
+        sharing = [s for s in cpu_slots if s.node_id == slot.node_id]
+        return max(1, int(cpus) // max(1, len(sharing)))
 
     def _request_resources(self) -> None:
         """Tell the autoscaler about GPU work that waits (one bundle per queued GPU stage)."""
@@ -581,7 +614,7 @@ class Director:
                                 "attempt": run.attempts.get(stage.id, 0) + 1, "worker": worker, "tier": tier,
                                 "preset": preset, "start": started, "end": end, "seconds": end - started,
                                 "peak_vram_bytes": peak, "outcome": "succeeded", "cache_hit": int(cache_hit),
-                                "error": None})
+                                "error": None, "frames": frames})
         if stage.kind == "keyframe" and stage.shot is not None:
             params = {**record.get("params", {}), "model": run.specs["keyframe"].source}
             run.side.append(self.encoder.write_keyframe.remote(str(run.layout.keyframe(stage.shot)), params, key))
@@ -685,6 +718,11 @@ class Director:
 
     def _event(self, run: JobRun, event: dict[str, Any]) -> None:
         run.events.append({"job": run.id, "time": time.time(), **event})
+        if event["type"] == "job_finished" and run.row.webhook:
+            payload = {"id": run.id, "title": run.row.title, "state": event["state"], "error": event.get("error"),
+                       "out_dir": run.row.out_dir}
+            # Its own thread: a slow or dead receiver must never stall dispatch.
+            threading.Thread(target=deliver, args=(run.row.webhook, payload), daemon=True).start()
 
     def _tier_of(self, worker: str | None) -> str | None:
         if worker == "encoder":

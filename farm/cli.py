@@ -100,6 +100,104 @@ def cmd_render(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import signal as signals
+
+    token = os.environ.get("FARM_API_TOKEN")
+    if not is_loopback(args.host) and not token:
+        print(f"error: refusing to listen on {args.host} without FARM_API_TOKEN (anyone could submit jobs)",
+              file=sys.stderr)
+        return EXIT_INVALID
+    import ray
+    from ray import serve
+
+    from deployments.app import FarmAPI, Settings
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS set: join that cluster; otherwise a local one.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    settings = Settings.from_env(models=args.models, tier=args.tier, workers=args.workers)
+    serve.run(FarmAPI.bind(settings), name="farm", route_prefix="/")
+    print(f"farm API on http://{args.host}:{args.port} (OpenAPI at /openapi.json); Ctrl-C stops it", flush=True)
+    signals.sigwait({signals.SIGINT, signals.SIGTERM})
+    serve.shutdown()
+    return EXIT_OK
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from farm.client import Client
+
+    return Client(args.server, args.token)
+
+
+def _client_call(fn: Any) -> int:
+    from farm.client import ApiError
+
+    try:
+        out = fn()
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID if exc.status == 422 else EXIT_FAILED
+    except OSError as exc:
+        print(f"error: cannot reach the farm: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if out is not None:
+        print(json.dumps(out, indent=2))
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    client = _client(args)
+    text = Path(args.file).read_text()
+
+    def run() -> Any:
+        job = client.submit(text, priority=args.priority, idempotency_key=args.idempotency_key)
+        if not args.wait:
+            return job
+        from farm.progress import ProgressBars
+
+        bars = ProgressBars(not args.quiet)
+        for event in client.events(job["id"]):
+            bars(event)
+        bars.close()
+        return client.status(job["id"])
+
+    return _client_call(run)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _client(args)
+    return _client_call(lambda: client.status(args.job) if args.job else client.jobs())
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    client = _client(args)
+    return _client_call(lambda: client.cancel(args.job))
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    client = _client(args)
+    return _client_call(lambda: {"wrote": str(client.fetch(args.job, Path(args.output)))})
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    client = _client(args)
+    return _client_call(client.workers)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "-".join(str(v) for v in value)
@@ -152,6 +250,39 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--priority", type=int, default=0, help="higher runs first when jobs share the farm")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_render)
+    s = sub.add_parser("serve", help="run the HTTP API (Ray Serve) on this machine's Ray or RAY_ADDRESS")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--models", choices=["tiny"], default=None, help="render every job with tiny models")
+    s.add_argument("--tier", choices=["auto", "high", "mid", "low", "cpu"], default="auto")
+    s.add_argument("--workers", type=int, default=None)
+    s.set_defaults(func=cmd_serve)
+
+    def remote(name: str, help_text: str) -> argparse.ArgumentParser:
+        r = sub.add_parser(name, help=help_text)
+        r.add_argument("--server", default=None, help="farm URL (default $FARM_SERVER or http://127.0.0.1:8000)")
+        r.add_argument("--token", default=None, help="API token (default $FARM_API_TOKEN)")
+        return r
+
+    s = remote("submit", "submit a storyboard to a running farm")
+    s.add_argument("file")
+    s.add_argument("--priority", type=int, default=0)
+    s.add_argument("--idempotency-key", default=None, help="the same key returns the same job instead of a new one")
+    s.add_argument("--wait", action="store_true", help="follow the job's events with progress bars")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_submit)
+    s = remote("status", "a job's state and per-shot progress (all jobs without JOB)")
+    s.add_argument("job", nargs="?")
+    s.set_defaults(func=cmd_status)
+    s = remote("cancel", "cancel a job: running stages stop, nothing more starts")
+    s.add_argument("job")
+    s.set_defaults(func=cmd_cancel)
+    s = remote("fetch", "download a finished job's film")
+    s.add_argument("job")
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=cmd_fetch)
+    s = remote("workers", "the farm's workers: node, GPU, VRAM, tier, state, loaded models")
+    s.set_defaults(func=cmd_workers)
     return p
 
 

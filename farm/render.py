@@ -86,7 +86,6 @@ def local_director(pool: PoolConfig) -> Any:
 def follow(director: Any, job_id: str, bars: ProgressBars, poll_s: float = 0.2) -> str:
     """Feed the director's events to the progress bars until the job ends; returns its final state."""
     import ray
-
     from ray.exceptions import ActorUnavailableError
 
     since = 0

@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS stages (
 CREATE TABLE IF NOT EXISTS attempts (
     job TEXT NOT NULL, shot TEXT, stage TEXT NOT NULL, attempt INTEGER NOT NULL, worker TEXT, tier TEXT,
     preset TEXT, start REAL NOT NULL, "end" REAL NOT NULL, seconds REAL NOT NULL, peak_vram_bytes INTEGER,
-    outcome TEXT NOT NULL, cache_hit INTEGER NOT NULL, error TEXT
+    outcome TEXT NOT NULL, cache_hit INTEGER NOT NULL, error TEXT, frames INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts(job);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, priority);
@@ -177,10 +177,31 @@ class Store:
 
     def add_attempt(self, row: dict[str, Any]) -> None:
         cols = ("job", "shot", "stage", "attempt", "worker", "tier", "preset", "start", "end", "seconds",
-                "peak_vram_bytes", "outcome", "cache_hit", "error")
+                "peak_vram_bytes", "outcome", "cache_hit", "error", "frames")
         with self.tx() as db:
             db.execute(f"INSERT INTO attempts ({', '.join(repr(c) if c == 'end' else c for c in cols)}) "
-                       f"VALUES ({', '.join('?' * len(cols))})", tuple(row.get(c) for c in cols))
+                       f"VALUES ({', '.join('?' * len(cols))})", tuple(row.get(c, 0 if c == "frames" else None)
+                                                                      for c in cols))
+
+    def job_counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+        return {state: 0 for state in JOB_STATES} | {r[0]: r[1] for r in rows}
+
+    def attempt_summary(self) -> list[dict[str, Any]]:
+        """Stage attempts grouped for metrics: kind, tier, outcome, cache hit, count, seconds."""
+        query = ("SELECT substr(stage, 1, instr(stage || ':', ':') - 1) AS kind, tier, outcome, cache_hit, "
+                 "count(*) AS n, sum(seconds) AS seconds, sum(frames) AS frames FROM attempts "
+                 "GROUP BY kind, tier, outcome, cache_hit")
+        with self._lock:
+            return [dict(r) for r in self._db.execute(query).fetchall()]
+
+    def attempt_seconds(self) -> list[tuple[str, str, float]]:
+        """(kind, tier, seconds) of every executed, successful attempt: the stage latency histogram."""
+        query = ("SELECT substr(stage, 1, instr(stage || ':', ':') - 1), tier, seconds FROM attempts "
+                 "WHERE outcome='succeeded' AND cache_hit=0")
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(query).fetchall()]
 
     def attempts(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:

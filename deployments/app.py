@@ -1,0 +1,240 @@
+"""The farm's HTTP API: a Ray Serve application with a FastAPI ingress in front of the director.
+
+Routes and shapes follow DESIGN.md's "HTTP API contract"; the OpenAPI document at /openapi.json is
+generated from this file. Request checks (auth, size, limits, paths) happen here, before anything
+reaches the director; the director validates again, so no client can skip a rule.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads these annotations at runtime, and Serve's
+# ingress wrapper loses the module globals it would need to resolve string annotations.
+import asyncio
+import hmac
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from ray import serve
+
+from farm import __version__
+from farm.manifest import FieldError, Manifest, ManifestError, parse_text, validate_data
+from farm.paths import state_dir
+
+ACTIVE = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-job limits: a shared farm refuses work no single job should be allowed to take."""
+
+    max_body_bytes: int = 1 << 20
+    max_shots: int = 500
+    max_frames: int = 36_000  # 40 minutes at 15 fps
+    max_side: int = 2048
+    max_steps: int = 150
+
+
+@dataclass(frozen=True)
+class Settings:
+    token: str | None = None
+    root: str = field(default_factory=lambda: str(state_dir() / "inputs"))  # where manifest paths may point
+    limits: Limits = Limits()
+    director_name: str = "farm-director"
+    tier: str = "auto"
+    workers: int | None = None
+    models: str | None = None  # "tiny": every job renders with tiny models (demo and tests)
+
+    @classmethod
+    def from_env(cls, **over: Any) -> "Settings":
+        limits = Limits(max_body_bytes=int(os.environ.get("FARM_MAX_BODY_BYTES", Limits.max_body_bytes)))
+        base = {"token": os.environ.get("FARM_API_TOKEN") or None, "limits": limits}
+        if os.environ.get("FARM_ALLOWED_ROOT"):
+            base["root"] = os.environ["FARM_ALLOWED_ROOT"]
+        return cls(**(base | over))
+
+
+def limit_errors(manifest: Manifest, limits: Limits) -> list[FieldError]:
+    from farm.plan import output_fps, shot_frames
+
+    errors = []
+    if len(manifest.shots) > limits.max_shots:
+        errors.append(FieldError(("shots",), f"at most {limits.max_shots} shots per job"))
+    fps = output_fps(manifest)
+    frames = sum(shot_frames(s.duration, fps) for s in manifest.shots)
+    if frames > limits.max_frames:
+        errors.append(FieldError(("shots",), f"{frames} frames in all; at most {limits.max_frames} per job"))
+    for name in ("resolution", "final_resolution"):
+        size = getattr(manifest.output, "size" if name == "resolution" else "final_size")
+        if size and max(size) > limits.max_side:
+            errors.append(FieldError(("output", name), f"sides of at most {limits.max_side} px"))
+    for role in ("keyframe", "video"):
+        if (getattr(manifest.steps, role) or 0) > limits.max_steps:
+            errors.append(FieldError(("steps", role), f"at most {limits.max_steps} steps"))
+    for i, shot in enumerate(manifest.shots):
+        for role in ("keyframe", "video"):
+            if shot.steps and (getattr(shot.steps, role) or 0) > limits.max_steps:
+                errors.append(FieldError(("shots", i, "steps", role), f"at most {limits.max_steps} steps"))
+    return errors
+
+
+def model_path_errors(manifest: Manifest, root: Path, override: str | None) -> list[FieldError]:
+    """Local model folders/files named over HTTP must sit inside the allowed root too."""
+    from farm.models import ModelError
+    from farm.render import resolve_models
+
+    try:
+        specs = resolve_models(manifest, root, override)
+    except ModelError as exc:
+        return [FieldError(("models",), str(exc))]
+    errors = []
+    for role, spec in specs.items():
+        if spec.kind in ("dir", "file"):
+            location = Path(spec.location).resolve()
+            if location != root.resolve() and root.resolve() not in location.parents:
+                errors.append(FieldError(("models", role), "local model paths must be inside the farm's input root"))
+    return errors
+
+
+def unprocessable(errors: list[FieldError]) -> JSONResponse:
+    return JSONResponse(status_code=422, content=[{"loc": list(e.loc), "msg": e.msg} for e in errors])
+
+
+app = FastAPI(title="farm", version=__version__,
+              description="Submit storyboards to a Ray render farm for AI video and follow them to a film.")
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # One error shape for the whole API: [{"loc": [...], "msg": ...}].
+    return JSONResponse(status_code=422, content=[{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()])
+
+
+def bearer(request: Request, authorization: str | None = Header(default=None)) -> None:
+    token = request.app.state.settings.token
+    if token is None:
+        return  # `farm serve` refuses to listen beyond loopback without a token
+    given = authorization[7:] if authorization and authorization.startswith("Bearer ") else ""
+    if not hmac.compare_digest(given.encode(), token.encode()):  # constant time: no token guessing by timing
+        raise HTTPException(status_code=401, detail="missing or wrong bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}})
+@serve.ingress(app)
+class FarmAPI:
+    def __init__(self, settings: Settings | None = None) -> None:
+        from actors.director import get_director
+        from farm.pool import PoolConfig
+
+        self.settings = settings or Settings.from_env()
+        app.state.settings = self.settings
+        Path(self.settings.root).mkdir(parents=True, exist_ok=True)
+        self.director = get_director(PoolConfig(self.settings.tier, self.settings.workers),
+                                     name=self.settings.director_name)
+
+    async def _status(self, job_id: str) -> dict[str, Any]:
+        try:
+            return await self.director.status.remote(job_id)
+        except KeyError:
+            raise HTTPException(status_code=404, detail=f"no job {job_id}") from None
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.post("/v1/jobs", status_code=202, dependencies=[Depends(bearer)],
+              responses={413: {"description": "body too large"}, 422: {"description": "invalid manifest"}})
+    async def submit(self, request: Request, priority: int = Query(0, ge=-100, le=100),
+                     idempotency_key: str | None = Header(default=None, max_length=200)) -> Any:
+        """Queue a storyboard: the manifest as JSON or YAML in the body."""
+        limits = self.settings.limits
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise HTTPException(status_code=413, detail=f"body over {limits.max_body_bytes} bytes")
+        body = await request.body()
+        if len(body) > limits.max_body_bytes:
+            raise HTTPException(status_code=413, detail=f"body over {limits.max_body_bytes} bytes")
+        root = Path(self.settings.root)
+        try:
+            data = parse_text(body.decode("utf-8", errors="replace"))
+            manifest = validate_data(data, root)
+        except ManifestError as exc:
+            return unprocessable(exc.errors)
+        errors = limit_errors(manifest, limits) + model_path_errors(manifest, root, self.settings.models)
+        if errors:
+            return unprocessable(errors)
+        try:
+            job = await self.director.submit.remote(data, str(root), options={"models": self.settings.models},
+                                                    priority=priority, idempotency_key=idempotency_key)
+        except ManifestError as exc:
+            return unprocessable(exc.errors)
+        return JSONResponse(status_code=202, content=job)
+
+    @app.get("/v1/jobs", dependencies=[Depends(bearer)])
+    async def list_jobs(self) -> list[dict[str, Any]]:
+        return await self.director.list_jobs.remote()
+
+    @app.get("/v1/jobs/{job_id}", dependencies=[Depends(bearer)])
+    async def job(self, job_id: str) -> dict[str, Any]:
+        return await self._status(job_id)
+
+    @app.delete("/v1/jobs/{job_id}", dependencies=[Depends(bearer)])
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        await self._status(job_id)
+        return await self.director.cancel.remote(job_id)
+
+    @app.get("/v1/jobs/{job_id}/events", dependencies=[Depends(bearer)],
+             responses={200: {"content": {"text/event-stream": {}}}})
+    async def events(self, job_id: str) -> StreamingResponse:
+        """Server-sent events: stage started/finished/failed, job finished. Ends when the job does."""
+        await self._status(job_id)
+
+        async def stream():  # noqa: ANN202
+            since, finished = 0, False
+            while True:
+                events, state = await self.director.events.remote(job_id, since)
+                for i, event in enumerate(events):
+                    finished |= event["type"] == "job_finished"
+                    yield f"id: {since + i}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                since += len(events)
+                if state not in ACTIVE:
+                    if not finished:  # ended before this stream saw its events (or a director restart)
+                        yield f"event: job_finished\ndata: {json.dumps({'job': job_id, 'state': state})}\n\n"
+                    return
+                await asyncio.sleep(0.25)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/jobs/{job_id}/output", dependencies=[Depends(bearer)],
+             responses={200: {"content": {"video/mp4": {}}}, 409: {"description": "not finished"}})
+    async def output(self, job_id: str) -> FileResponse:
+        """The film, with HTTP Range support (players seek without downloading it all)."""
+        status = await self._status(job_id)
+        if status["state"] != "succeeded":
+            raise HTTPException(status_code=409, detail=f"job is {status['state']}")
+        return FileResponse(Path(status["out_dir"]) / "final.mp4", media_type="video/mp4",
+                            filename=f"{job_id}.mp4")
+
+    @app.get("/v1/workers", dependencies=[Depends(bearer)])
+    async def workers(self) -> list[dict[str, Any]]:
+        return await self.director.workers_info.remote()
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(self) -> PlainTextResponse:
+        from farm.metrics import render
+
+        snapshot, seconds, workers = await self.director.metrics_data.remote()
+        return PlainTextResponse(render(snapshot, seconds, workers).decode(),
+                                 media_type="text/plain; version=0.0.4")
+
+
+def build(args: dict[str, Any]) -> Any:
+    """Builder for `serve run`/`serve deploy` (deployments/serve_config.yaml): args override the env."""
+    settings = Settings.from_env(**{k: v for k, v in args.items() if k in ("director_name", "tier", "workers",
+                                                                            "models", "root")})
+    return FarmAPI.bind(settings)

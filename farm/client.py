@@ -1,0 +1,81 @@
+"""A small HTTP client for a running farm (`farm submit/status/cancel/fetch/workers`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from farm.paths import atomic_path
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, body: Any) -> None:
+        self.status, self.body = status, body
+        if status == 422 and isinstance(body, list):
+            text = "\n".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in body)
+        else:
+            text = body.get("detail", body) if isinstance(body, dict) else body
+        super().__init__(f"HTTP {status}: {text}")
+
+
+class Client:
+    def __init__(self, server: str | None = None, token: str | None = None, timeout: float = 30.0) -> None:
+        self.server = (server or os.environ.get("FARM_SERVER") or DEFAULT_SERVER).rstrip("/")
+        token = token or os.environ.get("FARM_API_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
+
+    def _check(self, response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = response.text
+            raise ApiError(response.status_code, body)
+        return response.json()
+
+    def submit(self, manifest_text: str, *, priority: int = 0, idempotency_key: str | None = None) -> dict[str, Any]:
+        headers = {"Content-Type": "application/yaml"}
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        return self._check(self.http.post("/v1/jobs", content=manifest_text.encode(), headers=headers,
+                                          params={"priority": priority}))
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        return self._check(self.http.get(f"/v1/jobs/{job_id}"))
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self._check(self.http.get("/v1/jobs"))
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._check(self.http.delete(f"/v1/jobs/{job_id}"))
+
+    def workers(self) -> list[dict[str, Any]]:
+        return self._check(self.http.get("/v1/workers"))
+
+    def events(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """Server-sent events until the job ends."""
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as response:
+            if response.status_code >= 400:
+                response.read()
+                self._check(response)
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    yield json.loads(line[6:])
+
+    def fetch(self, job_id: str, dest: Path) -> Path:
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/output", timeout=None) as response:
+            if response.status_code >= 400:
+                response.read()
+                self._check(response)
+            with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
+                for chunk in response.iter_bytes():
+                    fh.write(chunk)
+        return dest

@@ -1,0 +1,95 @@
+"""Prometheus text for /metrics, from plain data (the director's snapshot and the ledger).
+
+Names follow DESIGN.md's metrics contract (prefix `farm_`). GPU memory and utilization come from
+the workers' own NVML readings and are absent, not faked, where a worker has no GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+STAGE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+STAGES = ("keyframe", "video", "clip", "merge")
+
+
+class _Snapshot:
+    def __init__(self, snapshot: dict[str, Any], seconds: list[tuple[str, str, float]],
+                 workers: list[dict[str, Any]]) -> None:
+        self.snapshot, self.seconds, self.workers = snapshot, seconds, workers
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        snap = self.snapshot
+        jobs = GaugeMetricFamily("farm_jobs_total", "Jobs by state", labels=["state"])
+        for state, n in snap["jobs"].items():
+            jobs.add_metric([state], n)
+        yield jobs
+
+        stages = CounterMetricFamily("farm_stages", "Stage attempts by kind and outcome",
+                                     labels=["stage", "state"])
+        hits = CounterMetricFamily("farm_cache_hits", "Stages served from the cache",
+                                   labels=["stage"])
+        ooms = CounterMetricFamily("farm_oom_retries", "Stage attempts that ran out of GPU memory", labels=["tier"])
+        frames = CounterMetricFamily("farm_frames_generated", "Video frames generated (cache hits excluded)")
+        by_stage: dict[tuple[str, str], int] = {}
+        by_hit: dict[str, int] = {kind: 0 for kind in STAGES}
+        by_oom: dict[str, int] = {}
+        generated = 0
+        for row in snap["attempts"]:
+            by_stage[(row["kind"], row["outcome"])] = by_stage.get((row["kind"], row["outcome"]), 0) + row["n"]
+            if row["cache_hit"]:
+                by_hit[row["kind"]] = by_hit.get(row["kind"], 0) + row["n"]
+            elif row["kind"] == "video" and row["outcome"] == "succeeded":
+                generated += row["frames"] or 0
+            if row["outcome"] == "oom":
+                by_oom[row["tier"] or "unknown"] = by_oom.get(row["tier"] or "unknown", 0) + row["n"]
+        for (kind, outcome), n in sorted(by_stage.items()):
+            stages.add_metric([kind, outcome], n)
+        for kind, n in sorted(by_hit.items()):
+            hits.add_metric([kind], n)
+        for tier in sorted(set(by_oom) | {w["tier"] for w in snap["workers"]}):
+            ooms.add_metric([tier], by_oom.get(tier, 0))
+        frames.add_metric([], generated)
+        yield from (stages, hits, ooms, frames)
+
+        queue = GaugeMetricFamily("farm_queue_depth", "Stages ready and waiting, by stage kind", labels=["stage"])
+        for kind in STAGES:
+            queue.add_metric([kind], snap["queue"].get(kind, 0))
+        yield queue
+
+        hist = HistogramMetricFamily("farm_stage_seconds", "Stage wall time (executed stages)",
+                                     labels=["stage", "tier"])
+        groups: dict[tuple[str, str], list[float]] = {}
+        for kind, tier, secs in self.seconds:
+            groups.setdefault((kind, tier or "unknown"), []).append(secs)
+        for (kind, tier), values in sorted(groups.items()):
+            buckets = [(str(b), sum(1 for v in values if v <= b)) for b in STAGE_BUCKETS] + [("+Inf", len(values))]
+            hist.add_metric([kind, tier], buckets, sum(values))
+        yield hist
+
+        workers = GaugeMetricFamily("farm_workers", "Worker actors by tier and state", labels=["tier", "state"])
+        counts: dict[tuple[str, str], int] = {}
+        for w in snap["workers"]:
+            counts[(w["tier"], w["state"])] = counts.get((w["tier"], w["state"]), 0) + 1
+        for (tier, state), n in sorted(counts.items()):
+            workers.add_metric([tier, state], n)
+        workers.add_metric(["any", "quarantined"], len(snap["quarantined"]))
+        yield workers
+
+        used = GaugeMetricFamily("farm_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["worker"])
+        total = GaugeMetricFamily("farm_gpu_memory_total_bytes", "GPU memory (NVML)", labels=["worker"])
+        util = GaugeMetricFamily("farm_gpu_utilization_ratio", "GPU utilization 0..1 (NVML)", labels=["worker"])
+        for w in self.workers:
+            if w.get("vram_total") is not None:
+                used.add_metric([w["id"]], w["vram_used"])
+                total.add_metric([w["id"]], w["vram_total"])
+                util.add_metric([w["id"]], w["utilization"] or 0.0)
+        yield from (used, total, util)
+
+
+def render(snapshot: dict[str, Any], seconds: list[tuple[str, str, float]], workers: list[dict[str, Any]]) -> bytes:
+    registry = CollectorRegistry()
+    registry.register(_Snapshot(snapshot, seconds, workers))
+    return generate_latest(registry)

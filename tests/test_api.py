@@ -1,0 +1,281 @@
+"""The HTTP API over real HTTP: Ray Serve on the session's local Ray, a real director and tiny workers."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import hmac
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from helpers import base_manifest
+
+from farm.encode import probe
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-token-0123456789"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def api(ray_session, tiny_models, tmp_path_factory):
+    from ray import serve
+
+    from deployments.app import FarmAPI, Limits, Settings
+
+    root = tmp_path_factory.mktemp("inputs")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = Settings(token=TOKEN, root=str(root), limits=Limits(max_body_bytes=64 * 1024, max_shots=20),
+                        director_name="api-test", tier="cpu", workers=2, models="tiny")
+    serve.run(FarmAPI.bind(settings), name="farm", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    yield url, client, root
+    client.close()
+    serve.shutdown()
+
+
+def post(client, data, **kw):
+    return client.post("/v1/jobs", content=yaml.safe_dump(data), headers={"Content-Type": "application/yaml",
+                                                                           **kw.pop("headers", {})}, **kw)
+
+
+def wait(client, job_id, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = client.get(f"/v1/jobs/{job_id}").json()
+        if state["state"] not in ("queued", "running"):
+            return state
+        time.sleep(0.2)
+    raise AssertionError(f"{job_id} did not finish")
+
+
+def test_healthz_needs_no_token(api):
+    url, _, _ = api
+    response = httpx.get(f"{url}/healthz")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}])
+def test_v1_routes_need_the_token(api, headers):
+    url, _, _ = api
+    for method, path in [("GET", "/v1/jobs"), ("GET", "/v1/workers"), ("POST", "/v1/jobs"),
+                         ("GET", "/v1/jobs/x"), ("DELETE", "/v1/jobs/x"), ("GET", "/v1/jobs/x/events")]:
+        response = httpx.request(method, f"{url}{path}", headers=headers)
+        assert response.status_code == 401, (method, path, response.status_code)
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_submit_follow_events_and_download(api, tmp_path):
+    _, client, _ = api
+    response = post(client, base_manifest(seed=201))
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["state"] in ("queued", "running") and job["id"]
+    assert client.get(f"/v1/jobs/{job['id']}/output").status_code == 409  # not finished yet
+    events = []
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=180) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "job_finished" and events[-1]["state"] == "succeeded"
+    assert "stage_started" in kinds and "stage_finished" in kinds
+    status = client.get(f"/v1/jobs/{job['id']}").json()
+    assert status["state"] == "succeeded" and status["progress"] == 1.0
+    assert {s["id"] for s in status["shots"]} == {"a", "b"} and all(s["state"] == "succeeded" for s in status["shots"])
+    film = client.get(f"/v1/jobs/{job['id']}/output")
+    assert film.status_code == 200 and film.headers["content-type"] == "video/mp4"
+    path = tmp_path / "film.mp4"
+    path.write_bytes(film.content)
+    info = probe(path)
+    assert (info.codec, info.width, info.height, info.frames) == ("h264", 64, 64, 12)
+    ranged = client.get(f"/v1/jobs/{job['id']}/output", headers={"Range": "bytes=0-99"})
+    assert ranged.status_code == 206 and len(ranged.content) == 100 and ranged.content == film.content[:100]
+
+
+def test_invalid_manifest_gives_422_with_loc(api):
+    _, client, _ = api
+    data = base_manifest()
+    data["shots"][0]["duration"] = -1
+    response = post(client, data)
+    assert response.status_code == 422
+    assert {"loc": ["shots", 0, "duration"], "msg": "Input should be greater than 0"} in response.json()
+    assert post(client, "not: [a, manifest").status_code == 422
+
+
+def test_per_job_limits_name_the_field(api):
+    _, client, _ = api
+    data = base_manifest(shots=[{"id": f"s{i}", "prompt": "p", "duration": 0.5} for i in range(21)])
+    assert post(client, data).json()[0]["loc"] == ["shots"]
+    data = base_manifest()
+    data["steps"]["video"] = 300
+    body = post(client, data).json()
+    assert body == [{"loc": ["steps", "video"], "msg": "at most 150 steps"}]
+    data = base_manifest()
+    data["output"]["resolution"] = "4096x64"
+    assert post(client, data).json()[0]["loc"] == ["output", "resolution"]
+
+
+def test_body_too_large_gives_413(api):
+    _, client, _ = api
+    # ~80 KiB of YAML, over the 64 KiB limit (distinct dicts: YAML would alias repeated ones)
+    data = base_manifest(shots=[{"id": f"s{i}", "prompt": "y" * 1999, "duration": 1} for i in range(40)])
+    response = post(client, data)
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize("path", ["../../etc/passwd.png", "/etc/hosts.png", "images/../../x.png"])
+def test_path_traversal_keyframe_refused(api, path):
+    _, client, _ = api
+    data = base_manifest()
+    data["shots"][0]["keyframe"] = path
+    response = post(client, data)
+    assert response.status_code == 422
+    assert response.json()[0]["loc"] == ["shots", 0, "keyframe"]
+
+
+def test_pickle_model_refused(api):
+    _, client, root = api
+    (root / "model.ckpt").write_bytes(b"x")
+    data = base_manifest()
+    data["models"]["keyframe"] = "model.ckpt"
+    response = post(client, data)
+    assert response.status_code == 422 and response.json()[0]["loc"] == ["models", "keyframe"]
+
+
+def test_same_idempotency_key_gives_one_job(api):
+    _, client, _ = api
+    data = base_manifest(seed=202)
+    a = post(client, data, headers={"Idempotency-Key": "abc-123"}).json()
+    b = post(client, data, headers={"Idempotency-Key": "abc-123"}).json()
+    assert a["id"] == b["id"]
+    assert sum(1 for j in client.get("/v1/jobs").json() if j["id"] == a["id"]) == 1
+    wait(client, a["id"])
+
+
+def test_cancel_stops_a_running_job(api):
+    _, client, _ = api
+    data = base_manifest(seed=203, shots=[{"id": "long", "prompt": "p", "duration": 1.0, "steps": {"video": 150}}])
+    job = post(client, data).json()
+    deadline = time.time() + 60
+    while client.get(f"/v1/jobs/{job['id']}").json()["state"] != "running":
+        assert time.time() < deadline
+        time.sleep(0.05)
+    response = client.delete(f"/v1/jobs/{job['id']}")
+    assert response.status_code == 200 and response.json()["state"] == "cancelled"
+    time.sleep(1)
+    assert client.get(f"/v1/jobs/{job['id']}").json()["state"] == "cancelled"
+    assert client.get(f"/v1/jobs/{job['id']}/output").status_code == 409
+    assert client.get("/v1/jobs/nope").status_code == 404
+
+
+def test_200_concurrent_submissions_none_lost_none_duplicated(api):
+    _, client, _ = api
+
+    def submit(i):
+        data = base_manifest(seed=1000 + i, title=f"burst {i}", shots=[{"id": "a", "prompt": f"p{i}",
+                                                                         "duration": 0.25}])
+        response = post(client, data)
+        assert response.status_code == 202, response.text
+        return response.json()["id"]
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        ids = list(pool.map(submit, range(200)))
+    assert len(set(ids)) == 200
+    listed = {j["id"]: j for j in client.get("/v1/jobs").json()}
+    assert set(ids) <= set(listed)
+    titles = sorted(listed[i]["title"] for i in ids)
+    assert titles == sorted(f"burst {i}" for i in range(200))
+    for job_id in ids:  # do not leave 200 renders queued for the tests after this one
+        client.delete(f"/v1/jobs/{job_id}")
+
+
+def test_workers_and_metrics(api):
+    url, client, _ = api
+    workers = client.get("/v1/workers").json()
+    assert len(workers) == 2 and {w["tier"] for w in workers} == {"cpu"}
+    assert all({"id", "node", "tier", "state", "loaded_models", "vram_total"} <= set(w) for w in workers)
+    text = httpx.get(f"{url}/metrics").text
+    for name in ("farm_jobs_total", "farm_stages_total", "farm_queue_depth", "farm_stage_seconds_bucket",
+                 "farm_workers", "farm_oom_retries_total", "farm_cache_hits_total", "farm_frames_generated_total"):
+        assert name in text, name
+    assert 'farm_jobs_total{state="succeeded"}' in text
+    assert "farm_gpu_memory_used_bytes{" not in text  # no GPU here: absent, not faked
+
+
+def test_webhook_is_signed_and_delivered(api):
+    _, client, _ = api
+    received = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.headers["X-Farm-Signature"], body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    data = base_manifest(seed=204, webhook=f"http://127.0.0.1:{server.server_port}/hook")
+    job = post(client, data).json()
+    assert wait(client, job["id"])["state"] == "succeeded"
+    deadline = time.time() + 20
+    while not received and time.time() < deadline:
+        time.sleep(0.1)
+    server.shutdown()
+    signature, body = received[0]
+    assert json.loads(body)["state"] == "succeeded" and json.loads(body)["id"] == job["id"]
+    # signed with the farm's webhook secret (conftest sets it before Ray starts, so the director has it)
+    secret = os.environ["FARM_WEBHOOK_SECRET"].encode()
+    assert hmac.compare_digest(signature, "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest())
+
+
+def test_cli_against_the_server(api, tmp_path):
+    url, _, _ = api
+    story = tmp_path / "story.yaml"
+    story.write_text(yaml.safe_dump(base_manifest(seed=205)))
+    env = {"FARM_API_TOKEN": TOKEN, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+
+    def farm(*args):
+        return subprocess.run([sys.executable, "-m", "farm.cli", *args, "--server", url], capture_output=True,
+                              text=True, timeout=300, env=env, cwd=REPO)
+
+    done = farm("submit", str(story), "--wait", "-q")
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert job["state"] == "succeeded"
+    assert json.loads(farm("status", job["id"]).stdout)["id"] == job["id"]
+    assert farm("fetch", job["id"], "-o", str(tmp_path / "out.mp4")).returncode == 0
+    assert probe(tmp_path / "out.mp4").frames == 12
+    assert len(json.loads(farm("workers").stdout)) == 2
+    bad = subprocess.run([sys.executable, "-m", "farm.cli", "status", job["id"], "--server", url],
+                         capture_output=True, text=True, timeout=60, env={**env, "FARM_API_TOKEN": "wrong"}, cwd=REPO)
+    assert bad.returncode != 0 and "401" in bad.stderr
+
+
+def test_serve_refuses_public_host_without_token():
+    result = subprocess.run([sys.executable, "-m", "farm.cli", "serve", "--host", "0.0.0.0"], capture_output=True,
+                            text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, cwd=REPO)
+    assert result.returncode == 2 and "FARM_API_TOKEN" in result.stderr
