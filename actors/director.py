@@ -401,8 +401,11 @@ class Director:
         ray.kill(slot.handle, no_restart=True)
 
     def _admit(self) -> None:
-        for row in self.store.jobs(ACTIVE):
-            if row.id in self.jobs:
+        for job_id in self.store.job_ids(ACTIVE):
+            if job_id in self.jobs:
+                continue
+            row = self.store.job(job_id)
+            if row is None:
                 continue
             try:
                 self.jobs[row.id] = self._load(row)

@@ -123,7 +123,10 @@ def bearer(request: Request, authorization: str | None = Header(default=None)) -
                             headers={"WWW-Authenticate": "Bearer"})
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}})
+# Handlers are async and mostly await the director: one replica holds many requests at once (Serve's
+# default of 5 made 32 concurrent clients queue behind its router's back-off, ~10 req/s).
+@serve.deployment(num_replicas=1, max_ongoing_requests=64,
+                  ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}})
 @serve.ingress(app)
 class FarmAPI:
     def __init__(self, settings: Settings | None = None) -> None:

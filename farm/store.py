@@ -137,6 +137,13 @@ class Store:
             rows = self._db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created", states)
             return [_job(r) for r in rows.fetchall()]
 
+    def job_ids(self, states: tuple[str, ...] = JOB_STATES) -> list[str]:
+        """Ids only: cheap enough to ask on every pass of the director's loop."""
+        marks = ",".join("?" * len(states))
+        with self._lock:
+            rows = self._db.execute(f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY created", states)
+            return [r[0] for r in rows.fetchall()]
+
     def set_job_state(self, job_id: str, state: str, error: str | None = None) -> None:
         assert state in JOB_STATES, state
         now = time.time()
