@@ -34,6 +34,7 @@ from farm.plan import Plan, ShotPlan, Stage, build_plan
 from farm.pool import PoolConfig, Slot, desired_slots
 from farm.presets import VideoPreset, base_preset, memory_knobs, next_lower_preset
 from farm.schedule import ReadyStage, WorkerView, assign
+from farm.simulate import rank_costs
 from farm.store import ACTIVE, JobRow, Store
 from farm.webhook import deliver
 from farm.worker import OutOfMemory
@@ -427,7 +428,7 @@ class Director:
             manifest = preview(manifest)
         specs = self._specs(manifest, root, row.options.get("models"))
         plan = build_plan(manifest, specs["video"].frames_per_call)
-        costs = stage_costs(plan, manifest)
+        costs = rank_costs(plan, manifest, sorted({w.tier for w in self.workers.values()}) or ["mid"])
         run = JobRun(row, manifest, root, plan, specs, {r: keys.model_identity(s) for r, s in specs.items()},
                      OutputLayout(row.out_dir), encode_settings(manifest), merge_options(manifest, plan.fps),
                      plan.tail_lengths(costs), {sid: i for i, sid in enumerate(plan.stages)},
@@ -739,21 +740,6 @@ def overrides(run: JobRun) -> dict[str, str | None]:
     models = run.manifest.models
     return {"lora": models.lora and str(inside_root(run.root, models.lora)),
             "vae": models.vae and str(inside_root(run.root, models.vae))}
-
-
-def stage_costs(plan: Plan, manifest: Manifest) -> dict[str, float]:
-    """Relative cost of each stage for ordering: denoising steps x frames (a keyframe ~ one frame)."""
-    kf = manifest.steps.keyframe or 40
-    vs = manifest.steps.video or 60
-    costs: dict[str, float] = {}
-    for sid, stage in plan.stages.items():
-        if stage.kind == "keyframe":
-            costs[sid] = kf
-        elif stage.kind == "video" and stage.segment is not None:
-            costs[sid] = vs * stage.segment.frames
-        else:
-            costs[sid] = 1.0
-    return costs
 
 
 def _short(exc: BaseException) -> str:

@@ -300,6 +300,14 @@ def _fastest(table: Mapping[str, Mapping[str, float]], plan: Plan) -> str:
     return min(table, key=lambda t: sum(c for sid, c in table[t].items() if plan.stages[sid].gpu))
 
 
+def rank_costs(plan: Plan, manifest: Manifest, tiers: list[str],
+               costs: Mapping[str, TierCost] = DEFAULT_COSTS) -> dict[str, float]:
+    """Stage costs at the fastest of `tiers`: what both the director and the simulator rank stages by
+    (a stage's rank is the length of the longest chain from it), so they order work the same way."""
+    table = cost_table(plan, manifest, tiers, costs)
+    return dict(table[_fastest(table, plan)])
+
+
 def simulate(plan: Plan, manifest: Manifest, cluster: Mapping[str, int], *,
              costs: Mapping[str, TierCost] = DEFAULT_COSTS, policy: Policy = assign, encoders: int = 2,
              model_keys: Mapping[str, str] | None = None) -> SimResult:
@@ -316,7 +324,7 @@ def simulate(plan: Plan, manifest: Manifest, cluster: Mapping[str, int], *,
         raise ValueError("need at least one encoder")
     keys = {"keyframe": "keyframe", "video": "video", **(model_keys or {})}
     table = cost_table(plan, manifest, tiers, costs)
-    tails = plan.tail_lengths(table[_fastest(table, plan)])
+    tails = plan.tail_lengths(rank_costs(plan, manifest, tiers, costs))
     seq = {sid: i for i, sid in enumerate(plan.stages)}
     gpus = {f"{tier}-{i}": _Gpu(f"{tier}-{i}", tier) for tier in tiers for i in range(cluster[tier])}
     free_encoders = deque(f"encoder-{i}" for i in range(encoders))

@@ -18,6 +18,7 @@ from typing import Any
 
 from farm.paths import state_dir
 
+SCHEMA_VERSION = 1  # bump with a step in Store._migrate
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 
@@ -92,6 +93,16 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a store written by an older farm up to SCHEMA_VERSION, one step at a time, so a state
+        dir survives upgrades (CREATE TABLE IF NOT EXISTS never adds a column to an existing table)."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(attempts)")}
+        if version < 1 and "frames" not in columns:
+            self._db.execute("ALTER TABLE attempts ADD COLUMN frames INTEGER NOT NULL DEFAULT 0")
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:

@@ -1,0 +1,55 @@
+"""The SQLite store: jobs, idempotency, stage rows, the ledger, and upgrades of old state dirs."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+from farm.store import SCHEMA_VERSION, Store
+
+
+def test_jobs_stages_and_attempts_round_trip(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    job, created = store.add_job("j1", "title", {"a": 1}, "/root", "/out", priority=3, options={"models": "tiny"})
+    assert created and job.state == "queued" and job.manifest == {"a": 1} and job.options == {"models": "tiny"}
+    store.set_job_state("j1", "running")
+    store.set_stage("j1", "video:a:0", "succeeded", worker="w0", tier="low", cache_key="k", record={"x": 1})
+    store.add_attempt({"job": "j1", "stage": "video:a:0", "attempt": 1, "start": 1.0, "end": 2.0, "seconds": 1.0,
+                       "outcome": "succeeded", "cache_hit": 0, "frames": 8})
+    assert store.records("j1") == {"video:a:0": {"x": 1}}
+    assert store.attempts("j1")[0]["frames"] == 8
+    assert store.job_counts()["running"] == 1 and store.job_ids(("running",)) == ["j1"]
+    store.set_job_state("j1", "succeeded")
+    assert store.job("j1").finished is not None
+
+
+def test_idempotency_key_is_atomic_under_concurrency(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    ids = []
+
+    def add(i):
+        job, _ = store.add_job(f"j{i}", "t", {}, "/", "/o", idempotency_key="same")
+        ids.append(job.id)
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 1 and len(store.jobs()) == 1
+
+
+def test_store_from_an_older_farm_is_migrated(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # the attempts table as the first release wrote it
+        db.execute("CREATE TABLE attempts (job TEXT NOT NULL, shot TEXT, stage TEXT NOT NULL, attempt INTEGER "
+                   "NOT NULL, worker TEXT, tier TEXT, preset TEXT, start REAL NOT NULL, \"end\" REAL NOT NULL, "
+                   "seconds REAL NOT NULL, peak_vram_bytes INTEGER, outcome TEXT NOT NULL, cache_hit INTEGER "
+                   "NOT NULL, error TEXT)")
+        db.execute("INSERT INTO attempts VALUES ('j', 's', 'clip:s', 1, 'e', 'cpu', 'encode', 1, 2, 1, NULL, "
+                   "'succeeded', 0, NULL)")
+    store = Store(path)
+    store.add_attempt({"job": "j", "stage": "video:s:0", "attempt": 1, "start": 3.0, "end": 4.0, "seconds": 1.0,
+                       "outcome": "succeeded", "cache_hit": 0, "frames": 5})
+    assert [r["frames"] for r in store.attempts("j")] == [0, 5]
+    assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
