@@ -36,8 +36,8 @@ def visible_gpu() -> GpuInfo | None:
 
 class StageWorker:
     def __init__(self, worker_id: str, tier: str = "auto", threads: int | None = None) -> None:
-        if threads:
-            torch.set_num_threads(threads)
+        self.threads = threads
+        self._use_threads()
         self.worker_id = worker_id
         self.gpu = visible_gpu()
         self.tier: Tier = resolve_tier(tier, self.gpu)
@@ -51,6 +51,12 @@ class StageWorker:
         self.stages_run = 0
         self.faults: list[dict[str, Any]] = []
         self.cancelled: set[str] = set()
+
+    def _use_threads(self) -> None:
+        """OpenMP's thread count is per calling thread, and a threaded actor runs each call on one of
+        Ray's executor threads (which keep Ray's OMP_NUM_THREADS=1): set it where the work runs."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
 
     # --- residency ---------------------------------------------------------------------------
 
@@ -76,7 +82,8 @@ class StageWorker:
     def warm(self, specs: list[ModelSpec], knobs: MemoryKnobs, lora: str | None = None,
              vae: str | None = None) -> list[str]:
         """Load a job's models before its first stage, so the first stage pays no load time.
-        LoRA and VAE overrides apply to the keyframe model, as in `keyframe`."""
+        LoRA and VAE overrides apply to the keyframe model, as in `run`."""
+        self._use_threads()
         for spec in specs:
             keyframe = spec.role == "keyframe"
             self.pipeline(spec, knobs, lora if keyframe else None, vae if keyframe else None)
@@ -136,6 +143,7 @@ class StageWorker:
         """Run one keyframe or video stage. Inputs and outputs go through the artifact cache by key,
         so a stage's result survives this process and is found again by whoever needs it next."""
         started = time.perf_counter()
+        self._use_threads()
         stage_id = req["stage"]
         cache = ArtifactCache(req["cache_dir"])
         is_cancelled = lambda: stage_id in self.cancelled  # noqa: E731
