@@ -134,9 +134,11 @@ class Director:
                  policy: Policy | None = None, backend: type | None = None,
                  backend_args: dict[str, Any] | None = None, threads: int | None = None,
                  encoder_backend: type | None = None, encoder_args: dict[str, Any] | None = None,
-                 assign_fn: Callable[[list[ReadyStage], list[WorkerView]], list[tuple[str, str]]] = assign) -> None:
+                 assign_fn: Callable[[list[ReadyStage], list[WorkerView]], list[tuple[str, str]]] = assign,
+                 name: str = DIRECTOR_NAME) -> None:
         """`backend`/`encoder_backend` swap in classes with the same methods (the simulator's, for the
         scheduler benchmark); `assign_fn` swaps the dispatch policy (a FIFO baseline, same benchmark)."""
+        self.name = name  # jobs it owns in the store carry this name
         self.pool_config = pool or PoolConfig()
         self.policy = policy or Policy()
         self.store = Store(store_path)
@@ -182,7 +184,7 @@ class Director:
         out = out_dir or str(Path(self.store.path).parent / "outputs" / job_id)
         row, _ = self.store.add_job(job_id, validated.title, validated.model_dump(mode="json"), root, out,
                                     priority=priority, options=options or {}, idempotency_key=idempotency_key,
-                                    webhook=webhook or validated.webhook)
+                                    webhook=webhook or validated.webhook, director=self.name)
         return self.status(row.id)
 
     def status(self, job_id: str) -> dict[str, Any]:
@@ -402,7 +404,7 @@ class Director:
         ray.kill(slot.handle, no_restart=True)
 
     def _admit(self) -> None:
-        for job_id in self.store.job_ids(ACTIVE):
+        for job_id in self.store.job_ids(ACTIVE, director=self.name):
             if job_id in self.jobs:
                 continue
             row = self.store.job(job_id)
@@ -755,6 +757,6 @@ def get_director(pool: PoolConfig | None = None, *, name: str = DIRECTOR_NAME, *
     """The cluster's director, created on first use. Detached and restartable: it outlives the
     client that created it, and Ray restarts it (it reloads its state from SQLite) if it dies."""
     return DirectorActor.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-                                 resources=HEAD).remote(pool, **kwargs)
+                                 resources=HEAD).remote(pool, name=name, **kwargs)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from farm.paths import state_dir
 
-SCHEMA_VERSION = 1  # bump with a step in Store._migrate
+SCHEMA_VERSION = 2  # bump with a step in Store._migrate
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 
@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     error TEXT,
     idempotency_key TEXT UNIQUE,
-    webhook TEXT
+    webhook TEXT,
+    director TEXT NOT NULL DEFAULT ''  -- the director that owns it: several may share one store
 );
 CREATE TABLE IF NOT EXISTS stages (
     job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
@@ -77,6 +78,7 @@ class JobRow:
     error: str | None
     idempotency_key: str | None
     webhook: str | None
+    director: str = ""
 
 
 def default_path() -> Path:
@@ -102,6 +104,9 @@ class Store:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(attempts)")}
         if version < 1 and "frames" not in columns:
             self._db.execute("ALTER TABLE attempts ADD COLUMN frames INTEGER NOT NULL DEFAULT 0")
+        job_columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if version < 2 and "director" not in job_columns:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN director TEXT NOT NULL DEFAULT ''")
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
@@ -122,7 +127,7 @@ class Store:
 
     def add_job(self, job_id: str, title: str, manifest: dict[str, Any], root: str, out_dir: str, *,
                 priority: int = 0, options: dict[str, Any] | None = None, idempotency_key: str | None = None,
-                webhook: str | None = None) -> tuple[JobRow, bool]:
+                webhook: str | None = None, director: str = "") -> tuple[JobRow, bool]:
         """Insert a queued job; with an idempotency key already used, return that job instead.
         Returns (job, created)."""
         with self.tx() as db:
@@ -132,9 +137,9 @@ class Store:
                     return _job(row), False
             db.execute(
                 "INSERT INTO jobs (id, title, priority, state, manifest, root, out_dir, options, created, "
-                "idempotency_key, webhook) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                "idempotency_key, webhook, director) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, title, priority, json.dumps(manifest), root, out_dir, json.dumps(options or {}),
-                 time.time(), idempotency_key, webhook))
+                 time.time(), idempotency_key, webhook, director))
             return _job(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()), True
 
     def job(self, job_id: str) -> JobRow | None:
@@ -148,12 +153,17 @@ class Store:
             rows = self._db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created", states)
             return [_job(r) for r in rows.fetchall()]
 
-    def job_ids(self, states: tuple[str, ...] = JOB_STATES) -> list[str]:
-        """Ids only: cheap enough to ask on every pass of the director's loop."""
+    def job_ids(self, states: tuple[str, ...] = JOB_STATES, director: str | None = None) -> list[str]:
+        """Ids only: cheap enough to ask on every pass of the director's loop. With `director`, only the
+        jobs that director owns (another director sharing the store must not run them too)."""
         marks = ",".join("?" * len(states))
+        query = f"SELECT id FROM jobs WHERE state IN ({marks})"
+        args: tuple[Any, ...] = states
+        if director is not None:
+            query += " AND director=?"
+            args = (*states, director)
         with self._lock:
-            rows = self._db.execute(f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY created", states)
-            return [r[0] for r in rows.fetchall()]
+            return [r[0] for r in self._db.execute(query + " ORDER BY created", args).fetchall()]
 
     def set_job_state(self, job_id: str, state: str, error: str | None = None) -> None:
         assert state in JOB_STATES, state

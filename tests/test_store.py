@@ -39,6 +39,15 @@ def test_idempotency_key_is_atomic_under_concurrency(tmp_path):
     assert len(set(ids)) == 1 and len(store.jobs()) == 1
 
 
+def test_directors_sharing_a_store_see_only_their_jobs(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    store.add_job("a", "t", {}, "/", "/o", director="local")
+    store.add_job("b", "t", {}, "/", "/o", director="api")
+    assert store.job_ids(("queued",), director="local") == ["a"]
+    assert store.job_ids(("queued",), director="api") == ["b"]
+    assert store.job_ids(("queued",)) == ["a", "b"]
+
+
 def test_store_from_an_older_farm_is_migrated(tmp_path):
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as db:  # the attempts table as the first release wrote it
