@@ -325,6 +325,7 @@ class Director:
                     self._reconcile()
                     self._admit()
                     self._dispatch()
+                    self._complete_jobs()  # a job served wholly from the cache never has a stage in flight
                     pending = list(self.inflight)
                 if not pending:
                     time.sleep(0.05)
@@ -696,6 +697,7 @@ class Director:
     def _complete_jobs(self) -> None:
         for run in list(self.jobs.values()):
             if run.state in ACTIVE and len(run.done) == len(run.plan.stages):
+                self._start_running(run)  # started (and finished) even if nothing had to be dispatched
                 try:
                     ray.get(run.side)
                     self._write_ledger(run)

@@ -95,6 +95,18 @@ def test_rerender_after_prompt_edit_runs_only_that_shot(farm):
     assert (out2 / "shots" / "a.mp4").read_bytes() == (out / "shots" / "a.mp4").read_bytes()
 
 
+def test_job_served_entirely_from_the_cache_completes(farm):
+    ray, director, _ = farm
+    data = story(seed=112)
+    first, _ = submit(farm, data, "whole1")
+    assert wait_state(ray, director, first["id"])["state"] == "succeeded"
+    again, out = submit(farm, data, "whole2")
+    status = wait_state(ray, director, again["id"], timeout=60)
+    assert status["state"] == "succeeded" and status["started"] is not None
+    rows = ledger(out)
+    assert rows and all(r["cache_hit"] for r in rows) and (out / "final.mp4").is_file()
+
+
 def test_idempotent_submit_returns_the_same_job(farm):
     ray, director, root = farm
     data = story(seed=102)
