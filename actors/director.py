@@ -33,6 +33,7 @@ from farm.paths import OutputLayout
 from farm.plan import Plan, ShotPlan, Stage, build_plan
 from farm.pool import PoolConfig, Slot, desired_slots
 from farm.presets import VideoPreset, base_preset, memory_knobs, next_lower_preset
+from farm.render import encode_identity, encode_settings, merge_options, resolve_models
 from farm.schedule import ReadyStage, WorkerView, assign
 from farm.simulate import rank_costs
 from farm.store import ACTIVE, JobRow, Store
@@ -417,13 +418,10 @@ class Director:
                 self.store.set_job_state(row.id, "failed", str(exc))
 
     def _specs(self, manifest: Manifest, root: Path, models: str | None) -> dict[str, ModelSpec]:
-        from farm.render import resolve_models
-
         return resolve_models(manifest, root, models)
 
     def _load(self, row: JobRow) -> JobRun:
         from farm.preview import preview
-        from farm.render import encode_settings, merge_options
 
         root = Path(row.root)
         manifest = validate_data(row.manifest, root)
@@ -536,7 +534,7 @@ class Director:
                           "worker": slot.id, "tier": slot.tier})
 
     def _dispatch_cpu(self, run: JobRun, stage: Stage) -> None:
-        encode = {"crf": run.encode.crf, "preset": run.encode.preset, "bitrate": run.encode.bitrate}
+        encode = encode_identity(run.encode)
         if stage.kind == "clip":
             assert stage.shot is not None
             key = keys.clip_key([run.keys[d] for d in stage.deps], run.plan.fps, encode)
@@ -701,8 +699,8 @@ class Director:
                 try:
                     ray.get(run.side)
                     self._write_ledger(run)
-                    encode = {"crf": run.encode.crf, "preset": run.encode.preset, "bitrate": run.encode.bitrate,
-                              **{k: v for k, v in run.merge_options.items() if k != "fps"}}
+                    encode = encode_identity(run.encode) | {k: v for k, v in run.merge_options.items()
+                                                            if k != "fps"}
                     lock = build_lock(run.id, run.manifest, run.plan, run.specs, run.records, encode)
                     lock["preview"] = bool(run.row.options.get("preview"))
                     write_lockfile(run.layout.lockfile, lock)

@@ -29,6 +29,7 @@ from farm.plan import build_plan
 from farm.presets import base_preset
 from farm.preview import preview
 from farm.render import encode_settings, merge_options, render, resolve_models
+from farm.stages import to_uint8
 
 
 def bare_loop(manifest, root: Path, out: Path) -> tuple[float, float, float]:
@@ -55,7 +56,7 @@ def bare_loop(manifest, root: Path, out: Path) -> tuple[float, float, float]:
                            guidance_scale=p["guidance_scale"], guidance_rescale=p["guidance_rescale"],
                            generator=torch.Generator("cpu").manual_seed(p["seed"]), output_type="np").images[0]
             in_calls += time.perf_counter() - t
-            image = (np.clip(out_img, 0, 1) * 255 + 0.5).astype(np.uint8)
+            image = to_uint8(out_img)
         elif sp.first_frame_from == "image":
             image = load_image(inside_root(root, sp.shot.keyframe), manifest.output.size)
         else:
@@ -72,7 +73,7 @@ def bare_loop(manifest, root: Path, out: Path) -> tuple[float, float, float]:
                         motion_bucket_id=p["motion_bucket_id"], noise_aug_strength=p["noise_aug_strength"],
                         generator=torch.Generator("cpu").manual_seed(p["seed"]), output_type="np").frames[0]
             in_calls += time.perf_counter() - t
-            video = (np.clip(np.asarray(video), 0, 1) * 255 + 0.5).astype(np.uint8)
+            video = to_uint8(np.asarray(video))
             frames.append(video[seg.drop:])
             image = last = video[-1]
         clip = out / "shots" / f"{sp.shot.id}.mp4"

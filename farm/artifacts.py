@@ -12,9 +12,7 @@ import PIL.PngImagePlugin
 
 from farm.hashing import canonical_json
 from farm.paths import atomic_path, atomic_write_text
-
-LEDGER_COLUMNS = ("job", "shot", "stage", "attempt", "worker", "tier", "preset", "start", "end", "seconds",
-                  "peak_vram_bytes", "outcome", "cache_hit", "error")
+from farm.store import LEDGER_COLUMNS
 
 
 def write_keyframe_png(path: Path, image: np.ndarray, params: dict[str, Any]) -> Path:

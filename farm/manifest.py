@@ -225,13 +225,20 @@ def _semantic_errors(manifest: Manifest, root: Path | None) -> list[FieldError]:
     return errors
 
 
-def _keyframe_errors(value: str, root: Path | None, loc: tuple[str | int, ...]) -> list[FieldError]:
+def _in_root(value: str, root: Path | None, loc: tuple[str | int, ...]) -> Path | FieldError:
+    """The path a manifest names, resolved inside its folder, or the error that says why not."""
     if root is None:
-        return [FieldError(loc, "keyframe images need a manifest file (paths are relative to its folder)")]
+        return FieldError(loc, "needs a manifest file (paths are relative to its folder)")
     try:
-        path = inside_root(root, value)
+        return inside_root(root, value)
     except ValueError as exc:
-        return [FieldError(loc, str(exc))]
+        return FieldError(loc, str(exc))
+
+
+def _keyframe_errors(value: str, root: Path | None, loc: tuple[str | int, ...]) -> list[FieldError]:
+    path = _in_root(value, root, loc)
+    if isinstance(path, FieldError):
+        return [path]
     if not path.is_file():
         return [FieldError(loc, f"file not found: {value}")]
     if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
@@ -244,12 +251,9 @@ def _weights_file_errors(value: str, root: Path | None, allow_pickle: bool,
     if value.lower().endswith(PICKLE_SUFFIXES) and not allow_pickle:
         return [FieldError(loc, "pickle checkpoints can run code when loaded; use .safetensors "
                                 "or set models.allow_pickle: true")]
-    if root is None:
-        return [FieldError(loc, "needs a manifest file (paths are relative to its folder)")]
-    try:
-        path = inside_root(root, value)
-    except ValueError as exc:
-        return [FieldError(loc, str(exc))]
+    path = _in_root(value, root, loc)
+    if isinstance(path, FieldError):
+        return [path]
     if not path.exists():
         return [FieldError(loc, f"not found: {value}")]
     return []

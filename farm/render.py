@@ -56,6 +56,11 @@ def encode_settings(manifest: Manifest) -> EncodeSettings:
                           preset=out.preset or template.x264_preset, bitrate=out.bitrate)
 
 
+def encode_identity(settings: EncodeSettings) -> dict[str, Any]:
+    """What of the encode settings determines the output: cache keys and the lockfile record this."""
+    return {"crf": settings.crf, "preset": settings.preset, "bitrate": settings.bitrate}
+
+
 def merge_options(manifest: Manifest, fps: int) -> dict[str, Any]:
     out = manifest.output
     return {"fps": fps, "transition": out.transition, "crossfade_seconds": out.crossfade_seconds,

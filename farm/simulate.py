@@ -13,7 +13,6 @@ Plain functions over plain data; no Ray.
 
 from __future__ import annotations
 
-import fnmatch
 import heapq
 import math
 import os
@@ -29,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import yaml
 
+from farm.faults import fire
 from farm.hashing import array_hash
 from farm.manifest import Manifest, Shot
 from farm.plan import Plan, Stage, output_fps, shot_frames
@@ -554,6 +554,12 @@ def sim_video(image: np.ndarray | None, params: dict[str, Any], cost: TierCost, 
     return frames, _observed(steps, count, params.get("decode_chunk_size"), time.perf_counter() - started)
 
 
+def _out_of_memory(message: str) -> BaseException:
+    from farm.worker import OutOfMemory  # imports torch: only when an OOM drill fires
+
+    return OutOfMemory(message)
+
+
 class SimWorker:
     """`farm.worker.StageWorker`'s interface, sleeping `cost x time_scale` instead of rendering.
 
@@ -606,16 +612,7 @@ class SimWorker:
         self.faults = [dict(f) for f in faults]
 
     def _maybe_fault(self, stage_id: str) -> None:
-        for fault in self.faults:
-            if fault.get("times", 1) > 0 and fnmatch.fnmatch(stage_id, fault["match"]):
-                fault["times"] = fault.get("times", 1) - 1
-                if fault["kind"] == "crash":
-                    os._exit(13)
-                if fault["kind"] == "oom":
-                    from farm.worker import OutOfMemory  # imports torch: only when an OOM drill fires
-
-                    raise OutOfMemory(f"CUDA out of memory (injected fault on {stage_id})")
-                raise RuntimeError(f"injected fault on {stage_id}")
+        fire(self.faults, stage_id, _out_of_memory)
 
     def cancel(self, stage_id: str) -> None:
         self.cancelled.add(stage_id)

@@ -18,6 +18,9 @@ from typing import Any
 
 from farm.paths import state_dir
 
+# One row per stage attempt: the attempts table and OUT/ledger.parquet (farm.artifacts) share these.
+LEDGER_COLUMNS = ("job", "shot", "stage", "attempt", "worker", "tier", "preset", "start", "end", "seconds",
+                  "peak_vram_bytes", "outcome", "cache_hit", "error")
 SCHEMA_VERSION = 2  # bump with a step in Store._migrate
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
@@ -204,8 +207,7 @@ class Store:
     # --- ledger --------------------------------------------------------------------------------
 
     def add_attempt(self, row: dict[str, Any]) -> None:
-        cols = ("job", "shot", "stage", "attempt", "worker", "tier", "preset", "start", "end", "seconds",
-                "peak_vram_bytes", "outcome", "cache_hit", "error", "frames")
+        cols = (*LEDGER_COLUMNS, "frames")  # frames feed the metrics; the parquet ledger leaves them out
         with self.tx() as db:
             db.execute(f"INSERT INTO attempts ({', '.join(repr(c) if c == 'end' else c for c in cols)}) "
                        f"VALUES ({', '.join('?' * len(cols))})", tuple(row.get(c, 0 if c == "frames" else None)

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import platform
 import time
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from farm.cache import ArtifactCache
+from farm.faults import fire
 from farm.gpu import GpuInfo, gpus, resolve_tier
 from farm.hashing import array_hash
 from farm.models import ModelSpec, apply_memory_knobs, load_pipeline
@@ -79,16 +79,6 @@ class StageWorker:
         self.pipelines[key] = (knobs, pipe, applied)
         return pipe, applied
 
-    def warm(self, specs: list[ModelSpec], knobs: MemoryKnobs, lora: str | None = None,
-             vae: str | None = None) -> list[str]:
-        """Load a job's models before its first stage, so the first stage pays no load time.
-        LoRA and VAE overrides apply to the keyframe model, as in `run`."""
-        self._use_threads()
-        for spec in specs:
-            keyframe = spec.role == "keyframe"
-            self.pipeline(spec, knobs, lora if keyframe else None, vae if keyframe else None)
-        return self.loaded_models()
-
     def unload(self, key: tuple[Any, ...]) -> None:
         self.pipelines.pop(key, None)
         if self.device == "cuda":
@@ -96,9 +86,6 @@ class StageWorker:
 
     def loaded_models(self) -> list[str]:
         return sorted({key[0].source for key in self.pipelines})
-
-    def holds(self, spec: ModelSpec) -> bool:
-        return any(key[0] == spec for key in self.pipelines)
 
     # --- faults and cancellation ----------------------------------------------------------------
 
@@ -108,14 +95,7 @@ class StageWorker:
         self.faults = [dict(f) for f in faults]
 
     def _maybe_fault(self, stage_id: str) -> None:
-        for fault in self.faults:
-            if fault.get("times", 1) > 0 and fnmatch.fnmatch(stage_id, fault["match"]):
-                fault["times"] = fault.get("times", 1) - 1
-                if fault["kind"] == "crash":
-                    os._exit(13)  # a worker process dying mid-stage (driver crash, OOM killer)
-                if fault["kind"] == "oom":
-                    raise torch.OutOfMemoryError(f"CUDA out of memory (injected fault on {stage_id})")
-                raise RuntimeError(f"injected fault on {stage_id}")
+        fire(self.faults, stage_id, torch.OutOfMemoryError)
 
     def cancel(self, stage_id: str) -> None:
         """Called concurrently with a running stage (the actor is threaded): it stops at the next step."""

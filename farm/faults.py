@@ -1,0 +1,25 @@
+"""Injected faults for tests and drills, shared by the real worker and the simulator's worker.
+
+A fault is {"match": "<glob on job/stage id>", "kind": "oom|error|crash", "times": N}. It fires inside
+the stage, before any work, so it takes the same paths a real failure would.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable
+from typing import Any
+
+
+def fire(faults: list[dict[str, Any]], stage_id: str, oom: Callable[[str], BaseException]) -> None:
+    """Consume and raise the first armed fault matching `stage_id`. `oom` builds the out-of-memory
+    error the caller's path expects (the real worker raises torch's own, to go through its handler)."""
+    for fault in faults:
+        if fault.get("times", 1) > 0 and fnmatch.fnmatch(stage_id, fault["match"]):
+            fault["times"] = fault.get("times", 1) - 1
+            if fault["kind"] == "crash":
+                os._exit(13)  # a worker process dying mid-stage (driver crash, OOM killer)
+            if fault["kind"] == "oom":
+                raise oom(f"CUDA out of memory (injected fault on {stage_id})")
+            raise RuntimeError(f"injected fault on {stage_id}")
