@@ -26,6 +26,7 @@ from farm.artifacts import load_image, write_ledger, write_lockfile
 from farm.cache import ArtifactCache
 from farm.effective import keyframe_params, video_params
 from farm.encode import EncodeSettings
+from farm.faults import StageCancelled
 from farm.lockfile import build_lock
 from farm.manifest import Manifest, ManifestError, inside_root, validate_data
 from farm.models import ModelSpec
@@ -629,7 +630,7 @@ class Director:
 
     def _failed(self, run: JobRun, flight: Flight, exc: BaseException) -> None:
         stage, cause = flight.stage, getattr(exc, "cause", None)
-        if run.state not in ACTIVE or isinstance(exc, TaskCancelledError) or "StageCancelled" in str(exc):
+        if run.state not in ACTIVE or isinstance(exc, TaskCancelledError) or isinstance(cause, StageCancelled):
             self._ledger(run, flight, "cancelled", error="job cancelled")
             return
         if isinstance(exc, RayActorError) and flight.worker is None:
@@ -644,7 +645,8 @@ class Director:
             if run.losses[stage.id] >= self.policy.max_worker_losses:
                 self._fail_job(run, f"stage {stage.id} lost {run.losses[stage.id]} workers")
             return
-        if isinstance(cause, OutOfMemory) or "OutOfMemory" in str(exc):
+        # By type, not by text: Ray's error text carries source lines, which may mention any exception.
+        if isinstance(cause, OutOfMemory):
             self._ledger(run, flight, "oom", error=_short(exc))
             self._event(run, {"type": "stage_oom", "stage": stage.id, "preset": flight.detail["preset"]})
             if stage.kind == "video":

@@ -12,6 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 
+class StageCancelled(RuntimeError):
+    """The director cancelled the job while this stage ran; raised between denoising steps (or sleeps,
+    in the simulator). Here, free of torch, so both workers raise the one class the director checks."""
+
+
 def fire(faults: list[dict[str, Any]], stage_id: str, oom: Callable[[str], BaseException]) -> None:
     """Consume and raise the first armed fault matching `stage_id`. `oom` builds the out-of-memory
     error the caller's path expects (the real worker raises torch's own, to go through its handler)."""

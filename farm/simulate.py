@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import yaml
 
-from farm.faults import fire
+from farm.faults import StageCancelled, fire
 from farm.hashing import array_hash
 from farm.manifest import Manifest, Shot
 from farm.plan import Plan, Stage, output_fps, shot_frames
@@ -477,11 +477,6 @@ def simulate_file(manifest_path: str, cluster_path: str, frames_per_call: int = 
 
 
 # --- simulated worker ---------------------------------------------------------------------------
-
-
-class StageCancelled(RuntimeError):
-    """A cancelled stage stopped mid-sleep. Same name as farm.stages.StageCancelled, which the director
-    recognises by name, so this module need not import torch."""
 
 
 def _pause(seconds: float, cancelled: Callable[[], bool] = lambda: False) -> None:

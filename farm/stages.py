@@ -16,6 +16,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from farm.faults import StageCancelled
+
 
 @dataclass
 class Observed:
@@ -32,10 +34,6 @@ class Observed:
             "seconds": round(self.seconds, 4),
             "peak_vram_bytes": self.peak_vram_bytes,
         }
-
-
-class StageCancelled(RuntimeError):
-    """The director cancelled the job while this stage was denoising."""
 
 
 @contextlib.contextmanager
