@@ -31,6 +31,7 @@ import yaml
 from farm.faults import StageCancelled, fire
 from farm.hashing import array_hash
 from farm.manifest import Manifest, Shot
+from farm.observed import Observed
 from farm.plan import Plan, Stage, output_fps, shot_frames
 from farm.presets import GPU_TIERS, TIERS, Tier, keyframe_steps, video_steps
 from farm.schedule import ReadyStage, WorkerView, assign
@@ -523,10 +524,12 @@ def sim_frames(image: np.ndarray | None, count: int, height: int, width: int, se
 
 
 def _observed(steps: int, frames: int, chunk: int | None, seconds: float) -> dict[str, Any]:
-    """The shape of farm.stages.Observed.as_dict(): what a real run would have counted."""
+    """What a real run would have counted (one batched-CFG UNet call per step), in farm.observed's shape."""
     chunk = max(1, min(chunk or frames, frames))
-    return {"steps": steps, "decode_chunk_max": chunk, "decode_calls": math.ceil(frames / chunk),
-            "seconds": round(seconds, 4), "peak_vram_bytes": None}
+    decodes = [chunk] * (frames // chunk) + ([frames % chunk] if frames % chunk else [])
+    per_step = seconds / steps if steps else 0.0
+    return Observed(steps=steps, decode_batches=decodes, unet_batches=[2] * steps,
+                    step_seconds=[per_step] * steps, unet_seconds=[per_step] * steps, seconds=seconds).as_dict()
 
 
 def sim_keyframe(params: dict[str, Any], cost: TierCost, time_scale: float,

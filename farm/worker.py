@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -19,7 +20,12 @@ from farm.gpu import GpuInfo, gpus, resolve_tier
 from farm.hashing import array_hash
 from farm.models import ModelSpec, apply_memory_knobs, load_pipeline
 from farm.presets import MemoryKnobs, Tier
+from farm.speed import apply_speed_knobs, compile_setting, speed_knobs
 from farm.stages import run_keyframe, run_video
+
+# (spec, device=, dtype=, lora=, vae=, cpu_offload=) -> pipeline; bench/gpu.py passes one that builds
+# real-size models with random weights, so it measures this worker's own code.
+Loader = Callable[..., Any]
 
 
 def visible_gpu() -> GpuInfo | None:
@@ -35,8 +41,10 @@ def visible_gpu() -> GpuInfo | None:
 
 
 class StageWorker:
-    def __init__(self, worker_id: str, tier: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, worker_id: str, tier: str = "auto", threads: int | None = None,
+                 loader: Loader = load_pipeline) -> None:
         self.threads = threads
+        self.loader = loader
         self._use_threads()
         self.worker_id = worker_id
         self.gpu = visible_gpu()
@@ -72,10 +80,13 @@ class StageWorker:
             return held[1], held[2]
         if held is not None:  # the OOM ladder asked for other memory knobs: rebuild from scratch
             self.unload(key)
-        pipe = load_pipeline(spec, device=self.device, dtype=self.dtype, lora=lora, vae=vae,
-                             cpu_offload=knobs.cpu_offload)
+        pipe = self.loader(spec, device=self.device, dtype=self.dtype, lora=lora, vae=vae,
+                           cpu_offload=knobs.cpu_offload)
         pipe.set_progress_bar_config(disable=True)  # the farm shows its own progress
         applied = apply_memory_knobs(pipe, device=self.device, **asdict(knobs))
+        capability = torch.cuda.get_device_capability() if self.device == "cuda" else None
+        fast = speed_knobs(self.device, capability, applied["cpu_offload"], compile_setting())
+        applied |= apply_speed_knobs(pipe, fast)
         self.pipelines[key] = (knobs, pipe, applied)
         return pipe, applied
 

@@ -1,0 +1,113 @@
+"""Speed knobs of a GPU worker: which to use (a plain decision) and applying them to a pipeline.
+
+Memory knobs (farm.presets) decide whether a stage fits; these decide how fast it runs once it does.
+Half precision is chosen with the device (farm.worker); guidance is already one batched UNet call
+per step in all three pipelines, which `observe` records as unet_batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+CompileSetting = Literal["auto", "on", "off"]
+COMPILE_ENV = "FARM_COMPILE"
+
+
+@dataclass(frozen=True)
+class SpeedKnobs:
+    channels_last: bool  # NHWC convolutions: what tensor cores read natively
+    compile: bool  # torch.compile the UNet, where nearly all FLOPs are
+
+
+def compile_setting() -> CompileSetting:
+    value = os.environ.get(COMPILE_ENV, "auto").strip().lower()
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"{COMPILE_ENV}={value!r}: expected auto, on or off")
+    return value  # type: ignore[return-value]
+
+
+def speed_knobs(device: str, capability: tuple[int, int] | None, cpu_offload: bool,
+                setting: CompileSetting = "auto") -> SpeedKnobs:
+    """What pays on this device.
+
+    - channels-last on CUDA only: CPUs gain little from it and the tiny CPU models lose.
+    - compile ("auto") on CUDA GPUs of compute capability 8.0+ (Ampere and newer, where Inductor's
+      Triton kernels and bf16 do well) and not under CPU offload, whose hooks move weights between
+      calls and break the graph. A worker is long-lived and renders the same shapes again and again,
+      so the compile (a minute or so, on the worker's first stage) is paid once per model and shape.
+    """
+    cuda = device.startswith("cuda")
+    if setting == "on":
+        compile_unet = not cpu_offload
+    elif setting == "off":
+        compile_unet = False
+    else:
+        compile_unet = cuda and capability is not None and capability >= (8, 0) and not cpu_offload
+    return SpeedKnobs(channels_last=cuda, compile=compile_unet)
+
+
+def apply_speed_knobs(pipe: Any, knobs: SpeedKnobs) -> dict[str, bool]:
+    """Apply `knobs`; return what is in effect (sdpa is checked, not set: diffusers picks it)."""
+    import torch
+
+    applied = {"sdpa": uses_sdpa(pipe), "channels_last": False, "compiled": False}
+    if knobs.channels_last:
+        for name in ("unet", "vae"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+        applied["channels_last"] = True
+    if knobs.compile:
+        applied["compiled"] = compile_unet(pipe.unet)
+    return applied
+
+
+def uses_sdpa(pipe: Any) -> bool:
+    """True when every attention layer of the UNet and VAE runs torch's scaled_dot_product_attention
+    (flash / memory-efficient kernels) rather than a materialised attention matrix."""
+    processors: list[Any] = []
+    for name in ("unet", "vae"):
+        module = getattr(pipe, name, None)
+        if module is not None and hasattr(module, "attn_processors"):
+            processors += list(module.attn_processors.values())
+    return bool(processors) and all(_is_sdpa(p) for p in processors)
+
+
+def _is_sdpa(processor: Any) -> bool:
+    return _calls_sdpa(type(processor))
+
+
+@functools.cache
+def _calls_sdpa(cls: type) -> bool:
+    # Read from the processor's code rather than a list of class names, which diffusers keeps adding to.
+    import inspect
+
+    try:
+        source = inspect.getsource(cls.__call__)
+    except (OSError, TypeError):
+        return False
+    return "scaled_dot_product_attention" in source
+
+
+def compile_unet(unet: Any) -> bool:
+    """Compile the UNet's forward in place (not the module, so the hooks `observe` puts on the module
+    stay outside the graph). If Inductor cannot compile on this machine the calls fall back to eager
+    instead of failing the stage."""
+    import torch
+
+    if getattr(unet, "_farm_compiled", False):
+        return True
+    torch._dynamo.config.suppress_errors = True  # a compiler failure costs speed, never a render
+    inductor = torch._inductor.config
+    inductor.conv_1x1_as_mm = True  # the UNets' 1x1 convolutions are matmuls in disguise
+    inductor.coordinate_descent_tuning = True
+    unet.forward = torch.compile(unet.forward, fullgraph=False, dynamic=False)
+    unet._farm_compiled = True
+    log.info("compiled %s forward (first call per shape compiles)", type(unet).__name__)
+    return True
