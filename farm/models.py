@@ -277,7 +277,19 @@ def load_pipeline(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | 
     else:
         pipe = _from_single_file(cls, spec, dtype)
 
-    if spec.family == "sdxl":
+    pipe = prepare_pipeline(pipe, spec.family)
+    if vae is not None:
+        pipe.vae = _load_vae(spec, pipe, vae, dtype)
+    if lora is not None:
+        _load_lora(spec, pipe, lora)
+    if not (cpu_offload and str(device).startswith("cuda")):
+        pipe.to(device)
+    return pipe
+
+
+def prepare_pipeline(pipe: Any, family: str) -> Any:
+    """What the farm changes on any freshly built pipeline of `family`, however it was built."""
+    if family == "sdxl":
         # DPM++ 2M Karras: the documents' sampler (40 steps ~ 60 Euler steps), for real and tiny alike.
         from diffusers import DPMSolverMultistepScheduler
 
@@ -285,14 +297,8 @@ def load_pipeline(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | 
             pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
             use_karras_sigmas=True,
         )
-    if spec.family == "i2vgen":
+    if family == "i2vgen":
         _patch_i2vgen_text_encoder(pipe)
-    if vae is not None:
-        pipe.vae = _load_vae(spec, pipe, vae, dtype)
-    if lora is not None:
-        _load_lora(spec, pipe, lora)
-    if not (cpu_offload and str(device).startswith("cuda")):
-        pipe.to(device)
     return pipe
 
 

@@ -1,0 +1,455 @@
+"""GPU speed and memory of the farm's own stages, per VRAM tier, at real model sizes.
+
+SDXL base, SVD-XT and I2VGen-XL are built at their real architecture sizes with random weights
+(bench/realsize.py; nothing is downloaded) and run through farm.worker.StageWorker, the code a GPU
+worker runs: memory knobs, speed knobs, observe(), the artifact cache. For each tier preset the
+card is capped to that tier's size with torch.cuda.set_per_process_memory_fraction (low 12 GB,
+mid 16 GB, high 24 GB); a stage that does not fit walks the director's OOM ladder
+(farm.presets.next_lower_preset) until it does. Reported: seconds per denoising step, seconds per
+stage, FLOPs per UNet call (counted by torch's FlopCounterMode on the stage's own UNet inputs),
+model FLOP utilisation against the card's bf16 peak, and peak VRAM. Two anchor runs compare with
+published figures at equal settings.
+
+Without a GPU the same code runs at tiny size on the CPU (what CI runs): no GPU figure comes out of
+that, and the OOM ladder is exercised with the worker's fault hook instead of a memory cap.
+
+    python -m bench.gpu                       # real size on a GPU, tiny on a CPU
+    python -m bench.gpu --steps 10 --families sdxl svd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils import flop_counter
+
+from bench import realsize
+from bench.report import table, write_section
+from farm.cache import ArtifactCache
+from farm.effective import keyframe_params, video_params
+from farm.manifest import validate_data
+from farm.models import ModelSpec, resolve_model
+from farm.plan import build_plan
+from farm.presets import (
+    GIB,
+    GPU_TIERS,
+    VideoPreset,
+    base_preset,
+    keyframe_steps,
+    memory_knobs,
+    next_lower_preset,
+    video_steps,
+)
+from farm.worker import OutOfMemory, StageWorker
+
+# What each tier preset must fit in: the bottom of the tier's range (DESIGN.md: low < 16 GB is
+# T4-class 16 GB cards and smaller; 12 GB is the small card the low preset promises to serve).
+TIER_CAP_GB = {"low": 12, "mid": 16, "high": 24}
+QUALITY, SCENE = "balanced", "smooth"
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets, matched against torch's device name in
+# order (the first substring that matches wins, so "H100 PCIe" before "H100", "L40S" before "L4").
+BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("H800", 989.4),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.05),
+    ("L40", 181.05),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+)
+
+# Published end-to-end figures at the settings the anchor runs use.
+ANCHORS = {
+    "sdxl": {"width": 1024, "height": 1024, "steps": 30, "seconds": 2.54,
+             "source": "diffusers SDXL speed-up guide: A100-80GB, bf16, SDPA, torch.compile"},
+    "svd": {"width": 1024, "height": 576, "steps": 25, "frames": 25, "seconds": 22.6,
+            "source": "Stability SVD-XT 1.1 TensorRT model card: H100 PCIe, end to end"},
+}
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    for key, tflops in BF16_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops
+    return None
+
+
+def utilisation(flops: float, seconds: float, peak_tflops: float | None) -> float | None:
+    """Achieved FLOP/s over the peak; None where the peak or the time is unknown."""
+    if not peak_tflops or seconds <= 0:
+        return None
+    return flops / seconds / (peak_tflops * 1e12)
+
+
+def memory_fraction(cap_gb: float, total_bytes: int) -> float:
+    return min(1.0, cap_gb * 1e9 / total_bytes)
+
+
+def _cpu_sdpa_flops(q: Any, k: Any, v: Any, *_args: Any, out_shape: Any = None, **_kwargs: Any) -> int:
+    return flop_counter.sdpa_flop_count(q, k, v)
+
+
+# torch counts the CUDA attention kernels but not the CPU one; without this the tiny CPU run would
+# leave attention out of its FLOPs.
+EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def count_flops(unet: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """FLOPs of one UNet call on these inputs, counted from the ops that actually run."""
+    forward = type(unet).forward if getattr(unet, "_farm_compiled", False) else unet  # eager, for the counter
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter, \
+            torch.no_grad():
+        if forward is unet:
+            unet(*args, **kwargs)
+        else:
+            forward(unet, *args, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def unet_inputs(family: str, width: int, height: int, frames: int, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """Inputs of one guided UNet call (batch 2: unconditional + conditional) of the farm's pipelines,
+    built on the current default device: shapes as the pipelines make them."""
+    h, w = height // 8, width // 8
+    t = torch.tensor(500.0)
+    if family == "sdxl":
+        return ((torch.randn(2, 4, h, w, dtype=dtype), t),
+                {"encoder_hidden_states": torch.randn(2, 77, 2048, dtype=dtype),
+                 "added_cond_kwargs": {"text_embeds": torch.randn(2, 1280, dtype=dtype),
+                                       "time_ids": torch.randn(2, 6, dtype=dtype)}})
+    if family == "svd":
+        return ((torch.randn(2, frames, 8, h, w, dtype=dtype), t),
+                {"encoder_hidden_states": torch.randn(2, 1, 1024, dtype=dtype),
+                 "added_time_ids": torch.randn(2, 3, dtype=dtype)})
+    return ((torch.randn(2, 4, frames, h, w, dtype=dtype), t),
+            {"fps": torch.tensor([8, 8]), "image_latents": torch.randn(2, 4, frames, h, w, dtype=dtype),
+             "image_embeddings": torch.randn(2, 1024, dtype=dtype),
+             "encoder_hidden_states": torch.randn(2, 77, 1024, dtype=dtype)})
+
+
+def architecture_flops(family: str, width: int, height: int, frames: int) -> int:
+    """FLOPs of one guided UNet call at real size, counted on the meta device: no weights, no memory,
+    seconds on any CPU. The GPU run counts the same on the stage's own inputs."""
+    unet = realsize.components(family, "meta", torch.bfloat16)["unet"]
+    with torch.device("meta"):
+        args, kwargs = unet_inputs(family, width, height, frames, torch.bfloat16)
+        return count_flops(unet, args, kwargs)
+
+
+class UnetInputs:
+    """Keeps the first UNet call's inputs of a stage, for counting that call's FLOPs afterwards."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.args: tuple[Any, ...] | None = None
+        self.kwargs: dict[str, Any] = {}
+        self.handle = unet.register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.args is None:
+            self.args, self.kwargs = args, dict(kwargs)
+        self.handle.remove()
+
+
+# --- one stage -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    family: str
+    tier: str
+    width: int
+    height: int
+    steps: int
+    frames: int
+    cap_gb: float | None  # None: the whole card
+    label: str = ""
+    inject_oom: bool = False  # CPU runs exercise the ladder through the worker's fault hook
+
+
+@dataclass
+class Outcome:
+    case: Case
+    preset: str = ""
+    rungs: list[str] = field(default_factory=list)  # presets that ran out of memory, in ladder order
+    ok: bool = False
+    error: str = ""
+    load_s: float = 0.0
+    stage_s: float = 0.0
+    call_s: float = 0.0
+    step_s: float | None = None
+    unet_s: float | None = None
+    unet_calls: int = 0
+    unet_batch: int = 0
+    flops_per_call: int = 0
+    peak_vram: int | None = None
+    mfu: float | None = None
+    unet_util: float | None = None
+
+
+def _manifest(case: Case, fps: int) -> Any:
+    return validate_data({
+        "version": 1, "title": "bench", "seed": 7, "quality": QUALITY,
+        "models": {"keyframe": "tiny", "video": "tiny"},
+        "output": {"fps": fps, "resolution": f"{case.width}x{case.height}"},
+        "shots": [{"id": "bench", "prompt": "a lighthouse on a cliff at dusk, waves crashing, camera pans right",
+                   "duration": max(1.0, case.frames / fps), "scene": SCENE}],
+    })
+
+
+def request(case: Case, spec: ModelSpec, preset: VideoPreset, cache: ArtifactCache) -> dict[str, Any]:
+    """The request the director would send for this stage (farm.effective makes the parameters)."""
+    fps = 7 if case.family == "svd" else 8
+    manifest = _manifest(case, fps)
+    plan = build_plan(manifest, max(case.frames, 1))
+    sp = plan.shots[0]
+    stage = f"bench/{case.family}:{case.tier}:{case.label}"
+    if case.family == "sdxl":
+        params = {**keyframe_params(manifest, sp), "num_inference_steps": case.steps}
+        return {"stage": stage, "kind": "keyframe", "model": spec, "knobs": memory_knobs(case.tier),
+                "params": params, "preset": case.tier, "output_key": f"out-{case.family}-{case.tier}",
+                "cache_dir": str(cache.root)}
+    segment = sp.segments[0]
+    params = video_params(manifest, sp, segment, 11, case.family, preset, fps)
+    params.update(num_frames=case.frames, num_inference_steps=case.steps)
+    image = np.random.default_rng(0).integers(0, 256, (case.height, case.width, 3), dtype=np.uint8)
+    cache.put_arrays("bench-input", last=image)
+    return {"stage": stage, "kind": "video", "model": spec, "knobs": preset.knobs, "params": params,
+            "preset": preset.label(), "input_key": "bench-input", "drop": 0, "kept": case.frames,
+            "output_key": f"out-{case.family}-{case.tier}", "cache_dir": str(cache.root)}
+
+
+def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: ArtifactCache) -> Outcome:
+    """Run one stage the way a worker of `case.tier` would, walking the OOM ladder if it must."""
+    spec = realsize.spec(case.family) if real else resolve_model(realsize.ROLES[case.family], f"tiny:{case.family}")
+    loader = realsize.loader if real else None
+    cuda = torch.cuda.is_available()
+    result = Outcome(case)
+    preset: VideoPreset | None = base_preset(QUALITY, SCENE, case.tier)  # type: ignore[arg-type]
+    if case.family == "sdxl":
+        # Keyframes have no decode-chunk ladder: the tier's memory knobs are the only rung.
+        preset = replace(preset, knobs=memory_knobs(case.tier))  # type: ignore[arg-type]
+    if cuda:
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(memory_fraction(case.cap_gb, total) if case.cap_gb else 1.0)
+    worker = StageWorker(f"bench-{case.tier}", tier=case.tier, **({"loader": loader} if loader else {}))
+    if case.inject_oom:
+        worker.set_faults([{"match": f"bench/{case.family}:*", "kind": "oom", "times": 1}])
+    try:
+        while preset is not None:
+            req = request(case, spec, preset, cache)
+            result.preset = req["preset"]
+            try:
+                started = time.perf_counter()
+                pipe, _ = worker.pipeline(spec, req["knobs"])
+                result.load_s = time.perf_counter() - started
+                inputs = UnetInputs(pipe.unet)
+                report = worker.run(req)
+            except (OutOfMemory, torch.OutOfMemoryError):
+                result.rungs.append(req["preset"])
+                worker.pipelines.clear()
+                if cuda:
+                    torch.cuda.empty_cache()
+                preset = next_lower_preset(preset, QUALITY, SCENE) if case.family != "sdxl" else None
+                continue
+            seen = report["observed"]
+            result.ok = True
+            result.stage_s = report["wall_seconds"]
+            result.call_s = seen["seconds"]
+            result.step_s = seen["step_seconds"]
+            result.unet_calls, result.unet_batch = seen["unet_calls"], seen["unet_batch"]
+            result.unet_s = seen["unet_seconds"] / max(1, seen["unet_calls"])
+            result.peak_vram = seen["peak_vram_bytes"]
+            if inputs.args is not None:
+                result.flops_per_call = count_flops(pipe.unet, inputs.args, inputs.kwargs)
+            # One UNet call per step (guidance batched in it): the step's FLOPs are the call's.
+            if result.step_s:
+                result.mfu = utilisation(result.flops_per_call, result.step_s, peak_tflops)
+            if result.unet_s:
+                result.unet_util = utilisation(result.flops_per_call, result.unet_s, peak_tflops)
+            break
+        else:
+            result.error = "out of memory on every rung of the ladder"
+    finally:
+        worker.pipelines.clear()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    return result
+
+
+# --- the suite -----------------------------------------------------------------------------------
+
+
+def cases(real: bool, families: list[str], tiers: list[str], steps: int | None, anchors: bool) -> list[Case]:
+    out: list[Case] = []
+    for family in families:
+        if real:
+            width, height = 1024, 576  # the farm's video size; keyframes render at the video size
+            frames = realsize.FRAMES[family]
+        else:
+            width, height, frames = 64, 64, (1 if family == "sdxl" else 8)
+        for tier in tiers:
+            if family == "sdxl":
+                tier_steps = steps or (keyframe_steps(QUALITY, None) if real else 2)
+            else:
+                tier_steps = steps or (video_steps(QUALITY, tier, None) if real else 2)  # type: ignore[arg-type]
+            out.append(Case(family, tier, width, height, tier_steps, frames,
+                            TIER_CAP_GB[tier] if real else None, label="tier"))
+        if family != "sdxl":
+            # The high preset on the low tier's card must not fit; the ladder has to bring it down.
+            out.append(Case(family, "high", width, height, steps or 2, frames,
+                            TIER_CAP_GB["low"] if real else None, label="ladder", inject_oom=not real))
+    if anchors and real:
+        for family, a in ANCHORS.items():
+            if family in families:
+                out.append(Case(family, "high", a["width"], a["height"], a["steps"], a.get("frames", 1), None,
+                                label="anchor"))
+    return out
+
+
+def _gb(n: int | None) -> str:
+    return "" if n is None else f"{n / GIB:.2f}"
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{x * 100:.1f}%"
+
+
+def rows(outcomes: list[Outcome]) -> list[dict[str, Any]]:
+    out = []
+    for o in outcomes:
+        c = o.case
+        size = f"{c.width}x{c.height}" + (f"x{c.frames}f" if c.family != "sdxl" else "")
+        out.append({
+            "model": c.family, "run": c.label, "tier preset": c.tier, "card cap GB": c.cap_gb or "all",
+            "size": size, "steps": c.steps, "ran as": o.preset if o.ok else "",
+            "OOM rungs": " > ".join(o.rungs) or "-", "s/step": f"{o.step_s:.3f}" if o.step_s else "",
+            "s/stage": f"{o.stage_s:.2f}" if o.ok else o.error, "UNet GFLOP/call": f"{o.flops_per_call / 1e9:.2f}",
+            "MFU": _pct(o.mfu), "UNet util": _pct(o.unet_util), "peak VRAM GiB": _gb(o.peak_vram),
+            "CFG batch": o.unet_batch,
+        })
+    return out
+
+
+def anchor_lines(outcomes: list[Outcome]) -> list[str]:
+    lines = []
+    for o in outcomes:
+        if o.case.label != "anchor" or not o.ok:
+            continue
+        a = ANCHORS[o.case.family]
+        lines.append(f"- {o.case.family} {o.case.width}x{o.case.height}, {o.case.steps} steps: **{o.call_s:.2f} s** "
+                     f"end to end vs. {a['seconds']} s published ({a['source']}); ratio {o.call_s / a['seconds']:.2f}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()  # one line per case is the progress
+    transformers.utils.logging.disable_progress_bar()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=("auto", "real", "tiny"), default="auto",
+                    help="auto: real size on a GPU, tiny on a CPU")
+    ap.add_argument("--families", nargs="+", default=["sdxl", "svd", "i2vgen"], choices=["sdxl", "svd", "i2vgen"])
+    ap.add_argument("--tiers", nargs="+", default=list(GPU_TIERS), choices=list(GPU_TIERS))
+    ap.add_argument("--steps", type=int, help="denoising steps per stage (default: the tier preset's)")
+    ap.add_argument("--no-anchors", action="store_true")
+    ap.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if not in the table")
+    ap.add_argument("--json", type=Path, help="also write the outcomes here")
+    ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    args = ap.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    real = args.size == "real" or (args.size == "auto" and cuda)
+    if real and not cuda:
+        sys.exit("--size real needs a CUDA GPU (the real-size models are tens of GB of activations)")
+    device_name = torch.cuda.get_device_name(0) if cuda else "CPU"
+    peak = args.peak_tflops or (bf16_peak_tflops(device_name) if cuda else None)
+    outcomes: list[Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="farm-bench-gpu-") as tmp:
+        cache = ArtifactCache(tmp)
+        for case in cases(real, args.families, args.tiers, args.steps, not args.no_anchors):
+            outcome = run_case(case, real=real, peak_tflops=peak, cache=cache)
+            outcomes.append(outcome)
+            print(json.dumps(rows([outcome])[0]), flush=True)
+
+    body = _body(outcomes, real, device_name, peak)
+    print(body)
+    result = {"device": device_name, "real": real, "peak_tflops": peak,
+              "outcomes": [{**o.__dict__, "case": o.case.__dict__} for o in outcomes]}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    if not args.no_write:
+        command = "python -m bench.gpu" + (f" --steps {args.steps}" if args.steps else "")
+        if real:
+            key = "gpu-" + re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+            write_section(key, f"GPU stages at real size: {device_name} (issue 6)", command, body)
+        else:
+            write_section("gpu-cpu-smoke", "bench/gpu.py at tiny size on the CPU (issue 6; not a GPU figure)",
+                          command, body)
+    return result
+
+
+def architecture_rows() -> list[dict[str, Any]]:
+    """FLOPs per guided UNet call at real size (meta device), and what the published anchors imply."""
+    out = []
+    for family, frames in (("sdxl", 1), ("svd", 25), ("i2vgen", 16)):
+        tflop = architecture_flops(family, 1024, 576, frames) / 1e12
+        out.append({"model": family, "size": "1024x576" + (f"x{frames}f" if frames > 1 else ""),
+                    "UNet TFLOP per guided call": f"{tflop:.2f}", "published anchor": "", "implied TFLOP/s": ""})
+    for family, a in ANCHORS.items():
+        frames = a.get("frames", 1)
+        tflop = architecture_flops(family, a["width"], a["height"], frames) / 1e12
+        rate = tflop * a["steps"] / a["seconds"]
+        out.append({"model": family, "size": f"{a['width']}x{a['height']}" + (f"x{frames}f" if frames > 1 else ""),
+                    "UNet TFLOP per guided call": f"{tflop:.2f}",
+                    "published anchor": f"{a['steps']} steps in {a['seconds']} s ({a['source']})",
+                    "implied TFLOP/s": f"{rate:.0f} (UNet only, a lower bound)"})
+    return out
+
+
+def _body(outcomes: list[Outcome], real: bool, device_name: str, peak: float | None) -> str:
+    if real:
+        head = (f"Real architecture sizes (bench/configs/), random weights, bf16, on **{device_name}** "
+                f"(bf16 peak {peak or 'unknown'} TFLOP/s). Each tier preset runs with the card capped to the "
+                "tier's size; `OOM rungs` lists presets that ran out of memory before the ladder found one "
+                "that fits. s/step is the median time between denoising steps; MFU = UNet FLOPs per step / "
+                "s/step / peak; UNet util = the same over time inside the UNet call.\n\n")
+    else:
+        head = ("No GPU: the same code at tiny size on the CPU, so CI keeps it working. These are **not GPU "
+                "figures**; MFU is left out (no bf16 peak for a CPU). The ladder row injects one OOM through "
+                "the worker's fault hook and shows the next rung running.\n\n")
+    text = head + table(rows(outcomes)) + "\n"
+    lines = anchor_lines(outcomes)
+    if lines:
+        text += "\nAnchors at equal settings:\n\n" + "\n".join(lines) + "\n"
+    text += ("\nFLOPs of the real architectures, counted by torch's FlopCounterMode on the meta device (no GPU "
+             "needed; the anchors' rates are derived from their published times, not measured here):\n\n"
+             + table(architecture_rows()) + "\n")
+    utils = [o.unet_util for o in outcomes if o.unet_util is not None and o.case.label == "tier"]
+    if utils:
+        text += f"\nMedian UNet utilisation over the tier runs: {statistics.median(utils) * 100:.1f}% (target > 50%).\n"
+    return text
+
+
+if __name__ == "__main__":
+    main()

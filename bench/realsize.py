@@ -1,0 +1,114 @@
+"""SDXL base, SVD-XT and I2VGen-XL at their real architecture sizes, with random weights.
+
+The architectures come from the component configs in bench/configs/ (copied from the models'
+published config.json files); nothing is downloaded. Random weights render noise, but every
+matmul, convolution and attention has the real shape, which is what speed and memory depend on.
+Tokenizers are the farm's offline byte-level one (farm.tiny): prompts are padded to CLIP's 77
+tokens either way, so the text encoders see the real sequence length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from farm.models import ModelSpec, prepare_pipeline
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_FILES = {"sdxl": "sdxl.json", "svd": "svd_xt.json", "i2vgen": "i2vgen_xl.json"}
+ROLES = {"sdxl": "keyframe", "svd": "video", "i2vgen": "video"}
+FRAMES = {"sdxl": 1, "svd": 25, "i2vgen": 16}
+SEED = 0
+
+
+def config(family: str) -> dict[str, dict[str, Any]]:
+    data = json.loads((CONFIGS / CONFIG_FILES[family]).read_text(encoding="utf-8"))
+    return {name: part for name, part in data.items() if not name.startswith("_")}
+
+
+def spec(family: str) -> ModelSpec:
+    """The ModelSpec a worker keys its resident pipeline on; `location` names the config file."""
+    return ModelSpec(ROLES[family], f"realsize:{family}", family, "dir", str(CONFIGS / CONFIG_FILES[family]),
+                     FRAMES[family])
+
+
+@contextlib.contextmanager
+def _building(device: str | torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Create parameters directly on `device` in `dtype` (no fp32 copy on the host first) from a fixed
+    seed, without disturbing the caller's default dtype or RNG."""
+    previous = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(SEED)
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous)
+
+
+def component(name: str, cfg: dict[str, Any]) -> Any:
+    """One model component from its config (call inside `_building`)."""
+    params = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    class_name = cfg["_class_name"]
+    if class_name.startswith("CLIP"):
+        import transformers
+
+        if "Vision" in class_name:
+            return getattr(transformers, class_name)(transformers.CLIPVisionConfig(**params))
+        from farm.tiny import BOS_ID, EOS_ID
+
+        # The special ids of the offline tokenizer; the pooled output is read at the eos token.
+        text = transformers.CLIPTextConfig(**params, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID)
+        return getattr(transformers, class_name)(text)
+    import diffusers
+
+    return getattr(diffusers, class_name).from_config(params)
+
+
+def components(family: str, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The family's neural components (no tokenizer, scheduler or feature extractor). On the "meta"
+    device nothing is allocated, which is how tests check sizes without gigabytes of weights."""
+    cfg = config(family)
+    with _building(device, dtype):
+        built = {name: component(name, part).eval() for name, part in cfg.items() if name != "scheduler"}
+    # A few diffusers buffers are made with the legacy torch.Tensor(...), which ignores the device context.
+    return {name: module.to(device) for name, module in built.items()}
+
+
+def build(family: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """The whole pipeline at real size, random weights, prepared as the farm prepares a loaded one."""
+    import diffusers
+
+    from farm.tiny import _feature_extractor, build_tokenizer
+
+    cfg = config(family)
+    parts = components(family, device, dtype)
+    parts["scheduler"] = getattr(diffusers, cfg["scheduler"]["_class_name"]).from_config(cfg["scheduler"])
+    if family == "sdxl":
+        pipe = diffusers.StableDiffusionXLPipeline(**parts, tokenizer=build_tokenizer(),
+                                                   tokenizer_2=build_tokenizer(), add_watermarker=False)
+    elif family == "svd":
+        pipe = diffusers.StableVideoDiffusionPipeline(**parts, feature_extractor=_feature_extractor())
+    else:
+        pipe = diffusers.I2VGenXLPipeline(**parts, tokenizer=build_tokenizer(), feature_extractor=_feature_extractor())
+    return prepare_pipeline(pipe, family)
+
+
+def loader(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | None = None, lora: str | None = None,
+           vae: str | None = None, cpu_offload: bool = False) -> Any:
+    """A farm.worker Loader: builds the real-size pipeline where load_pipeline would have put it
+    (on the host when it is to be offloaded)."""
+    if lora or vae:
+        raise ValueError("real-size random models take no LoRA or VAE override")
+    where = "cpu" if cpu_offload or not str(device).startswith("cuda") else device
+    return build(spec.family, where, dtype or torch.float32)
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

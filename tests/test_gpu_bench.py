@@ -1,0 +1,108 @@
+"""bench/gpu.py and bench/realsize.py: real-size architectures, FLOP counting, the tiny CPU path CI runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import gpu, realsize
+
+# Parameter counts of the published checkpoints' components (from their safetensors headers).
+PUBLISHED = {
+    ("sdxl", "unet"): 2_567_463_684,
+    ("sdxl", "vae"): 83_653_863,
+    ("sdxl", "text_encoder"): 123_060_480,
+    ("sdxl", "text_encoder_2"): 694_659_840,
+    ("svd", "unet"): 1_524_623_082,
+    ("svd", "image_encoder"): 632_076_800,
+}
+
+
+@pytest.mark.parametrize("family", ["sdxl", "svd", "i2vgen"])
+def test_realsize_components_have_the_published_sizes(family):
+    parts = realsize.components(family, "meta")  # shapes only: no memory
+    expected = {"sdxl": {"unet", "vae", "text_encoder", "text_encoder_2"},
+                "svd": {"unet", "vae", "image_encoder"},
+                "i2vgen": {"unet", "vae", "text_encoder", "image_encoder"}}[family]
+    assert set(parts) == expected
+    for name, module in parts.items():
+        assert next(module.parameters()).device.type == "meta"
+        count = realsize.parameter_count(module)
+        if (family, name) in PUBLISHED:
+            assert count == PUBLISHED[(family, name)], (family, name)
+        else:
+            assert count > 50_000_000, (family, name)
+    assert realsize.parameter_count(parts["unet"]) > 1_400_000_000  # every UNet is a >1.4B model
+
+
+def test_realsize_pipeline_is_prepared_like_a_loaded_one():
+    pipe = realsize.build("sdxl", "meta", torch.bfloat16)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"  # farm.models.prepare_pipeline ran
+    assert pipe.scheduler.config.use_karras_sigmas
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.unet.config.sample_size == 128
+    assert torch.get_default_dtype() == torch.float32  # the build's default dtype did not leak
+    with pytest.raises(ValueError, match="LoRA"):
+        realsize.loader(realsize.spec("sdxl"), device="cpu", lora="x.safetensors")
+
+
+@pytest.mark.parametrize(("name", "peak"), [
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.05), ("NVIDIA L4", 121.0),
+    ("NVIDIA A10G", 70.0), ("Tesla T4", None),
+])
+def test_bf16_peak_by_device_name(name, peak):
+    assert gpu.bf16_peak_tflops(name) == peak
+
+
+def test_utilisation_and_memory_fraction():
+    assert gpu.utilisation(500e12, 1.0, 1000.0) == pytest.approx(0.5)
+    assert gpu.utilisation(1e12, 0.0, 1000.0) is None and gpu.utilisation(1e12, 1.0, None) is None
+    assert gpu.memory_fraction(12, 80_000_000_000) == pytest.approx(0.15)
+    assert gpu.memory_fraction(24, 16_000_000_000) == 1.0
+
+
+def test_flop_count_includes_cpu_attention():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from farm.tiny import build_tiny_sdxl
+
+    unet = build_tiny_sdxl().unet
+    args = (torch.randn(2, 4, 8, 8), torch.tensor(10.0))
+    kwargs = {"encoder_hidden_states": torch.randn(2, 77, 64),
+              "added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}}
+    with FlopCounterMode(display=False) as plain, torch.no_grad():
+        unet(*args, **kwargs)
+    counted = gpu.count_flops(unet, args, kwargs)
+    assert counted > plain.get_total_flops() > 0  # torch alone leaves the CPU attention kernel out
+
+
+def test_bench_runs_the_farm_stages_at_tiny_size_on_cpu(tmp_path):
+    result = gpu.main(["--size", "tiny", "--families", "sdxl", "svd", "--tiers", "high", "low", "--no-write",
+                       "--json", str(tmp_path / "out.json")])
+    assert result["real"] is False and result["device"] == "CPU"
+    runs = {(o["case"]["family"], o["case"]["label"], o["case"]["tier"]): o for o in result["outcomes"]}
+    assert set(runs) == {("sdxl", "tier", "high"), ("sdxl", "tier", "low"), ("svd", "tier", "high"),
+                         ("svd", "tier", "low"), ("svd", "ladder", "high")}
+    for o in runs.values():
+        assert o["ok"], o
+        assert o["unet_calls"] == o["case"]["steps"] and o["unet_batch"] == 2  # CFG batched
+        assert o["flops_per_call"] > 0 and o["step_s"] > 0 and o["stage_s"] >= o["call_s"] > 0
+        assert o["mfu"] is None  # no GPU peak: no utilisation figure is made up
+    assert runs[("svd", "tier", "low")]["preset"] == "low/chunk6+cpu_offload+forward_chunking+vae_slicing"
+    ladder = runs[("svd", "ladder", "high")]
+    assert ladder["rungs"] == ["high/chunk12"]  # the injected OOM, then the ladder's next rung ran
+    assert ladder["preset"] == "high/chunk12+cpu_offload+forward_chunking+vae_slicing"
+    assert (tmp_path / "out.json").is_file()
+
+
+def test_architecture_flops_at_real_size():
+    """Counted on the meta device: SDXL's guided 1024x1024 UNet call is ~13.5 TFLOP (two ~6.7 TFLOP
+    forwards), and attention makes FLOPs grow faster than pixels."""
+    square = gpu.architecture_flops("sdxl", 1024, 1024, 1)
+    wide = gpu.architecture_flops("sdxl", 1024, 576, 1)
+    assert 12e12 < square < 15e12
+    assert square / wide > 1024 / 576
+    svd = gpu.architecture_flops("svd", 1024, 576, 25)
+    assert svd > 10 * wide  # 25 frames through a UNet about as wide as SDXL's
+    assert gpu.architecture_flops("svd", 1024, 576, 14) < svd
