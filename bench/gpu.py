@@ -20,13 +20,16 @@ that, and the OOM ladder is exercised with the worker's fault hook instead of a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,7 @@ from farm.worker import OutOfMemory, StageWorker
 # T4-class 16 GB cards and smaller; 12 GB is the small card the low preset promises to serve).
 TIER_CAP_GB = {"low": 12, "mid": 16, "high": 24}
 QUALITY, SCENE = "balanced", "smooth"
+WARMUP_STEPS = 2
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, matched against torch's device name in
 # order (the first substring that matches wins, so "H100 PCIe" before "H100", "L40S" before "L4").
@@ -153,6 +157,25 @@ def architecture_flops(family: str, width: int, height: int, frames: int) -> int
         return count_flops(unet, args, kwargs)
 
 
+@contextlib.contextmanager
+def host_syncs() -> Iterator[list[int]]:
+    """Count operations that make the host wait for the GPU (an .item(), a copy to the host, a
+    data-dependent shape) with torch's sync debug mode. Comparing a 2-step and an N-step stage tells
+    per-step syncs, which stall the launch queue, from the few every stage has at its ends."""
+    found = [0]
+    if not torch.cuda.is_available():
+        yield found
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    found[0] = sum("synchroniz" in str(w.message) for w in caught)
+
+
 class UnetInputs:
     """Keeps the first UNet call's inputs of a stage, for counting that call's FLOPs afterwards."""
 
@@ -191,6 +214,8 @@ class Outcome:
     ok: bool = False
     error: str = ""
     load_s: float = 0.0
+    first_s: float = 0.0  # the warm-up stage: compile and first-call costs
+    syncs_per_step: float | None = None  # host-GPU synchronisations the denoising loop adds per step
     stage_s: float = 0.0
     call_s: float = 0.0
     step_s: float | None = None
@@ -242,9 +267,6 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
     cuda = torch.cuda.is_available()
     result = Outcome(case)
     preset: VideoPreset | None = base_preset(QUALITY, SCENE, case.tier)  # type: ignore[arg-type]
-    if case.family == "sdxl":
-        # Keyframes have no decode-chunk ladder: the tier's memory knobs are the only rung.
-        preset = replace(preset, knobs=memory_knobs(case.tier))  # type: ignore[arg-type]
     if cuda:
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(0).total_memory
@@ -260,8 +282,19 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
                 started = time.perf_counter()
                 pipe, _ = worker.pipeline(spec, req["knobs"])
                 result.load_s = time.perf_counter() - started
+                # A first stage of the same shapes but few steps: compiles (where compile is on) and warms
+                # the kernels, as a long-lived worker's first stage does; the timed stage is the next one.
+                warm = {**req, "params": {**req["params"], "num_inference_steps": WARMUP_STEPS},
+                        "output_key": req["output_key"] + "-warmup"}
+                started = time.perf_counter()
+                with host_syncs() as warm_syncs:
+                    worker.run(warm)
+                result.first_s = time.perf_counter() - started
                 inputs = UnetInputs(pipe.unet)
-                report = worker.run(req)
+                with host_syncs() as syncs:
+                    report = worker.run(req)
+                if cuda and case.steps > WARMUP_STEPS:
+                    result.syncs_per_step = (syncs[0] - warm_syncs[0]) / (case.steps - WARMUP_STEPS)
             except (OutOfMemory, torch.OutOfMemoryError):
                 result.rungs.append(req["preset"])
                 worker.pipelines.clear()
@@ -342,9 +375,11 @@ def rows(outcomes: list[Outcome]) -> list[dict[str, Any]]:
             "model": c.family, "run": c.label, "tier preset": c.tier, "card cap GB": c.cap_gb or "all",
             "size": size, "steps": c.steps, "ran as": o.preset if o.ok else "",
             "OOM rungs": " > ".join(o.rungs) or "-", "s/step": f"{o.step_s:.3f}" if o.step_s else "",
-            "s/stage": f"{o.stage_s:.2f}" if o.ok else o.error, "UNet GFLOP/call": f"{o.flops_per_call / 1e9:.2f}",
+            "s/stage": f"{o.stage_s:.2f}" if o.ok else o.error,
+            "load s": f"{o.load_s:.1f}" if o.ok else "", "warm-up stage s": f"{o.first_s:.1f}" if o.ok else "",
+            "UNet GFLOP/call": f"{o.flops_per_call / 1e9:.2f}",
             "MFU": _pct(o.mfu), "UNet util": _pct(o.unet_util), "peak VRAM GiB": _gb(o.peak_vram),
-            "CFG batch": o.unet_batch,
+            "CFG batch": o.unet_batch, "host syncs/step": "" if o.syncs_per_step is None else f"{o.syncs_per_step:.1f}",
         })
     return out
 
@@ -433,7 +468,10 @@ def _body(outcomes: list[Outcome], real: bool, device_name: str, peak: float | N
                 f"(bf16 peak {peak or 'unknown'} TFLOP/s). Each tier preset runs with the card capped to the "
                 "tier's size; `OOM rungs` lists presets that ran out of memory before the ladder found one "
                 "that fits. s/step is the median time between denoising steps; MFU = UNet FLOPs per step / "
-                "s/step / peak; UNet util = the same over time inside the UNet call.\n\n")
+                "s/step / peak; UNet util = the same over time inside the UNet call. Each case first runs a "
+                f"{WARMUP_STEPS}-step stage of the same shapes (compile and first-call costs: `warm-up stage s`); "
+                "the timed stage is the next. `host syncs/step` is what the denoising loop adds per step "
+                "(torch's sync debug mode, N-step minus 2-step stage).\n\n")
     else:
         head = ("No GPU: the same code at tiny size on the CPU, so CI keeps it working. These are **not GPU "
                 "figures**; MFU is left out (no bf16 peak for a CPU). The ladder row injects one OOM through "
