@@ -591,17 +591,8 @@ class SimWorker:
             self.pipelines[key] = name
         return _knobs_dict(knobs)
 
-    def warm(self, specs: list[Any], knobs: Any, lora: str | None = None, vae: str | None = None) -> list[str]:
-        for spec in specs:
-            keyframe = getattr(spec, "role", None) == "keyframe"
-            self.pipeline(spec, knobs, lora if keyframe else None, vae if keyframe else None)
-        return self.loaded_models()
-
     def loaded_models(self) -> list[str]:
         return sorted(set(self.pipelines.values()))
-
-    def holds(self, spec: Any) -> bool:
-        return any(key[0] == _model_id(spec)[0] for key in self.pipelines)
 
     # --- faults and cancellation ---------------------------------------------------------------
 
@@ -663,20 +654,3 @@ class SimWorker:
         finally:
             self.cancelled.discard(stage_id)
         return self._report(started, observed, applied, req["preset"]) | hashes
-
-    def keyframe(self, req: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-        started = time.perf_counter()
-        applied = self.pipeline(req["model"], req["knobs"], req.get("lora"), req.get("vae"))
-        image, observed = sim_keyframe(req["params"], self.cost, self.time_scale)
-        report = self._report(started, observed, applied, req["preset"])
-        return image, report | {"output_sha": array_hash(image)}
-
-    def video(self, req: dict[str, Any], image: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Returns (frames kept for the clip, last frame for the next segment, report)."""
-        started = time.perf_counter()
-        applied = self.pipeline(req["model"], req["knobs"])
-        frames, observed = sim_video(image, req["params"], self.cost, self.time_scale)
-        kept = frames[req["drop"]:req["drop"] + req["kept"]]
-        last = frames[-1].copy()
-        report = self._report(started, observed, applied, req["preset"])
-        return kept, last, report | {"input_sha": array_hash(image), "output_sha": array_hash(last)}

@@ -200,10 +200,6 @@ class Store:
                 (job_id, stage_id, state, attempts, worker, tier, cache_key,
                  json.dumps(record, default=str) if record is not None else None, time.time(), attempts))
 
-    def records(self, job_id: str) -> dict[str, dict[str, Any]]:
-        return {sid: json.loads(r["record"]) for sid, r in self.stage_rows(job_id).items()
-                if r["state"] == "succeeded" and r["record"]}
-
     # --- ledger --------------------------------------------------------------------------------
 
     def add_attempt(self, row: dict[str, Any]) -> None:

@@ -272,7 +272,17 @@ def video_request(tier="mid"):
             "drop": 1, "kept": 7}
 
 
-def test_sim_worker_video_sleeps_cost_times_scale_and_returns_frames():
+def run_video(worker, tmp_path, image, tier="mid", stage="j/video:a:0"):
+    """One simulated video stage through SimWorker.run (the director's only entry point)."""
+    cache = ArtifactCache(tmp_path)
+    cache.put_arrays("in", last=image)
+    report = worker.run({**video_request(tier), "stage": stage, "kind": "video", "cache_dir": str(tmp_path),
+                         "input_key": "in", "output_key": "out"})
+    out = cache.get_arrays("out")
+    return out["frames"], out["last"], report
+
+
+def test_sim_worker_video_sleeps_cost_times_scale_and_returns_frames(tmp_path):
     costs = {**DEFAULT_COSTS, "mid": TierCost(keyframe_step_s=0.5, video_frame_step_s=0.25, load_s=5.0)}
     worker = SimWorker("sim-0", "mid", costs=costs, time_scale=0.01)
     image = np.full((24, 32, 3), 77, dtype=np.uint8)
@@ -280,10 +290,10 @@ def test_sim_worker_video_sleeps_cost_times_scale_and_returns_frames():
     load = 5.0 * 0.01
 
     started = time.perf_counter()
-    kept, last, report = worker.video(video_request(), image)
+    kept, last, report = run_video(worker, tmp_path, image)
     first = time.perf_counter() - started
     started = time.perf_counter()
-    worker.video(video_request(), image)
+    run_video(worker, tmp_path, image)
     second = time.perf_counter() - started
 
     assert cost + load <= first < cost + load + 0.5
@@ -293,20 +303,22 @@ def test_sim_worker_video_sleeps_cost_times_scale_and_returns_frames():
     assert set(report) == {"worker", "tier", "device", "preset", "knobs", "observed", "wall_seconds",
                            "input_sha", "output_sha"}
     assert report["input_sha"] == array_hash(image) and report["output_sha"] == array_hash(last)
-    assert report["observed"]["steps"] == 4 and report["observed"]["decode_chunk_max"] == 3
-    assert report["observed"]["decode_calls"] == 3 and report["observed"]["peak_vram_bytes"] is None
+    observed = report["observed"]
+    assert observed["steps"] == 4 and observed["decode_chunk_max"] == 3 and observed["decode_calls"] == 3
+    assert observed["unet_calls"] == 4 and observed["unet_batch"] == 2 and observed["peak_vram_bytes"] is None
     assert report["device"] == "sim" and report["tier"] == "mid" and report["knobs"]["vae_slicing"] is True
-    again, _, _ = SimWorker("sim-1", "mid", costs=costs, time_scale=0).video(video_request(), image)
+    again, _, _ = run_video(SimWorker("sim-1", "mid", costs=costs, time_scale=0), tmp_path / "again", image)
     assert np.array_equal(kept, again)  # deterministic
 
 
-def test_sim_worker_keyframe_warm_and_info():
+def test_sim_worker_keyframe_and_info(tmp_path):
     worker = SimWorker("sim-k", "high", time_scale=0)
     spec = resolve_model("keyframe", "tiny")
-    assert worker.warm([spec], memory_knobs("high")) == ["tiny"]
-    req = {"model": spec, "knobs": memory_knobs("high"), "preset": "high", "lora": None, "vae": None,
+    req = {"stage": "j/keyframe:a", "kind": "keyframe", "model": spec, "knobs": memory_knobs("high"),
+           "preset": "high", "lora": None, "vae": None, "cache_dir": str(tmp_path), "output_key": "k",
            "params": {"width": 40, "height": 16, "num_inference_steps": 3, "seed": 5}}
-    image, report = worker.keyframe(req)
+    report = worker.run(req)
+    image = ArtifactCache(tmp_path).get_arrays("k")["last"]
     assert image.shape == (16, 40, 3) and image.dtype == np.uint8
     assert report["output_sha"] == array_hash(image) and report["observed"]["steps"] == 3
     info = worker.info()

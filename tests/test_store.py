@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 
@@ -16,7 +17,8 @@ def test_jobs_stages_and_attempts_round_trip(tmp_path):
     store.set_stage("j1", "video:a:0", "succeeded", worker="w0", tier="low", cache_key="k", record={"x": 1})
     store.add_attempt({"job": "j1", "stage": "video:a:0", "attempt": 1, "start": 1.0, "end": 2.0, "seconds": 1.0,
                        "outcome": "succeeded", "cache_hit": 0, "frames": 8})
-    assert store.records("j1") == {"video:a:0": {"x": 1}}
+    row = store.stage_rows("j1")["video:a:0"]
+    assert row["state"] == "succeeded" and json.loads(row["record"]) == {"x": 1} and row["cache_key"] == "k"
     assert store.attempts("j1")[0]["frames"] == 8
     assert store.job_counts()["running"] == 1 and store.job_ids(("running",)) == ["j1"]
     store.set_job_state("j1", "succeeded")
