@@ -106,3 +106,18 @@ def test_architecture_flops_at_real_size():
     svd = gpu.architecture_flops("svd", 1024, 576, 25)
     assert svd > 10 * wide  # 25 frames through a UNet about as wide as SDXL's
     assert gpu.architecture_flops("svd", 1024, 576, 14) < svd
+
+
+@pytest.mark.slow
+def test_real_size_svd_runs_through_the_worker_on_cpu(tmp_path):
+    """The path a GPU run takes, on the CPU at 64 px: the real-size SVD-XT (2.3B parameters, ~9 GB in
+    fp32) built with random weights, loaded by the worker through realsize.loader, a full stage with the
+    high preset. The FLOPs counted on the stage's own UNet inputs equal the meta-device count."""
+    from farm.cache import ArtifactCache
+
+    case = gpu.Case("svd", "high", 64, 64, 3, 2, None, label="cpu-real")
+    outcome = gpu.run_case(case, real=True, peak_tflops=None, cache=ArtifactCache(tmp_path))
+    assert outcome.ok and outcome.rungs == [] and outcome.preset == "high/chunk12"
+    assert outcome.unet_calls == 3 and outcome.unet_batch == 2
+    assert outcome.flops_per_call == gpu.architecture_flops("svd", 64, 64, 2)
+    assert outcome.flops_per_call > 50e9  # a 1.5B-parameter UNet, even at 8x8 latents
