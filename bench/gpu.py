@@ -42,7 +42,7 @@ from bench.report import table, write_section
 from farm.cache import ArtifactCache
 from farm.effective import keyframe_params, video_params
 from farm.manifest import validate_data
-from farm.models import ModelSpec, resolve_model
+from farm.models import ModelSpec, load_pipeline, resolve_model
 from farm.plan import build_plan
 from farm.presets import (
     GIB,
@@ -240,7 +240,7 @@ def _manifest(case: Case, fps: int) -> Any:
 
 def request(case: Case, spec: ModelSpec, preset: VideoPreset, cache: ArtifactCache) -> dict[str, Any]:
     """The request the director would send for this stage (farm.effective makes the parameters)."""
-    fps = 7 if case.family == "svd" else 8
+    fps = 7 if case.family == "svd" else 8  # the pipelines' default conditioning rates (SVD fps=7)
     manifest = _manifest(case, fps)
     plan = build_plan(manifest, max(case.frames, 1))
     sp = plan.shots[0]
@@ -263,7 +263,7 @@ def request(case: Case, spec: ModelSpec, preset: VideoPreset, cache: ArtifactCac
 def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: ArtifactCache) -> Outcome:
     """Run one stage the way a worker of `case.tier` would, walking the OOM ladder if it must."""
     spec = realsize.spec(case.family) if real else resolve_model(realsize.ROLES[case.family], f"tiny:{case.family}")
-    loader = realsize.loader if real else None
+    loader = realsize.loader if real else load_pipeline
     cuda = torch.cuda.is_available()
     result = Outcome(case)
     preset: VideoPreset | None = base_preset(QUALITY, SCENE, case.tier)  # type: ignore[arg-type]
@@ -271,7 +271,7 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(memory_fraction(case.cap_gb, total) if case.cap_gb else 1.0)
-    worker = StageWorker(f"bench-{case.tier}", tier=case.tier, **({"loader": loader} if loader else {}))
+    worker = StageWorker(f"bench-{case.tier}", tier=case.tier, loader=loader)
     if case.inject_oom:
         worker.set_faults([{"match": f"bench/{case.family}:*", "kind": "oom", "times": 1}])
     try:
