@@ -27,7 +27,7 @@ class Encoder:
             os.nice(19 - os.nice(0))
 
     def write_keyframe(self, path: str, params: dict[str, Any], key: str) -> str:
-        return str(write_keyframe_png(Path(path), self.cache.get_arrays(key)["last"], params))
+        return str(write_keyframe_png(Path(path), self.cache.last_frame(key), params))
 
     def encode_clip(self, path: str, fps: float, settings: EncodeSettings, segment_keys: list[str], key: str) -> int:
         frames = np.concatenate([self.cache.get_arrays(k)["frames"] for k in segment_keys], axis=0)

@@ -42,7 +42,7 @@ from bench.report import table, write_section
 from farm.cache import ArtifactCache
 from farm.effective import keyframe_params, video_params
 from farm.manifest import validate_data
-from farm.models import ModelSpec, load_pipeline, resolve_model
+from farm.models import FRAMES_TINY, ModelSpec, load_pipeline, resolve_model
 from farm.plan import build_plan
 from farm.presets import (
     GIB,
@@ -295,11 +295,8 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
                     report = worker.run(req)
                 if cuda and case.steps > WARMUP_STEPS:
                     result.syncs_per_step = (syncs[0] - warm_syncs[0]) / (case.steps - WARMUP_STEPS)
-            except (OutOfMemory, torch.OutOfMemoryError):
+            except OutOfMemory:  # the worker has already freed what the failed attempt held
                 result.rungs.append(req["preset"])
-                worker.pipelines.clear()
-                if cuda:
-                    torch.cuda.empty_cache()
                 preset = next_lower_preset(preset, QUALITY, SCENE) if case.family != "sdxl" else None
                 continue
             seen = report["observed"]
@@ -338,7 +335,7 @@ def cases(real: bool, families: list[str], tiers: list[str], steps: int | None, 
             width, height = 1024, 576  # the farm's video size; keyframes render at the video size
             frames = realsize.FRAMES[family]
         else:
-            width, height, frames = 64, 64, (1 if family == "sdxl" else 8)
+            width, height, frames = 64, 64, (1 if family == "sdxl" else FRAMES_TINY)
         for tier in tiers:
             if family == "sdxl":
                 tier_steps = steps or (keyframe_steps(QUALITY, None) if real else 2)

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from farm.models import ModelSpec, prepare_pipeline
+from farm.models import FRAMES_I2VGEN, FRAMES_SVD_XT, ROLE_FAMILIES, ModelSpec, prepare_pipeline
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 CONFIG_FILES = {"sdxl": "sdxl.json", "svd": "svd_xt.json", "i2vgen": "i2vgen_xl.json"}
-ROLES = {"sdxl": "keyframe", "svd": "video", "i2vgen": "video"}
-FRAMES = {"sdxl": 1, "svd": 25, "i2vgen": 16}
+ROLES = {family: role for role, families in ROLE_FAMILIES.items() for family in families}
+FRAMES = {"sdxl": 1, "svd": FRAMES_SVD_XT, "i2vgen": FRAMES_I2VGEN}
 SEED = 0
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from farm.hashing import content_hash, file_hash
+from farm.hashing import array_hash, content_hash, file_hash
 from farm.paths import atomic_path, state_dir
 
 # Parameters that change how a stage runs, not what it produces.
@@ -74,6 +74,23 @@ class ArtifactCache:
     def get_arrays(self, key: str) -> dict[str, np.ndarray]:
         with np.load(self.path(key, "npz")) as data:
             return {name: data[name] for name in data.files}
+
+    # A stage's frames: "last" is what the next stage starts from, "frames" what the clip shows.
+
+    def last_frame(self, key: str) -> np.ndarray:
+        return self.get_arrays(key)["last"]
+
+    def put_keyframe(self, key: str, image: np.ndarray) -> dict[str, str]:
+        """Store a keyframe stage's image; returns its hash for the stage's report."""
+        self.put_arrays(key, last=image)
+        return {"output_sha": array_hash(image)}
+
+    def put_segment(self, key: str, first: np.ndarray, frames: np.ndarray, drop: int, kept: int) -> dict[str, str]:
+        """Store a video segment started from `first`: the frames the clip keeps and the last one."""
+        last = frames[-1]
+        self.put_arrays(key, frames=frames[drop:drop + kept], last=last)
+        # Input and output hashes make chains checkable: a segment's input is its predecessor's output.
+        return {"input_sha": array_hash(first), "output_sha": array_hash(last)}
 
     def put_json(self, key: str, value: Any) -> Path:
         path = self.path(key, "json")

@@ -29,7 +29,6 @@ import numpy as np
 import yaml
 
 from farm.faults import StageCancelled, fire
-from farm.hashing import array_hash
 from farm.manifest import Manifest, Shot
 from farm.observed import Observed
 from farm.plan import Plan, Stage, output_fps, shot_frames
@@ -641,16 +640,12 @@ class SimWorker:
             if req["kind"] == "keyframe":
                 applied = self.pipeline(req["model"], req["knobs"], req.get("lora"), req.get("vae"))
                 image, observed = sim_keyframe(req["params"], self.cost, self.time_scale, is_cancelled)
-                cache.put_arrays(req["output_key"], last=image)
-                hashes = {"output_sha": array_hash(image)}
+                hashes = cache.put_keyframe(req["output_key"], image)
             else:
                 applied = self.pipeline(req["model"], req["knobs"])
-                first = cache.get_arrays(req["input_key"])["last"]
+                first = cache.last_frame(req["input_key"])
                 frames, observed = sim_video(first, req["params"], self.cost, self.time_scale, is_cancelled)
-                kept = frames[req["drop"]:req["drop"] + req["kept"]]
-                last = frames[-1]
-                cache.put_arrays(req["output_key"], frames=kept, last=last)
-                hashes = {"input_sha": array_hash(first), "output_sha": array_hash(last)}
+                hashes = cache.put_segment(req["output_key"], first, frames, req["drop"], req["kept"])
         finally:
             self.cancelled.discard(stage_id)
         return self._report(started, observed, applied, req["preset"]) | hashes

@@ -76,11 +76,7 @@ def uses_sdpa(pipe: Any) -> bool:
         module = getattr(pipe, name, None)
         if module is not None and hasattr(module, "attn_processors"):
             processors += list(module.attn_processors.values())
-    return bool(processors) and all(_is_sdpa(p) for p in processors)
-
-
-def _is_sdpa(processor: Any) -> bool:
-    return _calls_sdpa(type(processor))
+    return bool(processors) and all(_calls_sdpa(type(p)) for p in processors)
 
 
 @functools.cache

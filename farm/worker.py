@@ -17,7 +17,6 @@ import torch
 from farm.cache import ArtifactCache
 from farm.faults import fire
 from farm.gpu import GpuInfo, gpus, resolve_tier
-from farm.hashing import array_hash
 from farm.models import ModelSpec, apply_memory_knobs, load_pipeline
 from farm.presets import MemoryKnobs, Tier
 from farm.speed import apply_speed_knobs, compile_setting, speed_knobs
@@ -80,13 +79,16 @@ class StageWorker:
             return held[1], held[2]
         if held is not None:  # the OOM ladder asked for other memory knobs: rebuild from scratch
             self.unload(key)
-        pipe = self.loader(spec, device=self.device, dtype=self.dtype, lora=lora, vae=vae,
-                           cpu_offload=knobs.cpu_offload)
-        pipe.set_progress_bar_config(disable=True)  # the farm shows its own progress
-        applied = apply_memory_knobs(pipe, device=self.device, **asdict(knobs))
-        capability = torch.cuda.get_device_capability() if self.device == "cuda" else None
-        fast = speed_knobs(self.device, capability, applied["cpu_offload"], compile_setting())
-        applied |= apply_speed_knobs(pipe, fast)
+        try:
+            pipe = self.loader(spec, device=self.device, dtype=self.dtype, lora=lora, vae=vae,
+                               cpu_offload=knobs.cpu_offload)
+            pipe.set_progress_bar_config(disable=True)  # the farm shows its own progress
+            applied = apply_memory_knobs(pipe, device=self.device, **asdict(knobs))
+            capability = torch.cuda.get_device_capability() if self.device == "cuda" else None
+            fast = speed_knobs(self.device, capability, applied["cpu_offload"], compile_setting())
+            applied |= apply_speed_knobs(pipe, fast)
+        except torch.OutOfMemoryError as exc:  # a load that does not fit is an OOM of the stage like any other
+            raise self._out_of_memory(exc) from None
         self.pipelines[key] = (knobs, pipe, applied)
         return pipe, applied
 
@@ -94,6 +96,13 @@ class StageWorker:
         self.pipelines.pop(key, None)
         if self.device == "cuda":
             torch.cuda.empty_cache()
+
+    def _out_of_memory(self, exc: BaseException) -> OutOfMemory:
+        """Free what the failed call held before the director retries on a lower preset."""
+        self.pipelines.clear()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        return OutOfMemory(str(exc))
 
     def loaded_models(self) -> list[str]:
         return sorted({key[0].source for key in self.pipelines})
@@ -143,23 +152,14 @@ class StageWorker:
             if req["kind"] == "keyframe":
                 pipe, applied = self.pipeline(req["model"], req["knobs"], req.get("lora"), req.get("vae"))
                 image, seen = run_keyframe(pipe, req["params"], is_cancelled)
-                cache.put_arrays(req["output_key"], last=image)
-                hashes = {"output_sha": array_hash(image)}
+                hashes = cache.put_keyframe(req["output_key"], image)
             else:
                 pipe, applied = self.pipeline(req["model"], req["knobs"])
-                first = cache.get_arrays(req["input_key"])["last"]
+                first = cache.last_frame(req["input_key"])
                 frames, seen = run_video(pipe, req["model"].family, first, req["params"], is_cancelled)
-                kept = frames[req["drop"]:req["drop"] + req["kept"]]
-                last = frames[-1]
-                cache.put_arrays(req["output_key"], frames=kept, last=last)
-                # Input and output hashes make chains checkable: a segment's input is its predecessor's output.
-                hashes = {"input_sha": array_hash(first), "output_sha": array_hash(last)}
+                hashes = cache.put_segment(req["output_key"], first, frames, req["drop"], req["kept"])
         except torch.OutOfMemoryError as exc:
-            # Free what the failed call held before the director retries on a lower preset.
-            self.pipelines.clear()
-            if self.device == "cuda":
-                torch.cuda.empty_cache()
-            raise OutOfMemory(str(exc)) from None
+            raise self._out_of_memory(exc) from None
         finally:
             self.cancelled.discard(stage_id)
         self.stages_run += 1
