@@ -247,12 +247,13 @@ class Director:
         return self.status(job_id)
 
     def requeue(self, job_id: str) -> dict[str, Any]:
-        """Run a failed or cancelled job again; finished stages come back from the cache."""
+        """Run a finished job again (failed, cancelled, or succeeded but its outputs are wanted anew);
+        finished stages come back from the cache."""
         with self.lock:
             row = self.store.job(job_id)
             if row is None:
                 raise KeyError(job_id)
-            if row.state in ("failed", "cancelled"):
+            if row.state in ("failed", "cancelled", "succeeded"):
                 if job_id in self.jobs and not self.jobs[job_id].running:
                     del self.jobs[job_id]
                 self.store.set_job_state(job_id, "queued")

@@ -130,7 +130,9 @@ def render(path: Path | str, out_dir: Path | str, *, models: str | None = None, 
         job = ray.get(director.submit.remote(data, str(path.parent), str(out.root), options=options,
                                              priority=priority,
                                              idempotency_key=job_key(data, str(out.root), options)))
-        if job["state"] in ("failed", "cancelled"):  # the same render failed before: try it again
+        if job["state"] in ("failed", "cancelled", "succeeded"):
+            # The same render ran to an end before (its outputs may since be gone or edited): run it
+            # again; every finished stage comes back from the cache, so a complete one costs seconds.
             job = ray.get(director.requeue.remote(job["id"]))
         ray.get(director.ping.remote())
         startup = time.perf_counter() - started

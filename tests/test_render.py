@@ -149,3 +149,21 @@ def test_chains_pass_the_exact_frames(two_renders):
     assert shots["b"]["video"]["segments"][0]["input_sha"] == a_segments[-1]["output_sha"]
     own = load_image(out.parent / "images" / "own.png", (64, 64))
     assert shots["c"]["video"]["segments"][0]["input_sha"] == array_hash(own)
+
+
+def test_rendering_again_after_deleting_the_outputs_writes_them_again(two_renders, tmp_path):
+    """The same storyboard, output folder and options is the same job; once it has succeeded, a new
+    `farm render` still has to produce the files (here they were deleted), from the cache."""
+    import shutil
+
+    data, outs = two_renders
+    path = write_manifest(outs[0].parent, data)
+    out = tmp_path / "again"
+    args = ["render", str(path), "-o", str(out), "--models", "tiny", "--workers", "2", "--tier", "low", "--quiet"]
+    assert cli.main(args) == 0
+    shutil.rmtree(out)
+    assert cli.main(args) == 0
+    assert (out / "final.mp4").is_file() and (out / "manifest.lock.json").is_file()
+    rows = pq.read_table(out / "ledger.parquet").to_pylist()
+    gpu_rows = [r for r in rows if r["stage"].startswith(("keyframe:", "video:"))]
+    assert gpu_rows and all(r["cache_hit"] for r in gpu_rows)  # nothing was denoised again
