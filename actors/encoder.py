@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 
+from actors.remote import actor_class
 from farm.artifacts import write_keyframe_png
 from farm.cache import ArtifactCache
-from farm.encode import EncodeSettings, encode_clip, merge_clips
+from farm.contract import EncodeRequest, EncodeResult, StageKind
+from farm.encode import encode_clip, merge_clips
 
 
 class Encoder:
@@ -29,17 +30,17 @@ class Encoder:
     def write_keyframe(self, path: str, params: dict[str, Any], key: str) -> str:
         return str(write_keyframe_png(Path(path), self.cache.last_frame(key), params))
 
-    def encode_clip(self, path: str, fps: float, settings: EncodeSettings, segment_keys: list[str], key: str) -> int:
-        frames = np.concatenate([self.cache.get_arrays(k)["frames"] for k in segment_keys], axis=0)
-        encode_clip(frames, fps, Path(path), settings)
-        self.cache.put_file(key, Path(path), "mp4")
-        return int(frames.shape[0])
-
-    def merge(self, clips: list[str], out: str, settings: EncodeSettings, options: dict[str, Any], key: str) -> str:
-        merge_clips([Path(c) for c in clips], Path(out), settings, **options)
-        self.cache.put_file(key, Path(out), "mp4")
-        return out
+    def run(self, req: EncodeRequest) -> EncodeResult:
+        """A clip from its segments' frames, or the film from the clips; the result goes to the cache too."""
+        if req.kind == StageKind.CLIP:
+            frames = np.concatenate([self.cache.get_arrays(k)["frames"] for k in req.inputs], axis=0)
+            encode_clip(frames, req.fps, Path(req.dest), req.settings)
+            self.cache.put_file(req.output_key, Path(req.dest), "mp4")
+            return EncodeResult(frames=int(frames.shape[0]))
+        merge_clips([Path(c) for c in req.inputs], Path(req.dest), req.settings, **req.options)
+        self.cache.put_file(req.output_key, Path(req.dest), "mp4")
+        return EncodeResult()
 
 
 # Two ffmpeg processes at once keep a small machine's cores busy while the GPUs render.
-EncoderActor = ray.remote(num_cpus=0, max_concurrency=2)(Encoder)
+EncoderActor = actor_class(Encoder, num_cpus=0, max_concurrency=2)

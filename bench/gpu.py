@@ -5,7 +5,7 @@ SDXL base, SVD-XT and I2VGen-XL are built at their real architecture sizes with 
 worker runs: memory knobs, speed knobs, observe(), the artifact cache. For each tier preset the
 card is capped to that tier's size with torch.cuda.set_per_process_memory_fraction (low 12 GB,
 mid 16 GB, high 24 GB); a stage that does not fit walks the director's OOM ladder
-(farm.presets.next_lower_preset) until it does. Reported: seconds per denoising step, seconds per
+(the job book's Descend decisions) until it does. Reported: seconds per denoising step, seconds per
 stage, FLOPs per UNet call (counted by torch's FlopCounterMode on the stage's own UNet inputs),
 model FLOP utilisation against the card's bf16 peak, and peak VRAM. Two anchor runs compare with
 published figures at equal settings.
@@ -29,34 +29,30 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import torch
 from torch.utils import flop_counter
 
 from bench import realsize
 from bench.report import table, write_section
-from farm.cache import ArtifactCache
-from farm.effective import keyframe_params, video_params
+from farm.cache import ArtifactCache, model_identity
+from farm.contract import FailureKind
+from farm.faults import OutOfMemory
+from farm.gpu.loading import load_pipeline
+from farm.gpu.worker import StageWorker
+from farm.jobbook import Descend, JobBook
+from farm.jobsetup import setup_job
 from farm.manifest import validate_data
-from farm.models import FRAMES_TINY, ModelSpec, load_pipeline, resolve_model
+from farm.models import FRAMES_TINY, ModelSpec, resolve_model
 from farm.plan import build_plan
-from farm.presets import (
-    GIB,
-    GPU_TIERS,
-    VideoPreset,
-    base_preset,
-    keyframe_steps,
-    memory_knobs,
-    next_lower_preset,
-    video_steps,
-)
-from farm.worker import OutOfMemory, StageWorker
+from farm.presets import GIB, GPU_TIERS, keyframe_steps, video_steps
 
-# What each tier preset must fit in: the bottom of the tier's range (DESIGN.md: low < 16 GB is
+# What each tier preset must fit in: the bottom of the tier's range (docs/architecture.md: low < 16 GB is
 # T4-class 16 GB cards and smaller; 12 GB is the small card the low preset promises to serve).
 TIER_CAP_GB = {"low": 12, "mid": 16, "high": 24}
 QUALITY, SCENE = "balanced", "smooth"
@@ -228,64 +224,58 @@ class Outcome:
     unet_util: float | None = None
 
 
-def _manifest(case: Case, fps: int) -> Any:
-    return validate_data({
-        "version": 1, "title": "bench", "seed": 7, "quality": QUALITY,
-        "models": {"keyframe": "tiny", "video": "tiny"},
-        "output": {"fps": fps, "resolution": f"{case.width}x{case.height}"},
-        "shots": [{"id": "bench", "prompt": "a lighthouse on a cliff at dusk, waves crashing, camera pans right",
-                   "duration": max(1.0, case.frames / fps), "scene": SCENE}],
-    })
-
-
-def request(case: Case, spec: ModelSpec, preset: VideoPreset, cache: ArtifactCache) -> dict[str, Any]:
-    """The request the director would send for this stage (farm.effective makes the parameters)."""
+def bench_book(case: Case, spec: ModelSpec, cache: ArtifactCache) -> JobBook:
+    """A one-shot job whose only GPU stage is this case: the director's own job book makes the request
+    (farm.effective's parameters, the tier's preset, the OOM ladder), so nothing here rebuilds it."""
     fps = 7 if case.family == "svd" else 8  # the pipelines' default conditioning rates (SVD fps=7)
-    manifest = _manifest(case, fps)
-    plan = build_plan(manifest, max(case.frames, 1))
-    sp = plan.shots[0]
-    stage = f"bench/{case.family}:{case.tier}:{case.label}"
-    if case.family == "sdxl":
-        params = {**keyframe_params(manifest, sp), "num_inference_steps": case.steps}
-        return {"stage": stage, "kind": "keyframe", "model": spec, "knobs": memory_knobs(case.tier),
-                "params": params, "preset": case.tier, "output_key": f"out-{case.family}-{case.tier}",
-                "cache_dir": str(cache.root)}
-    segment = sp.segments[0]
-    params = video_params(manifest, sp, segment, 11, case.family, preset, fps)
-    params.update(num_frames=case.frames, num_inference_steps=case.steps)
+    root = Path(tempfile.mkdtemp(prefix="job-", dir=cache.root))
     image = np.random.default_rng(0).integers(0, 256, (case.height, case.width, 3), dtype=np.uint8)
+    PIL.Image.fromarray(image).save(root / "input.png")
+    prompt = "a lighthouse on a cliff at dusk, waves crashing, camera pans right"
+    shot: dict[str, Any] = {"id": "bench", "prompt": prompt, "duration": max(1, case.frames) / fps, "scene": SCENE}
+    if case.family != "sdxl":
+        shot["keyframe"] = "input.png"  # the video stage starts from this image
+    manifest = validate_data({
+        "version": 1, "title": "bench", "seed": 7, "quality": QUALITY, "models": {"keyframe": "tiny", "video": "tiny"},
+        "steps": {"keyframe": case.steps, "video": case.steps},
+        "output": {"fps": fps, "resolution": f"{case.width}x{case.height}"}, "shots": [shot]}, root)
+    setup = setup_job(manifest, root)
+    role = realsize.ROLES[case.family]
+    specs = {**setup.specs, role: spec}
+    plan = build_plan(manifest, max(case.frames, 1))
+    setup = replace(setup, specs=specs, plan=plan, identity={r: model_identity(s) for r, s in specs.items()})
     cache.put_arrays("bench-input", last=image)
-    return {"stage": stage, "kind": "video", "model": spec, "knobs": preset.knobs, "params": params,
-            "preset": preset.label(), "input_key": "bench-input", "drop": 0, "kept": case.frames,
-            "output_key": f"out-{case.family}-{case.tier}", "cache_dir": str(cache.root)}
+    return JobBook("bench", setup, str(root / "out"), image_keys={"bench": "bench-input"})
 
 
 def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: ArtifactCache) -> Outcome:
-    """Run one stage the way a worker of `case.tier` would, walking the OOM ladder if it must."""
+    """Run one stage the way a worker of `case.tier` would, walking the OOM ladder as the job book
+    decides when it must."""
     spec = realsize.spec(case.family) if real else resolve_model(realsize.ROLES[case.family], f"tiny:{case.family}")
     loader = realsize.loader if real else load_pipeline
     cuda = torch.cuda.is_available()
     result = Outcome(case)
-    preset: VideoPreset | None = base_preset(QUALITY, SCENE, case.tier)  # type: ignore[arg-type]
     if cuda:
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(memory_fraction(case.cap_gb, total) if case.cap_gb else 1.0)
     worker = StageWorker(f"bench-{case.tier}", tier=case.tier, loader=loader)
     if case.inject_oom:
-        worker.set_faults([{"match": f"bench/{case.family}:*", "kind": "oom", "times": 1}])
+        worker.set_faults([{"match": f"bench/{realsize.ROLES[case.family]}:*", "kind": "oom", "times": 1}])
+    book = bench_book(case, spec, cache)
+    stage = "keyframe:bench" if case.family == "sdxl" else "video:bench:0"
     try:
-        while preset is not None:
-            req = request(case, spec, preset, cache)
-            result.preset = req["preset"]
+        while True:
+            req = replace(book.request(stage, case.tier, str(cache.root)), stage=stage)
+            result.preset = req.preset
             try:
                 started = time.perf_counter()
-                pipe, _ = worker.pipeline(spec, req["knobs"])
+                pipe, _ = worker.pipeline(spec, req.knobs)
                 result.load_s = time.perf_counter() - started
                 # A first stage of the same shapes but few steps: compiles (where compile is on) and warms
                 # the kernels, as a long-lived worker's first stage does; the timed stage is the next one.
-                warm = {**req, "params": {**req["params"], "num_inference_steps": WARMUP_STEPS},
-                        "output_key": req["output_key"] + "-warmup"}
+                warm = replace(req, params={**req.params, "num_inference_steps": WARMUP_STEPS},
+                               output_key=req.output_key + "-warmup")
                 started = time.perf_counter()
                 with host_syncs() as warm_syncs:
                     worker.run(warm)
@@ -296,12 +286,15 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
                 if cuda and case.steps > WARMUP_STEPS:
                     result.syncs_per_step = (syncs[0] - warm_syncs[0]) / (case.steps - WARMUP_STEPS)
             except OutOfMemory:  # the worker has already freed what the failed attempt held
-                result.rungs.append(req["preset"])
-                preset = next_lower_preset(preset, QUALITY, SCENE) if case.family != "sdxl" else None
-                continue
-            seen = report["observed"]
+                result.rungs.append(req.preset)
+                book.dispatched(stage, worker.worker_id, case.tier, req.preset, req.output_key, 0.0)
+                if isinstance(book.on_failure(stage, FailureKind.OOM, "out of memory", 0.0), Descend):
+                    continue
+                result.error = "out of memory on every rung of the ladder"
+                break
+            seen = report.observed
             result.ok = True
-            result.stage_s = report["wall_seconds"]
+            result.stage_s = report.wall_seconds
             result.call_s = seen["seconds"]
             result.step_s = seen["step_seconds"]
             result.unet_calls, result.unet_batch = seen["unet_calls"], seen["unet_batch"]
@@ -315,8 +308,6 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
             if result.unet_s:
                 result.unet_util = utilisation(result.flops_per_call, result.unet_s, peak_tflops)
             break
-        else:
-            result.error = "out of memory on every rung of the ladder"
     finally:
         worker.pipelines.clear()
         if cuda:

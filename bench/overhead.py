@@ -21,15 +21,16 @@ import torch
 
 from bench.report import table, write_section
 from farm.artifacts import load_image
+from farm.driver import render
 from farm.effective import keyframe_params, video_params
 from farm.encode import encode_clip, merge_clips
+from farm.gpu.loading import load_pipeline
+from farm.gpu.stages import to_uint8
+from farm.jobsetup import encode_settings, merge_options, resolve_models
 from farm.manifest import inside_root, load
-from farm.models import load_pipeline
 from farm.plan import build_plan
-from farm.presets import base_preset
+from farm.presets import video_preset
 from farm.preview import preview
-from farm.render import encode_settings, merge_options, render, resolve_models
-from farm.stages import to_uint8
 
 
 def bare_loop(manifest, root: Path, out: Path) -> tuple[float, float, float]:
@@ -62,7 +63,7 @@ def bare_loop(manifest, root: Path, out: Path) -> tuple[float, float, float]:
         else:
             image = last
         frames = []
-        preset = base_preset(manifest.quality, sp.shot.scene, "cpu")
+        preset = video_preset(manifest.quality, sp.shot.scene, "cpu")
         for seg in sp.segments:
             stage = plan.stages[f"video:{sp.shot.id}:{seg.index}"]
             p = video_params(manifest, sp, seg, stage.seed, "svd", preset, plan.fps)

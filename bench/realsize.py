@@ -3,7 +3,7 @@
 The architectures come from the component configs in bench/configs/ (copied from the models'
 published config.json files); nothing is downloaded. Random weights render noise, but every
 matmul, convolution and attention has the real shape, which is what speed and memory depend on.
-Tokenizers are the farm's offline byte-level one (farm.tiny): prompts are padded to CLIP's 77
+Tokenizers are the farm's offline byte-level one (farm.gpu.tiny): prompts are padded to CLIP's 77
 tokens either way, so the text encoders see the real sequence length.
 """
 
@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from farm.models import FRAMES_I2VGEN, FRAMES_SVD_XT, ROLE_FAMILIES, ModelSpec, prepare_pipeline
+from farm.gpu.loading import prepare_pipeline
+from farm.models import FRAMES_I2VGEN, FRAMES_SVD_XT, ROLE_FAMILIES, ModelSpec
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 CONFIG_FILES = {"sdxl": "sdxl.json", "svd": "svd_xt.json", "i2vgen": "i2vgen_xl.json"}
@@ -60,7 +61,7 @@ def component(name: str, cfg: dict[str, Any]) -> Any:
 
         if "Vision" in class_name:
             return getattr(transformers, class_name)(transformers.CLIPVisionConfig(**params))
-        from farm.tiny import BOS_ID, EOS_ID
+        from farm.gpu.tiny import BOS_ID, EOS_ID
 
         # The special ids of the offline tokenizer; the pooled output is read at the eos token.
         text = transformers.CLIPTextConfig(**params, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID)
@@ -85,7 +86,7 @@ def build(family: str, device: str | torch.device = "cpu", dtype: torch.dtype = 
     """The whole pipeline at real size, random weights, prepared as the farm prepares a loaded one."""
     import diffusers
 
-    from farm.tiny import _feature_extractor, build_tokenizer
+    from farm.gpu.tiny import _feature_extractor, build_tokenizer
 
     cfg = config(family)
     parts = components(family, device, dtype)
@@ -102,7 +103,7 @@ def build(family: str, device: str | torch.device = "cpu", dtype: torch.dtype = 
 
 def loader(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | None = None, lora: str | None = None,
            vae: str | None = None, cpu_offload: bool = False) -> Any:
-    """A farm.worker Loader: builds the real-size pipeline where load_pipeline would have put it
+    """A farm.gpu.worker Loader: builds the real-size pipeline where load_pipeline would have put it
     (on the host when it is to be offloaded)."""
     if lora or vae:
         raise ValueError("real-size random models take no LoRA or VAE override")

@@ -12,6 +12,7 @@ the discrete-event simulation's prediction, and dispatch latency (stage ready ->
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -22,11 +23,15 @@ import ray
 
 from bench.report import table, write_section
 from farm.cache import ArtifactCache
+from farm.contract import EncodeRequest, EncodeResult, StageKind
+from farm.jobbook import JobBook
+from farm.jobsetup import setup_job
 from farm.manifest import validate_data
-from farm.plan import build_plan
 from farm.pool import PoolConfig
-from farm.schedule import assign
-from farm.simulate import CLIP_FRAME_S, MERGE_FRAME_S, SimWorker, assign_fifo, lower_bound, simulate
+from farm.schedule import assign, assign_fifo
+from farm.sim.costs import CLIP_FRAME_S, MERGE_FRAME_S
+from farm.sim.engine import lower_bound, simulate
+from farm.sim.worker import SimWorker
 
 CLUSTER = {"high": 4, "mid": 8, "low": 4}
 
@@ -50,44 +55,40 @@ class SimEncoder:
     def __init__(self, cache_dir: str, time_scale: float = 1.0) -> None:
         self.cache = ArtifactCache(cache_dir)
         self.scale = time_scale
-
-    def _write(self, path: str, key: str, seconds: float) -> None:
-        time.sleep(seconds * self.scale)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(b"sim")
-        self.cache.put_file(key, Path(path), "mp4")
-
-    def write_keyframe(self, path: str, params: dict[str, Any], key: str) -> str:
-        return path
-
-    def encode_clip(self, path: str, fps: float, settings: Any, segment_keys: list[str], key: str) -> int:
-        frames = sum(len(self.cache.get_arrays(k)["frames"]) for k in segment_keys)
-        self._write(path, key, frames * CLIP_FRAME_S)
-        return frames
-
-    def merge(self, clips: list[str], out: str, settings: Any, options: dict[str, Any], key: str) -> str:
-        # the whole film's frames at the merge's per-frame cost, as in the simulator
-        self._write(out, key, self.frames * MERGE_FRAME_S)
-        return out
-
-    frames = 0
+        self.frames = 0
 
     def set_frames(self, frames: int) -> None:
         self.frames = frames
 
+    def write_keyframe(self, path: str, params: dict[str, Any], key: str) -> str:
+        return path
+
+    def run(self, req: EncodeRequest) -> EncodeResult:
+        if req.kind == StageKind.CLIP:
+            frames = sum(len(self.cache.get_arrays(k)["frames"]) for k in req.inputs)
+            seconds = frames * CLIP_FRAME_S
+        else:  # the whole film's frames at the merge's per-frame cost, as in the simulator
+            frames, seconds = 0, self.frames * MERGE_FRAME_S
+        time.sleep(seconds * self.scale)
+        Path(req.dest).parent.mkdir(parents=True, exist_ok=True)
+        Path(req.dest).write_bytes(b"sim")
+        self.cache.put_file(req.output_key, Path(req.dest), "mp4")
+        return EncodeResult(frames)
+
 
 def run_director(policy_name: str, assign_fn: Any, data: dict[str, Any], root: Path, scale: float) -> dict[str, Any]:
-    from actors.director import Policy, get_director
+    from actors.director import get_director
+    from farm.config import PolicyConfig
 
     director = get_director(PoolConfig(), name=f"bench-{policy_name}", store_path=str(root / f"{policy_name}.sqlite"),
-                            cache_dir=str(root / f"cache-{policy_name}"), policy=Policy(reconcile_s=1.0),
+                            cache_dir=str(root / f"cache-{policy_name}"), policy=PolicyConfig(reconcile_s=1.0),
                             backend=SimWorker, backend_args={"time_scale": scale}, encoder_backend=SimEncoder,
                             encoder_args={"time_scale": scale}, assign_fn=assign_fn)
     deadline = time.time() + 300
     while ray.get(director.stats.remote())["workers"] < sum(CLUSTER.values()):
         assert time.time() < deadline, "workers did not start"
         time.sleep(0.5)
-    plan = build_plan(validate_data(data, root), 25)
+    plan = setup_job(data, root).plan
     # the simulated encoder needs the film's length for the merge's cost
     ray.get(ray.get(director.encoder_handle.remote()).set_frames.remote(sum(sp.frames for sp in plan.shots)))
     job = ray.get(director.submit.remote(data, str(root), str(root / f"out-{policy_name}")))
@@ -106,14 +107,15 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     data = storyboard()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address="local", resources={f"farm_tier_{t}": n for t, n in CLUSTER.items()}, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        manifest = validate_data(data, root)
-        plan = build_plan(manifest, 25)
-        bound = lower_bound(plan, manifest, CLUSTER)
-        predicted = {name: simulate(plan, manifest, CLUSTER, policy=fn).makespan
+        setup = setup_job(validate_data(data, root), root)
+        plan = setup.plan
+        bound = lower_bound(JobBook("bench", setup, str(root)), CLUSTER)
+        predicted = {name: simulate(JobBook("bench", setup, str(root)), CLUSTER, policy=fn).makespan
                      for name, fn in (("farm", assign), ("fifo", assign_fifo))}
         measured = {name: run_director(name, fn, data, root, args.time_scale)
                     for name, fn in (("farm", assign), ("fifo", assign_fifo))}

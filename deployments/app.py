@@ -1,6 +1,6 @@
 """The farm's HTTP API: a Ray Serve application with a FastAPI ingress in front of the director.
 
-Routes and shapes follow DESIGN.md's "HTTP API contract"; the OpenAPI document at /openapi.json is
+Routes and shapes follow the HTTP API contract (README, docs/architecture.md); the OpenAPI document at /openapi.json is
 generated from this file. Request checks (auth, size, limits, paths) happen here, before anything
 reaches the director; the director validates again, so no client can skip a rule.
 """
@@ -10,7 +10,6 @@ reaches the director; the director validates again, so no client can skip a rule
 import asyncio
 import hmac
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,10 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from ray import serve
 
 from farm import __version__
+from farm.config import FarmConfig, current
+from farm.contract import ACTIVE_STATES, JobState
 from farm.manifest import FieldError, Manifest, ManifestError, parse_text, validate_data
-from farm.paths import state_dir
-
-ACTIVE = ("queued", "running")
+from farm.schemas import FieldProblem, Health, JobStatus, Problem, WorkerInfo
 
 
 @dataclass(frozen=True)
@@ -41,19 +40,20 @@ class Limits:
 @dataclass(frozen=True)
 class Settings:
     token: str | None = None
-    root: str = field(default_factory=lambda: str(state_dir() / "inputs"))  # where manifest paths may point
+    root: str = field(default_factory=lambda: str(current().inputs_root))  # where manifest paths may point
     limits: Limits = Limits()
     director_name: str = "farm-director"
     tier: str = "auto"
     workers: int | None = None
     models: str | None = None  # "tiny": every job renders with tiny models (demo and tests)
+    config: FarmConfig | None = None
 
     @classmethod
-    def from_env(cls, **over: Any) -> "Settings":
-        limits = Limits(max_body_bytes=int(os.environ.get("FARM_MAX_BODY_BYTES", Limits.max_body_bytes)))
-        base = {"token": os.environ.get("FARM_API_TOKEN") or None, "limits": limits}
-        if os.environ.get("FARM_ALLOWED_ROOT"):
-            base["root"] = os.environ["FARM_ALLOWED_ROOT"]
+    def from_config(cls, config: FarmConfig | None = None, **over: Any) -> "Settings":
+        """The API's settings from the farm config (file and FARM_* variables); `over` wins."""
+        config = config or current()
+        base = {"token": config.api.token, "limits": Limits(max_body_bytes=config.api.max_body_bytes),
+                "root": str(config.inputs_root), "config": config}
         return cls(**(base | over))
 
 
@@ -83,8 +83,8 @@ def limit_errors(manifest: Manifest, limits: Limits) -> list[FieldError]:
 
 def model_path_errors(manifest: Manifest, root: Path, override: str | None) -> list[FieldError]:
     """Local model folders/files named over HTTP must sit inside the allowed root too."""
+    from farm.jobsetup import resolve_models
     from farm.models import ModelError
-    from farm.render import resolve_models
 
     try:
         specs = resolve_models(manifest, root, override)
@@ -97,6 +97,13 @@ def model_path_errors(manifest: Manifest, root: Path, override: str | None) -> l
             if location != root.resolve() and root.resolve() not in location.parents:
                 errors.append(FieldError(("models", role), "local model paths must be inside the farm's input root"))
     return errors
+
+
+Responses = dict[int | str, dict[str, Any]]
+UNPROCESSABLE: Responses = {422: {"model": list[FieldProblem],
+                                   "description": "invalid manifest: one entry per problem"}}
+UNAUTHORIZED: Responses = {401: {"model": Problem, "description": "missing or wrong bearer token"}}
+NOT_FOUND: Responses = {404: {"model": Problem, "description": "no such job"}}
 
 
 def unprocessable(errors: list[FieldError]) -> JSONResponse:
@@ -123,21 +130,17 @@ def bearer(request: Request, authorization: str | None = Header(default=None)) -
                             headers={"WWW-Authenticate": "Bearer"})
 
 
-# Handlers are async and mostly await the director: one replica holds many requests at once (Serve's
-# default of 5 made 32 concurrent clients queue behind its router's back-off, ~10 req/s).
-@serve.deployment(num_replicas=1, max_ongoing_requests=64,
-                  ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}})
 @serve.ingress(app)
-class FarmAPI:
+class FarmIngress:
     def __init__(self, settings: Settings | None = None) -> None:
         from actors.director import get_director
         from farm.pool import PoolConfig
 
-        self.settings = settings or Settings.from_env()
+        self.settings = settings or Settings.from_config()
         app.state.settings = self.settings
         Path(self.settings.root).mkdir(parents=True, exist_ok=True)
         self.director = get_director(PoolConfig(self.settings.tier, self.settings.workers),
-                                     name=self.settings.director_name)
+                                     name=self.settings.director_name, config=self.settings.config)
 
     async def _status(self, job_id: str) -> dict[str, Any]:
         try:
@@ -145,12 +148,12 @@ class FarmAPI:
         except KeyError:
             raise HTTPException(status_code=404, detail=f"no job {job_id}") from None
 
-    @app.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    @app.get("/healthz", response_model=Health)
+    async def healthz(self) -> Health:
+        return Health(status="ok", version=__version__)
 
-    @app.post("/v1/jobs", status_code=202, dependencies=[Depends(bearer)],
-              responses={413: {"description": "body too large"}, 422: {"description": "invalid manifest"}})
+    @app.post("/v1/jobs", status_code=202, dependencies=[Depends(bearer)], response_model=JobStatus,
+              responses={413: {"model": Problem, "description": "body too large"}, **UNPROCESSABLE, **UNAUTHORIZED})
     async def submit(self, request: Request, priority: int = Query(0, ge=-100, le=100),
                      idempotency_key: str | None = Header(default=None, max_length=200)) -> Any:
         """Queue a storyboard: the manifest as JSON or YAML in the body."""
@@ -177,15 +180,17 @@ class FarmAPI:
             return unprocessable(exc.errors)
         return JSONResponse(status_code=202, content=job)
 
-    @app.get("/v1/jobs", dependencies=[Depends(bearer)])
+    @app.get("/v1/jobs", dependencies=[Depends(bearer)], response_model=list[JobStatus], responses=UNAUTHORIZED)
     async def list_jobs(self) -> list[dict[str, Any]]:
         return await self.director.list_jobs.remote()
 
-    @app.get("/v1/jobs/{job_id}", dependencies=[Depends(bearer)])
+    @app.get("/v1/jobs/{job_id}", dependencies=[Depends(bearer)], response_model=JobStatus,
+             responses={**UNAUTHORIZED, **NOT_FOUND})
     async def job(self, job_id: str) -> dict[str, Any]:
         return await self._status(job_id)
 
-    @app.delete("/v1/jobs/{job_id}", dependencies=[Depends(bearer)])
+    @app.delete("/v1/jobs/{job_id}", dependencies=[Depends(bearer)], response_model=JobStatus,
+                responses={**UNAUTHORIZED, **NOT_FOUND})
     async def cancel(self, job_id: str) -> dict[str, Any]:
         await self._status(job_id)
         return await self.director.cancel.remote(job_id)
@@ -204,7 +209,7 @@ class FarmAPI:
                     finished |= event["type"] == "job_finished"
                     yield f"id: {since + i}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
                 since += len(events)
-                if state not in ACTIVE:
+                if JobState(state) not in ACTIVE_STATES:
                     if not finished:  # ended before this stream saw its events (or a director restart)
                         yield f"event: job_finished\ndata: {json.dumps({'job': job_id, 'state': state})}\n\n"
                     return
@@ -218,12 +223,12 @@ class FarmAPI:
     async def output(self, job_id: str) -> FileResponse:
         """The film, with HTTP Range support (players seek without downloading it all)."""
         status = await self._status(job_id)
-        if status["state"] != "succeeded":
+        if status["state"] != JobState.SUCCEEDED:
             raise HTTPException(status_code=409, detail=f"job is {status['state']}")
         return FileResponse(Path(status["out_dir"]) / "final.mp4", media_type="video/mp4",
                             filename=f"{job_id}.mp4")
 
-    @app.get("/v1/workers", dependencies=[Depends(bearer)])
+    @app.get("/v1/workers", dependencies=[Depends(bearer)], response_model=list[WorkerInfo], responses=UNAUTHORIZED)
     async def workers(self) -> list[dict[str, Any]]:
         return await self.director.workers_info.remote()
 
@@ -236,8 +241,15 @@ class FarmAPI:
                                  media_type="text/plain; version=0.0.4")
 
 
+# Handlers are async and mostly await the director: one replica holds many requests at once (Serve's
+# default of 5 made 32 concurrent clients queue behind its router's back-off, ~10 req/s).
+HEAD_NODE = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+FarmAPI = serve.deployment(name="FarmAPI", num_replicas=1, max_ongoing_requests=64,
+                           ray_actor_options=HEAD_NODE)(FarmIngress)
+
+
 def build(args: dict[str, Any]) -> Any:
     """Builder for `serve run`/`serve deploy` (deployments/serve_config.yaml): args override the env."""
-    settings = Settings.from_env(**{k: v for k, v in args.items() if k in ("director_name", "tier", "workers",
+    settings = Settings.from_config(**{k: v for k, v in args.items() if k in ("director_name", "tier", "workers",
                                                                             "models", "root")})
     return FarmAPI.bind(settings)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
@@ -13,6 +14,12 @@ import PIL.PngImagePlugin
 from farm.hashing import canonical_json
 from farm.paths import atomic_path, atomic_write_text
 from farm.store import LEDGER_COLUMNS
+
+if TYPE_CHECKING:
+    from farm.cache import ArtifactCache
+    from farm.jobbook import JobBook
+    from farm.jobsetup import JobSetup
+    from farm.plan import Stage
 
 
 def write_keyframe_png(path: Path, image: np.ndarray, params: dict[str, Any]) -> Path:
@@ -26,7 +33,7 @@ def write_keyframe_png(path: Path, image: np.ndarray, params: dict[str, Any]) ->
 
 def read_png_parameters(path: Path) -> dict[str, Any]:
     with PIL.Image.open(path) as img:
-        return json.loads(img.text["parameters"])
+        return json.loads(img.info["parameters"])
 
 
 def write_lockfile(path: Path, lock: dict[str, Any]) -> Path:
@@ -53,4 +60,63 @@ def write_ledger(path: Path, rows: list[dict[str, Any]]) -> Path:
 def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
     """A user-supplied keyframe, converted to RGB at the generation size."""
     with PIL.Image.open(path) as img:
-        return np.asarray(img.convert("RGB").resize(size, PIL.Image.LANCZOS))
+        return np.asarray(img.convert("RGB").resize(size, PIL.Image.Resampling.LANCZOS))
+
+
+def user_images(setup: JobSetup) -> dict[str, tuple[Path, str]]:
+    """Users' own first frames: shot -> (file, cache key). The key hashes the file's bytes and the
+    generation size, so an edited image is a new input."""
+    from farm.cache import image_key
+    from farm.manifest import inside_root
+
+    out = {}
+    for sp in setup.plan.shots:
+        if sp.first_frame_from == "image" and sp.shot.keyframe is not None:
+            path = inside_root(setup.root, sp.shot.keyframe)
+            out[sp.shot.id] = (path, image_key(path, setup.manifest.output.size))
+    return out
+
+
+def ingest_images(setup: JobSetup, cache: ArtifactCache) -> dict[str, str]:
+    """Read users' own first frames into the cache at the generation size, once: shot -> cache key."""
+    out = {}
+    for shot, (path, key) in user_images(setup).items():
+        if not cache.has(key, "npz"):
+            cache.put_arrays(key, last=load_image(path, setup.manifest.output.size))
+        out[shot] = key
+    return out
+
+
+def write_job_ledger(path: Path, attempts: list[dict[str, Any]]) -> Path:
+    """OUT/ledger.parquet from the store's attempt rows (Unix times become UTC timestamps)."""
+    from datetime import UTC, datetime
+
+    rows = [row | {"start": datetime.fromtimestamp(row["start"], UTC), "end": datetime.fromtimestamp(row["end"], UTC),
+                   "cache_hit": bool(row["cache_hit"])} for row in attempts]
+    return write_ledger(path, rows)
+
+
+def write_outputs(book: JobBook, attempts: list[dict[str, Any]]) -> None:
+    """A finished job's ledger and lockfile (the film, clips and keyframes are written by their stages)."""
+    from farm.lockfile import build_lock
+
+    setup = book.setup
+    write_job_ledger(book.layout.ledger, attempts)
+    encode = setup.encode_identity() | {k: v for k, v in setup.merge_options.items() if k != "fps"}
+    lock = build_lock(book.id, setup.manifest, setup.plan, setup.specs, book.records(), encode)
+    lock["preview"] = setup.preview
+    write_lockfile(book.layout.lockfile, lock)
+
+
+def from_cache(cache: ArtifactCache, book: JobBook, stage: Stage, tiers: Iterable[str], now: float) -> bool:
+    """Finish `stage` from the cache if a finished copy is there (copying a CPU stage's file to its
+    place in the outputs). True if it was."""
+    for key in book.probe_keys(stage, tiers):
+        if stage.gpu and cache.has(key, "npz") and cache.has(key, "json"):
+            book.on_cache_hit(stage.id, key, cache.get_json(key), now)
+            return True
+        if not stage.gpu and cache.has(key, "mp4"):
+            cache.get_file(key, Path(book.encode_request(stage.id).dest), "mp4")
+            book.on_cache_hit(stage.id, key, {}, now)
+            return True
+    return False

@@ -10,7 +10,6 @@ or an edited storyboard finds them by key and skips the work.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,15 @@ from typing import Any
 import numpy as np
 
 from farm.hashing import array_hash, content_hash, file_hash
-from farm.paths import atomic_path, state_dir
+from farm.models import ModelSpec, model_revision
+from farm.paths import atomic_path
 
 # Parameters that change how a stage runs, not what it produces.
 EXECUTION_ONLY = ("decode_chunk_size",)
 
 
-def model_identity(spec: Any) -> dict[str, Any]:
-    from farm.models import model_revision
-
+def model_identity(spec: ModelSpec) -> dict[str, Any]:
+    """What of a model determines its pictures (the revision is read cheaply, never by hashing weights)."""
     return {"family": spec.family, "kind": spec.kind, "location": spec.location, "revision": model_revision(spec)}
 
 
@@ -57,7 +56,11 @@ class ArtifactCache:
     must be shared storage (FARM_CACHE_DIR on NFS/EFS) for workers on other nodes to reuse outputs."""
 
     def __init__(self, root: Path | str | None = None) -> None:
-        self.root = Path(root or os.environ.get("FARM_CACHE_DIR") or state_dir() / "cache")
+        if root is None:
+            from farm.config import current
+
+            root = current().cache_path
+        self.root = Path(root)
 
     def path(self, key: str, suffix: str) -> Path:
         return self.root / key[:2] / f"{key}.{suffix}"
@@ -68,7 +71,8 @@ class ArtifactCache:
     def put_arrays(self, key: str, **arrays: np.ndarray) -> Path:
         path = self.path(key, "npz")
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)  # uncompressed: frames are noise-like to zlib, and speed matters here
+            # uncompressed: frames are noise-like to zlib, and speed matters here
+            np.savez(fh, allow_pickle=False, **arrays)
         return path
 
     def get_arrays(self, key: str) -> dict[str, np.ndarray]:

@@ -50,27 +50,28 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from farm.jobsetup import setup_job
     from farm.manifest import load
-    from farm.plan import build_plan
-    from farm.render import resolve_models
 
     try:
         manifest = load(args.file)
+        setup = setup_job(manifest, Path(args.file).parent, {"models": args.models})
     except ManifestError as exc:
         for error in exc.errors:
             print(error)
         return EXIT_INVALID
-    specs = resolve_models(manifest, Path(args.file).parent, args.models)
+    specs, plan = setup.specs, setup.plan
     if args.simulate:
-        from farm.simulate import simulate_file
+        from farm.sim.engine import Faults
+        from farm.sim.report import simulate_file
 
         try:
-            print(simulate_file(args.file, args.simulate, frames_per_call=specs["video"].frames_per_call))
-        except (ValueError, OSError) as exc:
+            faults = Faults(error_rate=args.fail_rate, oom_rate=args.oom_rate, seed=args.seed)
+            print(simulate_file(args.file, args.simulate, models=args.models, faults=faults))
+        except (ValueError, OSError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_INVALID
         return EXIT_OK
-    plan = build_plan(manifest, specs["video"].frames_per_call)
     rows = [{"stage": s.id, "kind": s.kind, "shot": s.shot or "", "frames": s.segment.frames if s.segment else "",
              "deps": ",".join(s.deps)} for s in plan.stages.values()]
     print_table(rows)
@@ -80,8 +81,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from farm.driver import RenderError, render
     from farm.models import ModelError
-    from farm.render import RenderError, render
 
     try:
         result = render(args.file, args.output, models=args.models, workers=args.workers, tier=args.tier,
@@ -115,10 +116,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import signal as signals
 
-    token = os.environ.get("FARM_API_TOKEN")
-    if not is_loopback(args.host) and not token:
-        print(f"error: refusing to listen on {args.host} without FARM_API_TOKEN (anyone could submit jobs)",
-              file=sys.stderr)
+    from farm.config import current
+
+    if not is_loopback(args.host) and not current().api.token:
+        print(f"error: refusing to listen on {args.host} without an API token (FARM_API_TOKEN or api.token in "
+              "the farm config): anyone could submit jobs", file=sys.stderr)
         return EXIT_INVALID
     import ray
     from ray import serve
@@ -127,9 +129,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not ray.is_initialized():
         # RAY_ADDRESS set: join that cluster; otherwise a local one.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": args.port})
-    settings = Settings.from_env(models=args.models, tier=args.tier, workers=args.workers)
+    settings = Settings.from_config(models=args.models, tier=args.tier, workers=args.workers)
     serve.run(FarmAPI.bind(settings), name="farm", route_prefix="/")
     print(f"farm API on http://{args.host}:{args.port} (OpenAPI at /openapi.json); Ctrl-C stops it", flush=True)
     signals.sigwait({signals.SIGINT, signals.SIGTERM})
@@ -139,8 +142,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> Any:
     from farm.client import Client
+    from farm.config import current
 
-    return Client(args.server, args.token)
+    return Client(args.server or current().server, args.token or current().api.token)
 
 
 def _client_call(fn: Any) -> int:
@@ -198,6 +202,17 @@ def cmd_workers(args: argparse.Namespace) -> int:
     return _client_call(client.workers)
 
 
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from farm.config import describe, load_config
+
+    config, sources = load_config(args.config)
+    if args.json:
+        print(json.dumps([{"key": k, "value": v, "source": src} for k, v, src in describe(config, sources)], indent=2))
+    else:
+        print_table([{"key": k, "value": _fmt(v), "source": src} for k, v, src in describe(config, sources)])
+    return EXIT_OK
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "-".join(str(v) for v in value)
@@ -216,6 +231,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="farm", description="A Ray render farm for AI video.")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="farm config file (default $FARM_CONFIG, else <state dir>/config.yaml if it exists)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("validate", help="check a storyboard manifest; exit 2 with one line per error")
@@ -234,6 +251,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--models", choices=["tiny"], default=None)
     s.add_argument("--simulate", metavar="CLUSTER",
                    help="estimate the makespan on a cluster: a cluster.yaml or a file with `tiers: {high: 4, mid: 8}`")
+    s.add_argument("--fail-rate", type=float, default=0.0, metavar="P",
+                   help="with --simulate: the share of GPU attempts that fail with an error (then retried)")
+    s.add_argument("--oom-rate", type=float, default=0.0, metavar="P",
+                   help="with --simulate: the share of GPU attempts that run out of memory (walk the preset ladder)")
+    s.add_argument("--seed", type=int, default=0, help="with --simulate: seed of the simulated faults")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("render", help="render a storyboard on a local Ray")
@@ -260,8 +282,9 @@ def parser() -> argparse.ArgumentParser:
 
     def remote(name: str, help_text: str) -> argparse.ArgumentParser:
         r = sub.add_parser(name, help=help_text)
-        r.add_argument("--server", default=None, help="farm URL (default $FARM_SERVER or http://127.0.0.1:8000)")
-        r.add_argument("--token", default=None, help="API token (default $FARM_API_TOKEN)")
+        r.add_argument("--server", default=None, help="farm URL (default: the farm config's server, $FARM_SERVER, "
+                       "or http://127.0.0.1:8000)")
+        r.add_argument("--token", default=None, help="API token (default: the farm config's, or $FARM_API_TOKEN)")
         return r
 
     s = remote("submit", "submit a storyboard to a running farm")
@@ -283,6 +306,12 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_fetch)
     s = remote("workers", "the farm's workers: node, GPU, VRAM, tier, state, loaded models")
     s.set_defaults(func=cmd_workers)
+
+    s = sub.add_parser("config", help="the farm config every entry point reads")
+    config_sub = s.add_subparsers(dest="config_command", required=True)
+    c = config_sub.add_parser("show", help="every effective value and where it came from (file, variable, default)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_config_show)
     return p
 
 
@@ -292,6 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     # `farm presets | head` should end quietly, like any Unix tool.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = parser().parse_args(argv)
+    from farm.config import ConfigError, install, load_config
+
+    try:
+        install(load_config(args.config)[0])  # one config for this process and the actors it starts
+    except ConfigError as exc:
+        print(f"error: farm config: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     return int(args.func(args))
 
 

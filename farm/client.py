@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,10 @@ class ApiError(RuntimeError):
 
 class Client:
     def __init__(self, server: str | None = None, token: str | None = None, timeout: float = 30.0) -> None:
-        self.server = (server or os.environ.get("FARM_SERVER") or DEFAULT_SERVER).rstrip("/")
-        token = token or os.environ.get("FARM_API_TOKEN")
+        from farm.config import current
+
+        self.server = (server or current().server or DEFAULT_SERVER).rstrip("/")
+        token = token or current().api.token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
 

@@ -9,7 +9,7 @@ from farm.manifest import Manifest
 from farm.plan import Segment, ShotPlan
 from farm.presets import (
     SCENE_PRESETS,
-    VideoPreset,
+    Preset,
     i2vgen_guidance,
     keyframe_steps,
     motion_bucket,
@@ -34,7 +34,7 @@ def keyframe_params(manifest: Manifest, sp: ShotPlan) -> dict[str, Any]:
 
 
 def video_params(manifest: Manifest, sp: ShotPlan, segment: Segment, seed: int, family: str,
-                 preset: VideoPreset, fps: int) -> dict[str, Any]:
+                 preset: Preset, fps: int) -> dict[str, Any]:
     shot = sp.shot
     width, height = manifest.output.size
     pinned = (shot.steps and shot.steps.video) or manifest.steps.video

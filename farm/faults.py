@@ -12,6 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 
+class OutOfMemory(RuntimeError):
+    """A stage ran out of GPU memory; the job book walks it one rung down the preset ladder. Here,
+    free of torch, so the director and the API can tell it by type without importing torch."""
+
+
 class StageCancelled(RuntimeError):
     """The director cancelled the job while this stage ran; raised between denoising steps (or sleeps,
     in the simulator). Here, free of torch, so both workers raise the one class the director checks."""

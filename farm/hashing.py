@@ -40,5 +40,5 @@ def array_hash(array: Any) -> str:
 
     arr = np.ascontiguousarray(array)
     digest = hashlib.sha256(f"{arr.dtype}{arr.shape}".encode())
-    digest.update(memoryview(arr).cast("B"))
+    digest.update(arr.data.cast("B"))
     return digest.hexdigest()

@@ -1,15 +1,20 @@
 """Prometheus text for /metrics, from plain data (the director's snapshot and the ledger).
 
-Names follow DESIGN.md's metrics contract (prefix `farm_`). GPU memory and utilization come from
+Names follow the metrics contract in docs/architecture.md (prefix `farm_`). GPU memory and utilization come from
 the workers' own NVML readings and are absent, not faked, where a worker has no GPU.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+if TYPE_CHECKING:
+    from farm.jobbook import JobBook
+    from farm.pool import WorkerBook
+    from farm.store import Store
 
 STAGE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 STAGES = ("keyframe", "video", "clip", "merge")
@@ -87,6 +92,17 @@ class _Snapshot:
                 total.add_metric([w["id"]], w["vram_total"])
                 util.add_metric([w["id"]], w["utilization"] or 0.0)
         yield from (used, total, util)
+
+
+def snapshot(books: list[JobBook], pool: WorkerBook, store: Store, now: float) -> dict[str, Any]:
+    """The director's state as plain data: jobs by state, attempts, ready stages by kind, workers."""
+    queue: dict[str, int] = {}
+    for book in books:
+        for stage in book.ready(now):
+            queue[stage.kind] = queue.get(stage.kind, 0) + 1
+    workers = [{"id": w.id, "tier": w.tier, "state": "busy" if w.busy else "idle"} for w in pool.workers.values()]
+    return {"jobs": store.job_counts(), "attempts": store.attempt_summary(), "queue": queue, "workers": workers,
+            "quarantined": pool.quarantined(now)}
 
 
 def render(snapshot: dict[str, Any], seconds: list[tuple[str, str, float]], workers: list[dict[str, Any]]) -> bytes:

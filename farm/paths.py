@@ -49,7 +49,7 @@ def atomic_write_text(final: Path | str, text: str) -> Path:
 
 
 class OutputLayout:
-    """DESIGN.md's OUT/ layout, in one place."""
+    """The OUT/ layout (docs/architecture.md, Outputs), in one place."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)

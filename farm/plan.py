@@ -8,12 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from farm.contract import GPU_KINDS, StageKind
 from farm.hashing import derive_seed
 from farm.manifest import Manifest, Shot
 from farm.presets import QUALITY_TEMPLATES
-
-StageKind = Literal["keyframe", "video", "clip", "merge"]
-GPU_STAGES: tuple[StageKind, ...] = ("keyframe", "video")
 
 
 @dataclass(frozen=True)
@@ -44,7 +42,7 @@ class Stage:
 
     @property
     def gpu(self) -> bool:
-        return self.kind in GPU_STAGES
+        return self.kind in GPU_KINDS
 
 
 @dataclass(frozen=True)
@@ -75,6 +73,21 @@ class Plan:
                 out[dep].append(stage.id)
         return out
 
+    def topological(self) -> list[str]:
+        """Stage ids, each after all its dependencies (plan order where it already is one; stages
+        added while a job runs may depend on later ones, and be depended on by earlier ones)."""
+        waiting = {sid: len(s.deps) for sid, s in self.stages.items()}
+        after = self.dependents()
+        out = [sid for sid, n in waiting.items() if n == 0]
+        for sid in out:  # grows while it is walked
+            for nxt in after[sid]:
+                waiting[nxt] -= 1
+                if waiting[nxt] == 0:
+                    out.append(nxt)
+        if len(out) != len(self.stages):
+            raise ValueError("the plan has a dependency cycle")
+        return out
+
     def ready(self, done: set[str], started: set[str]) -> list[Stage]:
         """Stages whose dependencies are all done and that have not started, in plan order."""
         return [s for s in self.stages.values()
@@ -84,16 +97,20 @@ class Plan:
         """For each stage, the cost of the longest chain from it to the end (itself included)."""
         after = self.dependents()
         tail: dict[str, float] = {}
-        for sid in reversed(list(self.stages)):  # reverse topological order
+        for sid in reversed(self.topological()):
             tail[sid] = cost.get(sid, 0.0) + max((tail[d] for d in after[sid]), default=0.0)
         return tail
 
     def critical_path(self, cost: dict[str, float]) -> float:
         """Longest chain of stage costs: no schedule can finish sooner (the simulator's bound)."""
         finish: dict[str, float] = {}
-        for sid, stage in self.stages.items():  # insertion order is topological
-            finish[sid] = cost.get(sid, 0.0) + max((finish[d] for d in stage.deps), default=0.0)
+        for sid in self.topological():
+            finish[sid] = cost.get(sid, 0.0) + max((finish[d] for d in self.stages[sid].deps), default=0.0)
         return max(finish.values(), default=0.0)
+
+    def copy(self) -> Plan:
+        """A plan of its own to grow (stages are immutable, so sharing them is safe)."""
+        return Plan(dict(self.stages), list(self.shots), self.fps)
 
 
 def output_fps(manifest: Manifest) -> int:
@@ -137,24 +154,25 @@ def build_plan(manifest: Manifest, frames_per_call: int) -> Plan:
         seed = shot_seed(manifest, shot)
         frames = shot_frames(shot.duration, fps)
         keyframe_id, video_prefix, clip_id = stage_ids(shot.id)
+        first_from: Literal["keyframe", "image", "previous"]
         if shot.continue_from == "previous":
             first_from, start_dep = "previous", previous_last
         elif shot.keyframe is not None:
             first_from, start_dep = "image", None
         else:
             first_from = "keyframe"
-            start_dep = plan.add(Stage(keyframe_id, "keyframe", shot.id, (), seed=seed)).id
+            start_dep = plan.add(Stage(keyframe_id, StageKind.KEYFRAME, shot.id, (), seed=seed)).id
         segments = segments_for(frames, frames_per_call, starts_from_shown_frame=first_from == "previous")
         dep = start_dep
         video_ids = []
         for segment in segments:
-            stage = plan.add(Stage(f"{video_prefix}{segment.index}", "video", shot.id,
+            stage = plan.add(Stage(f"{video_prefix}{segment.index}", StageKind.VIDEO, shot.id,
                                    (dep,) if dep else (), segment,
                                    seed=derive_seed(seed, "video", segment.index)))
             video_ids.append(stage.id)
             dep = stage.id
         previous_last = video_ids[-1]
-        clips.append(plan.add(Stage(clip_id, "clip", shot.id, tuple(video_ids))).id)
+        clips.append(plan.add(Stage(clip_id, StageKind.CLIP, shot.id, tuple(video_ids))).id)
         plan.shots.append(ShotPlan(shot, index, seed, frames, segments, first_from))
-    plan.add(Stage("merge", "merge", None, tuple(clips)))
+    plan.add(Stage("merge", StageKind.MERGE, None, tuple(clips)))
     return plan

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from farm.presets import GPU_TIERS, TIERS
+from farm.schedule import WorkerView
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,119 @@ def desired_slots(nodes: list[dict], config: PoolConfig) -> list[Slot]:
     return slots
 
 
+def worker_threads(slot: Slot, slots: list[Slot], nodes: list[dict], forced: int | None = None) -> int | None:
+    """Torch threads for a worker. Ray sets OMP_NUM_THREADS=1 in actors that reserve no CPUs, which
+    leaves a CPU-only worker on one core: CPU workers split their node's cores instead."""
+    if forced or slot.gpu:
+        return forced
+    cpus = sum(n["Resources"].get("CPU", 0) for n in nodes
+               if n["Alive"] and (slot.node_id is None or n["NodeID"] == slot.node_id))
+    sharing = [s for s in slots if not s.gpu and s.node_id == slot.node_id]
+    return max(1, int(cpus) // max(1, len(sharing)))
+
+
+def autoscaler_bundles(waiting_gpu_stages: int, cap: int = 1000) -> list[dict[str, float]]:
+    """What to tell the autoscaler: one GPU bundle per GPU stage that waits (capped)."""
+    return [{"GPU": 1}] * min(waiting_gpu_stages, cap)
+
+
 def resources_for_local(config: PoolConfig) -> dict[str, float]:
     """Resources a local Ray should advertise so a forced tier's workers can be placed."""
     if config.tier in TIERS:
         return {f"farm_tier_{config.tier}": float(config.workers or 1)}
     return {}
+
+
+# --- the workers the director has, and which of them may take work ------------------------------
+
+
+@dataclass(frozen=True)
+class PoolPolicy:
+    quarantine_after: int = 3  # failures since its last success that take a worker out of rotation
+    quarantine_s: float = 300.0  # cool-down: then it gets another chance
+
+
+@dataclass
+class WorkerState:
+    id: str
+    tier: str
+    models: set[str] = field(default_factory=set)  # model keys it holds resident
+    busy: str | None = None  # `job/stage` it runs
+    blame: list[str] = field(default_factory=list)  # stages that failed here since its last success
+    quarantined_until: float | None = None
+    freed_at: float = 0.0  # when its last stage ended (the dispatch-latency clock starts there)
+
+
+class WorkerBook:
+    """Quarantine and residency of the pool's workers: a pure book, like the job book.
+
+    A worker that fails `quarantine_after` times without a success in between leaves the rotation
+    for `quarantine_s`. Failures of a stage that then fails everywhere (the job fails) are the
+    stage's fault, not the workers': `forgive` takes them back and lifts a quarantine they caused,
+    so a poison job can never empty the farm."""
+
+    def __init__(self, policy: PoolPolicy | None = None) -> None:
+        self.policy = policy or PoolPolicy()
+        self.workers: dict[str, WorkerState] = {}
+
+    def add(self, wid: str, tier: str) -> WorkerState:
+        state = self.workers[wid] = WorkerState(wid, tier)
+        return state
+
+    def remove(self, wid: str) -> WorkerState | None:
+        return self.workers.pop(wid, None)
+
+    def quarantined(self, now: float) -> list[str]:
+        return sorted(w.id for w in self.workers.values() if self._out(w, now))
+
+    def usable(self, now: float) -> list[WorkerState]:
+        return [w for w in self.workers.values() if not self._out(w, now)]
+
+    def views(self, now: float) -> list[WorkerView]:
+        """The workers that may take work, as the dispatch policy sees them."""
+        return [WorkerView(w.id, w.tier, frozenset(w.models), w.busy is None) for w in self.usable(now)]
+
+    def dispatched(self, wid: str, ident: str, model: str) -> None:
+        worker = self.workers[wid]
+        worker.busy = ident
+        worker.models.add(model)
+
+    def freed(self, wid: str, now: float) -> None:
+        worker = self.workers.get(wid)
+        if worker is not None:
+            worker.busy = None
+            worker.freed_at = now
+
+    def succeeded(self, wid: str) -> None:
+        worker = self.workers.get(wid)
+        if worker is not None:
+            worker.blame.clear()
+
+    def failed(self, wid: str, ident: str, now: float) -> bool:
+        """A stage failed on `wid` with an error; True if that takes the worker out of rotation."""
+        worker = self.workers.get(wid)
+        if worker is None:
+            return False
+        worker.blame.append(ident)
+        if len(worker.blame) >= self.policy.quarantine_after and not self._out(worker, now):
+            worker.quarantined_until = now + self.policy.quarantine_s
+            return True
+        return False
+
+    def forgive(self, ident: str, now: float) -> list[str]:
+        """The stage `ident` failed everywhere: its failures blame no worker. Returns the workers
+        whose quarantine this lifts."""
+        lifted = []
+        for worker in self.workers.values():
+            worker.blame = [b for b in worker.blame if b != ident]
+            if self._out(worker, now) and len(worker.blame) < self.policy.quarantine_after:
+                worker.quarantined_until = None
+                lifted.append(worker.id)
+        return lifted
+
+    def _out(self, worker: WorkerState, now: float) -> bool:
+        until = worker.quarantined_until
+        if until is not None and now >= until:  # cool-down over: back in rotation, with a clean slate
+            worker.quarantined_until = None
+            worker.blame.clear()
+        return worker.quarantined_until is not None

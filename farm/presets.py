@@ -1,6 +1,6 @@
 """Every preset table of the farm, and the plain functions that turn a shot into effective parameters.
 
-Sources: SEEDS.md section 1 (quality templates, scene presets, VRAM tiers, SVD-XT parameters) and
+Sources: docs/sources.md section 1 (quality templates, scene presets, VRAM tiers, SVD-XT parameters) and
 section 2 (I2VGen-XL guidance by motion, adaptive guidance). This module is the only place these
 numbers live; the CLI prints them (`farm presets`), workers and the lockfile read them from here.
 """
@@ -34,7 +34,7 @@ class TierPreset:
     vae_slicing: bool
 
 
-# SEEDS.md "Presets by GPU memory". The cpu tier has no VRAM to protect; it takes the mid ranges
+# docs/sources.md "Presets by GPU memory". The cpu tier has no VRAM to protect; it takes the mid ranges
 # so a laptop render looks like a mid-tier render, and no offload (there is nowhere to offload to).
 TIER_PRESETS: dict[Tier, TierPreset] = {
     "high": TierPreset("high", "> 24 GB", (12, 14), (60, 70), False, False, False),
@@ -71,7 +71,7 @@ class QualityTemplate:
     x264_preset: str
 
 
-# SEEDS.md "Quality templates". All templates: CFG 7.5, rescale 0.7, DPM++ 2M Karras.
+# docs/sources.md "Quality templates". All templates: CFG 7.5, rescale 0.7, DPM++ 2M Karras.
 QUALITY_TEMPLATES: dict[Quality, QualityTemplate] = {
     "high": QualityTemplate("high", 50, 70, 15, 12, 2, 0.0004, 18, "slow"),
     "balanced": QualityTemplate("balanced", 40, 60, 15, 10, 2, 0.0004, 20, "medium"),
@@ -90,7 +90,7 @@ class ScenePreset:
     decode_chunk: tuple[int, int]
 
 
-# SEEDS.md "Presets by scene"; noise_aug is the middle of the document's range.
+# docs/sources.md "Presets by scene"; noise_aug is the middle of the document's range.
 SCENE_PRESETS: dict[Scene, ScenePreset] = {
     "static": ScenePreset("static", "low", 0.00025, (8, 10)),
     "dynamic": ScenePreset("dynamic", "high", 0.00045, (10, 14)),
@@ -109,7 +109,7 @@ def motion_bucket(level: MotionLevel | None, bucket_id: int | None, scene: Scene
     return MOTION_BUCKETS[level or SCENE_PRESETS[scene].motion]
 
 
-# --- I2VGen-XL guidance (SEEDS.md section 2) -------------------------------------------------
+# --- I2VGen-XL guidance (docs/sources.md section 2) -------------------------------------------------
 
 # Guidance ranges by motion type; the adaptive score picks a value, the type clamps it.
 I2VGEN_MOTION_TYPES: dict[str, tuple[float, float]] = {
@@ -141,7 +141,7 @@ def keyword_motion_level(prompt: str) -> int | None:
 
 
 def adaptive_guidance(subjects: int, motion_level: int) -> float:
-    """SEEDS.md: score = (subjects 1-3 + motion level 1-3) / 2 -> 7.0 / 9.0 / 11.0.
+    """docs/sources.md: score = (subjects 1-3 + motion level 1-3) / 2 -> 7.0 / 9.0 / 11.0.
 
     As written the score never exceeds 3.0, so this alone never returns 11.0; `i2vgen_guidance`
     clamps it into the motion type's range, which is what gives strong motion its 11-12."""
@@ -208,39 +208,62 @@ def memory_knobs(tier: Tier) -> MemoryKnobs:
 
 
 @dataclass(frozen=True)
-class VideoPreset:
-    """The knobs the OOM ladder walks down: the tier whose ranges apply, decode chunk, memory knobs."""
+class Preset:
+    """What the OOM ladder walks down: the tier whose ranges apply, the video decode chunk (None for
+    keyframe stages, which have none), the memory knobs, and the rung (0 = the worker's own preset)."""
 
     tier: Tier
-    decode_chunk_size: int
+    decode_chunk_size: int | None
     knobs: MemoryKnobs
-    step: int = 0  # rung on the ladder; 0 = the worker's own preset
+    step: int = 0
 
     def label(self) -> str:
         flags = [name for name, on in asdict(self.knobs).items() if on]
-        return f"{self.tier}/chunk{self.decode_chunk_size}" + ("+" + "+".join(flags) if flags else "")
+        head = self.tier if self.decode_chunk_size is None else f"{self.tier}/chunk{self.decode_chunk_size}"
+        return head + ("+" + "+".join(flags) if flags else "")
 
 
-def base_preset(quality: Quality, scene: Scene, tier: Tier) -> VideoPreset:
-    return VideoPreset(tier, decode_chunk_size(quality, scene, tier), memory_knobs(tier))
+def video_preset(quality: Quality, scene: Scene, tier: Tier | str) -> Preset:
+    t = as_tier(tier)
+    return Preset(t, decode_chunk_size(quality, scene, t), memory_knobs(t))
+
+
+def keyframe_preset(tier: Tier | str) -> Preset:
+    t = as_tier(tier)
+    return Preset(t, None, memory_knobs(t))
+
+
+def as_tier(tier: str) -> Tier:
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}; expected one of {', '.join(TIERS)}")
+    return tier
 
 
 LOWER_TIER: dict[Tier, Tier | None] = {"high": "mid", "mid": "low", "low": None, "cpu": None}
+ALL_ON = MemoryKnobs(True, True, True)
+# A keyframe's ladder, one knob per rung: offload the models, then decode the image in slices, then
+# the low tier's last setting (chunked feed-forward). Its parameters do not depend on the tier.
+KEYFRAME_LADDER = ("cpu_offload", "vae_slicing", "forward_chunking")
 
 
-def next_lower_preset(preset: VideoPreset, quality: Quality, scene: Scene) -> VideoPreset | None:
-    """The OOM ladder: halve the decode chunk (down to the tier's floor), then turn on offload and
-    slicing, then take the next lower tier's settings. None when there is nothing lower."""
+def next_lower_preset(preset: Preset, quality: Quality, scene: Scene) -> Preset | None:
+    """The OOM ladder. Video: halve the decode chunk (down to the tier's floor), then turn on offload
+    and slicing, then take the next lower tier's settings. Keyframe: turn on one more memory knob per
+    rung (KEYFRAME_LADDER). None when there is nothing lower."""
+    if preset.decode_chunk_size is None:
+        for knob in KEYFRAME_LADDER:
+            if not getattr(preset.knobs, knob):
+                return replace(preset, knobs=replace(preset.knobs, **{knob: True}), step=preset.step + 1)
+        return None
     floor = TIER_PRESETS[preset.tier].decode_chunk[0]
     if preset.decode_chunk_size > floor:
         return replace(preset, decode_chunk_size=max(floor, preset.decode_chunk_size // 2), step=preset.step + 1)
-    all_on = MemoryKnobs(True, True, True)
-    if preset.knobs != all_on:
-        return replace(preset, knobs=all_on, step=preset.step + 1)
+    if preset.knobs != ALL_ON:
+        return replace(preset, knobs=ALL_ON, step=preset.step + 1)
     lower = LOWER_TIER[preset.tier]
     if lower is None:
         return None
-    return replace(base_preset(quality, scene, lower), knobs=all_on, step=preset.step + 1)
+    return replace(video_preset(quality, scene, lower), knobs=ALL_ON, step=preset.step + 1)
 
 
 def tables() -> dict[str, Any]:
@@ -265,7 +288,7 @@ def tables() -> dict[str, Any]:
 # --- draft renders -----------------------------------------------------------------------------
 
 PREVIEW_LONG_SIDE = 256
-PREVIEW_STEPS = 4  # SEEDS.md section 3: distilled few-step sampling is the preview regime (4-8 steps)
+PREVIEW_STEPS = 4  # docs/sources.md section 3: distilled few-step sampling is the preview regime (4-8 steps)
 
 
 def preview_size(width: int, height: int, long_side: int = PREVIEW_LONG_SIDE) -> tuple[int, int]:

@@ -60,3 +60,16 @@ def assign(ready: list[ReadyStage], workers: list[WorkerView]) -> list[tuple[str
         out.append((stage.id, best.id))
         idle.remove(best)
     return out
+
+
+def assign_fifo(ready: list[ReadyStage], workers: list[WorkerView]) -> list[tuple[str, str]]:
+    """Baseline for benchmarks: ready stages in submission order, dealt round-robin over the idle
+    workers, blind to tier and residency. Stateless, so the rotation starts at the oldest stage's seq:
+    successive calls start at different workers instead of always filling the first in the list."""
+    idle = [w for w in workers if w.idle]
+    stages = sorted(ready, key=lambda s: (s.seq, s.id))
+    if not idle or not stages:
+        return []
+    start = stages[0].seq % len(idle)
+    rotated = idle[start:] + idle[:start]
+    return [(stage.id, worker.id) for stage, worker in zip(stages, rotated, strict=False)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,8 +19,12 @@ def signature(secret: str, body: bytes) -> str:
 
 
 def secret() -> str:
-    """FARM_WEBHOOK_SECRET, else the API token: receivers verify with a secret they already share."""
-    return os.environ.get("FARM_WEBHOOK_SECRET") or os.environ.get("FARM_API_TOKEN") or ""
+    """The config's webhook secret (FARM_WEBHOOK_SECRET), else the API token: receivers verify with a
+    secret they already share."""
+    from farm.config import current
+
+    config = current()
+    return config.webhook.secret or config.api.token or ""
 
 
 def deliver(url: str, payload: dict[str, Any], *, attempts: int = 4, backoff_s: float = 1.0,
@@ -42,3 +46,10 @@ def deliver(url: str, payload: dict[str, Any], *, attempts: int = 4, backoff_s: 
             pass
         time.sleep(backoff_s * 2**attempt)
     return False
+
+
+def deliver_later(url: str, payload: dict[str, Any]) -> threading.Thread:
+    """Deliver on a thread of its own: a slow or dead receiver must never stall dispatch."""
+    thread = threading.Thread(target=deliver, args=(url, payload), daemon=True, name="webhook")
+    thread.start()
+    return thread

@@ -21,6 +21,7 @@ _TOKEN.write_text(secrets.token_hex(32))
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
 os.environ.setdefault("FARM_HOME", str(_SESSION_HOME / "farm"))
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["FARM_WEBHOOK_SECRET"] = "webhook-test-secret"  # the director signs job-end webhooks with it
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HOME"] = str(_SESSION_HOME / "hf")
@@ -44,7 +45,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_models():
     """Build the tiny models once, before any worker process races to build them."""
-    from farm.tiny import tiny_dir
+    from farm.gpu.tiny import tiny_dir
 
     return {family: tiny_dir(family) for family in ("sdxl", "svd", "i2vgen")}
 

@@ -48,13 +48,14 @@ def story(**over):
 
 @pytest.fixture(scope="module")
 def farm(ray_session, tiny_models, tmp_path_factory):
-    from actors.director import Policy, get_director
+    from actors.director import get_director
+    from farm.config import PolicyConfig
     from farm.pool import PoolConfig
 
     root = tmp_path_factory.mktemp("farm")
     director = get_director(PoolConfig(tier="cpu", workers=2), name="test-farm",
                             store_path=str(root / "farm.sqlite"), cache_dir=str(root / "cache"),
-                            policy=Policy(backoff_s=0.05, reconcile_s=0.3), threads=1)
+                            policy=PolicyConfig(backoff_s=0.05, reconcile_s=0.3), threads=1)
     ray_session.get(director.ping.remote())
     yield ray_session, director, root
     ray_session.kill(director, no_restart=True)
@@ -180,6 +181,27 @@ def test_failed_job_can_be_requeued(farm):
     assert (out / "final.mp4").is_file()
 
 
+def test_poison_job_fails_and_every_worker_stays_in_rotation(farm):
+    """A stage that fails on every worker fails its job after max_attempts tries; the workers are not to
+    blame, so none is quarantined and the next job renders."""
+    ray, director, _ = farm
+    workers = [w["id"] for w in ray.get(director.workers_info.remote())]
+    for wid in workers:
+        ray.get(director.set_faults.remote(wid, [{"match": "*/keyframe:p", "kind": "error", "times": 1000}]))
+    poison = story(seed=113, shots=[{"id": "p", "prompt": "poison", "duration": 0.5}])
+    job, out = submit(farm, poison, "poison")
+    status = wait_state(ray, director, job["id"])
+    assert status["state"] == "failed" and "keyframe:p failed 3 times" in status["error"]
+    rows = [r for r in ledger(out) if r["stage"] == "keyframe:p"]
+    assert [r["outcome"] for r in rows] == ["failed"] * 3 and len({r["worker"] for r in rows}) == 2
+    assert ray.get(director.stats.remote())["quarantined"] == []
+    assert {w["state"] for w in ray.get(director.workers_info.remote())} <= {"idle", "busy"}
+    after, out = submit(farm, story(seed=114), "after-poison")
+    assert wait_state(ray, director, after["id"])["state"] == "succeeded" and (out / "final.mp4").is_file()
+    for wid in workers:
+        ray.get(director.set_faults.remote(wid, []))
+
+
 def test_cancel_stops_a_running_stage(farm):
     ray, director, _ = farm
     data = story(seed=106, shots=[{"id": "long", "prompt": "slow", "duration": 1.0, "steps": {"video": 400}}])
@@ -245,10 +267,40 @@ def test_worker_failing_repeatedly_leaves_rotation(farm):
     job, out = submit(farm, story(seed=111, shots=shots), "quarantine")
     assert wait_state(ray, director, job["id"])["state"] == "succeeded"
     assert bad in ray.get(director.stats.remote())["quarantined"]
-    assert bad not in {w["id"] for w in ray.get(director.workers_info.remote())}
+    states = {w["id"]: w["state"] for w in ray.get(director.workers_info.remote())}
+    assert states[bad] == "quarantined"  # out of rotation, still shown (and back after its cool-down)
     failed = [r for r in ledger(out) if r["outcome"] == "failed"]
     assert failed and {r["worker"] for r in failed} == {bad} and len(failed) <= 3
     ray.get(director.set_faults.remote(bad, []))
+
+
+def test_one_worker_farm_survives_a_model_that_will_not_load(ray_session, tiny_models, tmp_path):
+    """Validation only reads model_index.json; the weights are missing, so every load fails on the only
+    worker. The job fails with the loader's error, and a valid job after it renders."""
+    import json
+
+    from actors.director import get_director
+    from farm.config import PolicyConfig
+    from farm.pool import PoolConfig
+
+    broken = tmp_path / "broken-sdxl"
+    broken.mkdir()
+    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    director = get_director(PoolConfig(tier="cpu", workers=1), name="one-worker", store_path=str(tmp_path / "s.db"),
+                            cache_dir=str(tmp_path / "cache"), policy=PolicyConfig(backoff_s=0.05, reconcile_s=0.3),
+                            threads=1)
+    try:
+        bad = story(seed=115, shots=[{"id": "x", "prompt": "x", "duration": 0.5}],
+                    models={"keyframe": "./broken-sdxl", "video": "tiny"})
+        job = ray_session.get(director.submit.remote(bad, str(tmp_path), str(tmp_path / "bad")))
+        status = wait_state(ray_session, director, job["id"])
+        assert status["state"] == "failed" and "cannot load sdxl model" in status["error"]
+        assert ray_session.get(director.stats.remote())["quarantined"] == []
+        good = ray_session.get(director.submit.remote(story(seed=116), str(tmp_path), str(tmp_path / "good"),
+                                                      options={"models": "tiny"}))
+        assert wait_state(ray_session, director, good["id"])["state"] == "succeeded"
+    finally:
+        ray_session.kill(director, no_restart=True)
 
 
 def test_chaos_killed_workers_do_not_change_the_film(farm):

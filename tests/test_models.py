@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from farm import tiny
+from farm.gpu import tiny
+from farm.gpu.loading import apply_memory_knobs, load_pipeline
 from farm.models import (
+    TINY_VERSION,
     ModelError,
     ModelSpec,
-    apply_memory_knobs,
-    load_pipeline,
     model_revision,
     resolve_model,
     with_tiny,
@@ -101,7 +101,7 @@ def svd_frames(pipe, seed: int, num_frames: int = 4) -> list[Image.Image]:
 def test_resolve_tiny_variants(role, source, family, frames):
     spec = resolve_model(role, source)
     assert (spec.kind, spec.family, spec.frames_per_call) == ("tiny", family, frames)
-    assert spec.location == f"tiny-{family}-{tiny.TINY_VERSION}"
+    assert spec.location == f"tiny-{family}-{TINY_VERSION}"
     assert spec.source == source
 
 
@@ -261,7 +261,7 @@ def test_byte_level_tokenizer():
 def test_tiny_dir_builds_once_and_reuses(monkeypatch):
     first = tiny.tiny_dir("svd")
     assert (first / "model_index.json").is_file()
-    assert first == Path(os.environ["FARM_HOME"]) / "models" / f"tiny-svd-{tiny.TINY_VERSION}"
+    assert first == Path(os.environ["FARM_HOME"]) / "models" / f"tiny-svd-{TINY_VERSION}"
     stamp = (first / "model_index.json").stat().st_mtime_ns
 
     def must_not_build():
@@ -275,7 +275,7 @@ def test_tiny_dir_builds_once_and_reuses(monkeypatch):
 def test_tiny_dir_tolerates_a_concurrent_builder(tmp_path, monkeypatch):
     monkeypatch.setenv("FARM_HOME", str(tmp_path))
     real = tiny.BUILDERS["sdxl"]
-    final = tmp_path / "models" / f"tiny-sdxl-{tiny.TINY_VERSION}"
+    final = tmp_path / "models" / f"tiny-sdxl-{TINY_VERSION}"
 
     def racing_builder():
         # Another process finishes first, while this one is still building.
@@ -285,7 +285,7 @@ def test_tiny_dir_tolerates_a_concurrent_builder(tmp_path, monkeypatch):
     monkeypatch.setitem(tiny.BUILDERS, "sdxl", racing_builder)
     assert tiny.tiny_dir("sdxl") == final
     # no temp dir left beside it
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [f"tiny-sdxl-{tiny.TINY_VERSION}"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [f"tiny-sdxl-{TINY_VERSION}"]
 
 
 # --- pipelines -------------------------------------------------------------------------------------
@@ -431,7 +431,7 @@ def test_lora_and_vae_overrides(tmp_path):
 
 
 def test_model_revision(tmp_path):
-    assert model_revision(resolve_model("video", "tiny:i2vgen")) == f"tiny-{tiny.TINY_VERSION}"
+    assert model_revision(resolve_model("video", "tiny:i2vgen")) == f"tiny-{TINY_VERSION}"
     assert model_revision(resolve_model("video", "ali-vilab/i2vgen-xl")) == "unknown"
     assert model_revision(resolve_model("video", "ali-vilab/i2vgen-xl", revision="v1.1")) == "v1.1"
     folder = _fake_model_dir(tmp_path, "svd", "StableVideoDiffusionPipeline", unet={"num_frames": 14})

@@ -1,4 +1,4 @@
-"""The preset tables match SEEDS.md, and the rules that combine them do what DESIGN.md says."""
+"""The preset tables match docs/sources.md, and the rules that combine them do what docs/architecture.md says."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_motion_levels_map_to_real_svd_buckets():
 @pytest.mark.parametrize(("subjects", "level", "guidance"), [(1, 1, 7.0), (2, 1, 7.0), (1, 2, 7.0), (2, 2, 9.0),
                                                             (3, 2, 9.0), (3, 3, 9.0)])
 def test_adaptive_guidance_rule(subjects, level, guidance):
-    # SEEDS.md's rule as written: the score is at most (3 + 3) / 2 = 3.0, so it alone never gives 11.0;
+    # docs/sources.md's rule as written: the score is at most (3 + 3) / 2 = 3.0, so it alone never gives 11.0;
     # the motion-type ranges are what take strong motion to 11-12 (next test).
     assert p.adaptive_guidance(subjects, level) == guidance
 
@@ -85,7 +85,7 @@ def test_i2vgen_guidance_follows_motion_type(prompt, motion, subjects, lo, hi):
 
 
 def test_oom_ladder_walks_down_to_the_floor():
-    preset = p.base_preset("balanced", "smooth", "high")
+    preset = p.video_preset("balanced", "smooth", "high")
     labels = [preset.label()]
     while (preset := p.next_lower_preset(preset, "balanced", "smooth")) is not None:
         labels.append(preset.label())
@@ -94,6 +94,17 @@ def test_oom_ladder_walks_down_to_the_floor():
     assert labels[2].startswith("mid/chunk10+") and labels[3].startswith("mid/chunk8+")
     assert labels[-1].startswith("low/chunk4+")
     assert len(labels) == len(set(labels))
+
+
+def test_keyframe_ladder_turns_on_one_memory_knob_per_rung():
+    preset = p.keyframe_preset("high")
+    labels = [preset.label()]
+    while (preset := p.next_lower_preset(preset, "balanced", "smooth")) is not None:
+        labels.append(preset.label())
+    assert labels == ["high", "high+cpu_offload", "high+cpu_offload+vae_slicing",
+                      "high+cpu_offload+forward_chunking+vae_slicing"]
+    low = p.keyframe_preset("low")  # the low tier starts with every knob on: no rung below it
+    assert p.next_lower_preset(low, "balanced", "smooth") is None
 
 
 def test_cli_presets_prints_every_table():

@@ -1,9 +1,11 @@
-"""The farm simulator: same plan, same dispatch policy, assumed costs; plus the sleeping worker."""
+"""The farm simulator: the farm's own job book, worker book and dispatch policy over assumed costs;
+plus the sleeping worker."""
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,31 +13,32 @@ import yaml
 from helpers import base_manifest, write_manifest
 
 from farm.cache import ArtifactCache
+from farm.contract import StageKind, StageRequest
 from farm.hashing import array_hash
+from farm.jobbook import JobBook
+from farm.jobsetup import setup_job
 from farm.manifest import validate_data
 from farm.models import resolve_model
-from farm.plan import build_plan
 from farm.presets import memory_knobs
-from farm.simulate import (
-    CLIP_FRAME_S,
-    DEFAULT_COSTS,
-    MERGE_FRAME_S,
-    SimWorker,
-    TierCost,
-    assign_fifo,
-    calibrate,
-    load_cluster,
-    lower_bound,
-    simulate,
-    simulate_file,
-    stage_cost,
-)
+from farm.schedule import assign_fifo
+from farm.sim.cluster import load_cluster
+from farm.sim.costs import CLIP_FRAME_S, DEFAULT_COSTS, MERGE_FRAME_S, TierCost, calibrate, stage_seconds
+from farm.sim.engine import Faults, lower_bound, simulate
+from farm.sim.report import simulate_file
+from farm.sim.worker import SimWorker
+
+# Real model ids (never loaded) so video calls make SVD-XT's 25 frames.
+MODELS = {"keyframe": "stabilityai/stable-diffusion-xl-base-1.0",
+          "video": "stabilityai/stable-video-diffusion-img2vid-xt"}
 
 
 def manifest_of(shots, **over):
-    data = {"version": 1, "title": "sim", "seed": 3, "models": {"keyframe": "tiny", "video": "tiny"},
-            "shots": shots, **over}
+    data = {"version": 1, "title": "sim", "seed": 3, "models": MODELS, "shots": shots, **over}
     return validate_data(data)
+
+
+def book_of(manifest, job="job", **kw):
+    return JobBook(job, setup_job(manifest, "/nonexistent"), "/nonexistent", **kw)
 
 
 def storyboard(n, chained_every=0, durations=(2.0, 3.5, 5.0, 1.5, 4.0, 6.0, 2.5)):
@@ -103,33 +106,30 @@ def test_single_gpu_makespan_is_the_sum_of_its_stages():
     manifest = manifest_of([{"id": "a", "prompt": "p", "duration": 3.0},
                             {"id": "b", "prompt": "p", "duration": 2.0, "continue_from": "previous"},
                             {"id": "c", "prompt": "p", "duration": 1.0}])
-    plan = build_plan(manifest, 25)
-    result = simulate(plan, manifest, {"mid": 1})
-    gpu_work = sum(stage_cost(s, manifest, "mid", DEFAULT_COSTS) for s in plan.stages.values() if s.gpu)
+    book = book_of(manifest)
+    result = simulate(book, {"mid": 1})
+    gpu_work = sum(stage_seconds(book, sid, "mid") for sid, s in book.plan.stages.items() if s.gpu)
     loads = 2 * DEFAULT_COSTS["mid"].load_s  # keyframe and video model, each loaded once and kept
     assert result.loads == 2
     assert result.busy["mid-0"] == pytest.approx(gpu_work + loads, abs=1e-6)
     # After the GPU's last stage only that shot's clip and the merge remain.
     last_gpu = max((r for r in result.runs if r.worker == "mid-0"), key=lambda r: r.end)
-    last_shot = plan.stages[last_gpu.stage_id].shot
-    tail = stage_cost(plan.stages[f"clip:{last_shot}"], manifest, "mid") + stage_cost(plan.stages["merge"], manifest,
-                                                                                       "mid")
+    last_shot = book.plan.stages[last_gpu.stage_id].shot
+    tail = stage_seconds(book, f"clip:{last_shot}", "mid") + stage_seconds(book, "merge", "mid")
     assert result.makespan == pytest.approx(gpu_work + loads + tail, abs=1e-6)
-    assert len(result.runs) == len(plan.stages)
+    assert len(result.runs) == len(book.plan.stages) and result.jobs == {"job": "succeeded"}
 
 
 def test_stage_costs_follow_steps_frames_and_tier():
-    manifest = manifest_of([{"id": "a", "prompt": "p", "duration": 1.0}], quality="balanced")
-    plan = build_plan(manifest, 25)
-    kf, video = plan.stages["keyframe:a"], plan.stages["video:a:0"]
-    assert stage_cost(kf, manifest, "mid") == pytest.approx(40 * DEFAULT_COSTS["mid"].keyframe_step_s)
+    book = book_of(manifest_of([{"id": "a", "prompt": "p", "duration": 1.0}], quality="balanced"))
+    assert stage_seconds(book, "keyframe:a", "mid") == pytest.approx(40 * DEFAULT_COSTS["mid"].keyframe_step_s)
     # balanced = 60 video steps on high and mid; low clamps to its 50.
-    assert stage_cost(video, manifest, "high") == pytest.approx(60 * 15 * DEFAULT_COSTS["high"].video_frame_step_s)
-    assert stage_cost(video, manifest, "low") == pytest.approx(50 * 15 * DEFAULT_COSTS["low"].video_frame_step_s)
-    assert stage_cost(plan.stages["clip:a"], manifest, "high") == pytest.approx(15 * CLIP_FRAME_S)
-    assert stage_cost(plan.stages["merge"], manifest, "low") == pytest.approx(15 * MERGE_FRAME_S)
-    pinned = manifest_of([{"id": "a", "prompt": "p", "duration": 1.0, "steps": {"video": 10}}])
-    assert stage_cost(video, pinned, "low") == pytest.approx(10 * 15 * DEFAULT_COSTS["low"].video_frame_step_s)
+    assert stage_seconds(book, "video:a:0", "high") == pytest.approx(60 * 15 * DEFAULT_COSTS["high"].video_frame_step_s)
+    assert stage_seconds(book, "video:a:0", "low") == pytest.approx(50 * 15 * DEFAULT_COSTS["low"].video_frame_step_s)
+    assert stage_seconds(book, "clip:a", "high") == pytest.approx(15 * CLIP_FRAME_S)
+    assert stage_seconds(book, "merge", "low") == pytest.approx(15 * MERGE_FRAME_S)
+    pinned = book_of(manifest_of([{"id": "a", "prompt": "p", "duration": 1.0, "steps": {"video": 10}}]))
+    assert stage_seconds(pinned, "video:a:0", "low") == pytest.approx(10 * 15 * DEFAULT_COSTS["low"].video_frame_step_s)
     assert DEFAULT_COSTS["high"].video_frame_step_s < DEFAULT_COSTS["mid"].video_frame_step_s \
         < DEFAULT_COSTS["low"].video_frame_step_s < DEFAULT_COSTS["cpu"].video_frame_step_s
 
@@ -143,10 +143,10 @@ def test_stage_costs_follow_steps_frames_and_tier():
 @pytest.mark.parametrize("chained_every", [0, 2, 5])
 def test_makespan_never_beats_the_lower_bound(shots, cluster, chained_every):
     manifest = storyboard(shots, chained_every)
-    plan = build_plan(manifest, 25)
     for policy in (None, assign_fifo):
-        result = simulate(plan, manifest, cluster, **({"policy": policy} if policy else {}))
-        assert result.lower_bound == pytest.approx(lower_bound(plan, manifest, cluster))
+        book = book_of(manifest)
+        result = simulate(book, cluster, **({"policy": policy} if policy else {}))
+        assert result.lower_bound == pytest.approx(lower_bound(book, cluster))
         assert result.makespan >= result.lower_bound - 1e-6, (result.makespan, result.lower_bound)
         assert result.ratio >= 1.0 - 1e-9
 
@@ -155,63 +155,59 @@ def test_fully_chained_storyboard_is_bound_by_its_chain():
     manifest = manifest_of(
         [{"id": "a", "prompt": "p", "duration": 4.0}]
         + [{"id": f"c{i}", "prompt": "p", "duration": 4.0, "continue_from": "previous"} for i in range(7)])
-    plan = build_plan(manifest, 25)
-    result = simulate(plan, manifest, {"high": 8})
+    result = simulate(book_of(manifest), {"high": 8})
     # One chain: extra GPUs cannot help; the simulation should run it back to back on the fast tier.
     assert result.ratio == pytest.approx(1.0, abs=0.02), result
 
 
 def test_more_gpus_never_slow_a_parallel_storyboard():
     manifest = storyboard(24)
-    plan = build_plan(manifest, 25)
-    spans = [simulate(plan, manifest, {"mid": n}).makespan for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)]
+    spans = [simulate(book_of(manifest), {"mid": n}).makespan for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)]
     assert all(b <= a + 1e-6 for a, b in zip(spans, spans[1:], strict=False)), spans
     assert spans[-1] < spans[0] / 10
-    mixed = [simulate(plan, manifest, {"high": h, "low": 4}).makespan for h in (0, 1, 2, 4, 8)]
+    mixed = [simulate(book_of(manifest), {"high": h, "low": 4}).makespan for h in (0, 1, 2, 4, 8)]
     assert all(b <= a + 1e-6 for a, b in zip(mixed, mixed[1:], strict=False)), mixed
 
 
 def test_farm_policy_beats_fifo_on_a_mixed_cluster():
     manifest = storyboard(120, chained_every=5)  # a fifth of the shots continue the previous one
-    plan = build_plan(manifest, 25)
     cluster = {"high": 4, "mid": 8, "low": 4}
     started = time.perf_counter()
-    farm = simulate(plan, manifest, cluster)
+    farm = simulate(book_of(manifest), cluster)
     elapsed = time.perf_counter() - started
-    fifo = simulate(plan, manifest, cluster, policy=assign_fifo)
+    fifo = simulate(book_of(manifest), cluster, policy=assign_fifo)
     message = (f"farm policy: makespan {farm.makespan:.0f}s ratio {farm.ratio:.3f}; "
                f"fifo: makespan {fifo.makespan:.0f}s ratio {fifo.ratio:.3f}; lower bound {farm.lower_bound:.0f}s")
     assert farm.makespan <= fifo.makespan, message
     assert farm.ratio < 1.15, message
-    assert elapsed < 2.0  # milliseconds in practice: no sleeping
+    assert elapsed < 10.0  # no sleeping: the book's rules and the policy, over an event clock
     assert set(farm.busy) >= {"high-0", "high-3", "mid-7", "low-3"}
 
 
 def test_policy_sees_what_the_director_shows():
-    manifest = storyboard(3)
-    plan = build_plan(manifest, 25)
+    book = book_of(storyboard(3))
     seen = []
 
     def spy(ready, workers):
         seen.append((ready, workers))
         return assign_fifo(ready, workers)
 
-    simulate(plan, manifest, {"high": 1, "low": 1}, policy=spy, model_keys={"keyframe": "sdxl:x", "video": "svd:y"})
+    simulate(book, {"high": 1, "low": 1}, policy=spy)
     first_ready, first_workers = seen[0]
+    keyframe_key, video_key = book.setup.specs["keyframe"].key, book.setup.specs["video"].key
     assert [w.id for w in first_workers] == ["high-0", "low-0"] and all(w.idle for w in first_workers)
-    assert {s.model for s in first_ready} == {"sdxl:x"}
+    assert {s.model for s in first_ready} == {keyframe_key}
+    assert all(s.id.startswith("job/") for s in first_ready)
     assert [s.seq for s in first_ready] == sorted(s.seq for s in first_ready)
     assert all(s.rank > 0 for s in first_ready)
-    assert any(w.models == frozenset({"sdxl:x", "svd:y"}) for _, ws in seen for w in ws)
+    assert any(w.models == frozenset({keyframe_key, video_key}) for _, ws in seen for w in ws)
 
 
 def test_bad_policy_is_refused():
-    manifest = storyboard(2)
-    plan = build_plan(manifest, 25)
     with pytest.raises(ValueError, match="not a ready stage"):
-        simulate(plan, manifest, {"mid": 1}, policy=lambda ready, workers: [("merge", "mid-0")])
+        simulate(book_of(storyboard(2)), {"mid": 1}, policy=lambda ready, workers: [("job/merge", "mid-0")])
     with pytest.raises(RuntimeError, match="stalled"):
-        simulate(plan, manifest, {"mid": 1}, policy=lambda ready, workers: [])
+        simulate(book_of(storyboard(2)), {"mid": 1}, policy=lambda ready, workers: [])
 
 
 def test_assign_fifo_ignores_tier_and_residency():
@@ -224,12 +220,63 @@ def test_assign_fifo_ignores_tier_and_residency():
     assert assign_fifo([ReadyStage("c", "svd", seq=1)], workers) == [("c", "low")]  # round-robin by seq
 
 
-def test_simulate_file_reports_makespan(tmp_path):
+def test_simulated_failures_are_retried_by_the_farms_own_rules():
+    manifest = storyboard(20)
+    calm = simulate(book_of(manifest), {"mid": 4})
+    faulty = simulate(book_of(manifest), {"mid": 4}, faults=Faults(error_rate=0.2, seed=1))
+    assert calm.retries == 0 and faulty.outcomes["failed"] > 0
+    assert faulty.jobs == {"job": "succeeded"} and faulty.makespan > calm.makespan
+    # every failed attempt shows as a run, and each stage ended once in success
+    assert sum(r.outcome == "error" for r in faulty.runs) == faulty.outcomes["failed"]
+    assert faulty.outcomes["succeeded"] == len(book_of(manifest).plan.stages)
+
+
+def test_simulated_oom_walks_the_ladder_and_a_hopeless_job_fails():
+    manifest = storyboard(6)
+    oom = simulate(book_of(manifest), {"high": 2}, faults=Faults(oom_rate=0.3, seed=2))
+    assert oom.outcomes["oom"] > 0 and oom.jobs == {"job": "succeeded"}
+    # Nearly every attempt fails: stages run out of attempts and the job fails instead of the sim stalling.
+    doomed = simulate(book_of(manifest), {"mid": 2}, faults=Faults(error_rate=0.95, seed=3))
+    assert doomed.jobs == {"job": "failed"} and doomed.outcomes["failed"] >= 3
+
+
+def test_simulated_cache_hits_skip_work():
+    manifest = storyboard(4)
+    first = book_of(manifest)
+    simulate(first, {"mid": 2})
+    cached = {done.key for done in first.done.values()}
+    again = simulate(book_of(manifest), {"mid": 2}, cached=cached)
+    assert again.cache_hits == len(first.plan.stages) and again.makespan == 0.0 and again.loads == 0
+
+
+def test_higher_priority_job_finishes_first_in_the_simulation():
+    manifest = storyboard(8)
+    low, high = book_of(manifest, "low"), book_of(manifest, "high", priority=5)
+    result = simulate([low, high], {"mid": 2}, submitted={"low": 0.0, "high": 1.0})
+    assert result.jobs == {"low": "succeeded", "high": "succeeded"}
+    assert result.finished["high"] < result.finished["low"]
+
+
+def test_simulate_file_reports_makespan_and_retries(tmp_path):
     manifest = write_manifest(tmp_path, base_manifest())
     cluster = write_yaml(tmp_path / "cluster.yaml", {"tiers": {"high": 1, "mid": 2}})
     text = simulate_file(str(manifest), str(cluster))
-    assert "makespan" in text and "lower bound" in text
+    assert "makespan" in text and "lower bound" in text and "retries" in text
     assert "high" in text and "mid" in text and "low" not in text.split("makespan")[0]
+    faulty = simulate_file(str(manifest), str(cluster), faults=Faults(error_rate=0.5, seed=4))
+    assert "simulated faults: 50.0%" in faulty
+
+
+def test_farm_plan_simulate_cli_with_fail_rate(tmp_path):
+    import subprocess
+    import sys
+
+    manifest = write_manifest(tmp_path, base_manifest())
+    cluster = write_yaml(tmp_path / "cluster.yaml", {"tiers": {"mid": 2}})
+    out = subprocess.run([sys.executable, "-m", "farm.cli", "plan", str(manifest), "--simulate", str(cluster),
+                          "--fail-rate", "0.3", "--seed", "5"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "retries" in out.stdout and "simulated faults: 30.0%" in out.stdout
 
 
 # --- calibration ------------------------------------------------------------------------------
@@ -264,20 +311,20 @@ def test_calibrate_recovers_per_tier_costs():
 
 # --- simulated worker ---------------------------------------------------------------------------
 
-
-def video_request(tier="mid"):
-    return {"model": resolve_model("video", "tiny"), "knobs": memory_knobs(tier), "preset": f"{tier}/chunk8",
-            "params": {"width": 32, "height": 24, "num_frames": 8, "num_inference_steps": 4,
-                       "decode_chunk_size": 3, "seed": 11},
-            "drop": 1, "kept": 7}
+VIDEO_PARAMS = {"width": 32, "height": 24, "num_frames": 8, "num_inference_steps": 4, "decode_chunk_size": 3,
+                "seed": 11}
 
 
-def run_video(worker, tmp_path, image, tier="mid", stage="j/video:a:0"):
+def video_request(tmp_path, tier="mid", stage="video:a:0", input_key="in"):
+    return StageRequest("j", stage, StageKind.VIDEO, resolve_model("video", "tiny"), VIDEO_PARAMS, memory_knobs(tier),
+                        f"{tier}/chunk8", tier, "out", str(tmp_path), input_key=input_key, drop=1, kept=7)
+
+
+def run_video(worker, tmp_path, image, tier="mid"):
     """One simulated video stage through SimWorker.run (the director's only entry point)."""
     cache = ArtifactCache(tmp_path)
     cache.put_arrays("in", last=image)
-    report = worker.run({**video_request(tier), "stage": stage, "kind": "video", "cache_dir": str(tmp_path),
-                         "input_key": "in", "output_key": "out"})
+    report = worker.run(video_request(tmp_path, tier))
     out = cache.get_arrays("out")
     return out["frames"], out["last"], report
 
@@ -300,27 +347,24 @@ def test_sim_worker_video_sleeps_cost_times_scale_and_returns_frames(tmp_path):
     assert cost <= second < cost + 0.5 and second < first
     assert kept.shape == (7, 24, 32, 3) and kept.dtype == np.uint8
     assert last.shape == (24, 32, 3) and last.dtype == np.uint8
-    assert set(report) == {"worker", "tier", "device", "preset", "knobs", "observed", "wall_seconds",
-                           "input_sha", "output_sha"}
-    assert report["input_sha"] == array_hash(image) and report["output_sha"] == array_hash(last)
-    observed = report["observed"]
+    assert report.input_sha == array_hash(image) and report.output_sha == array_hash(last)
+    observed = report.observed
     assert observed["steps"] == 4 and observed["decode_chunk_max"] == 3 and observed["decode_calls"] == 3
     assert observed["unet_calls"] == 4 and observed["unet_batch"] == 2 and observed["peak_vram_bytes"] is None
-    assert report["device"] == "sim" and report["tier"] == "mid" and report["knobs"]["vae_slicing"] is True
+    assert report.device == "sim" and report.tier == "mid" and report.knobs["vae_slicing"] is True
     again, _, _ = run_video(SimWorker("sim-1", "mid", costs=costs, time_scale=0), tmp_path / "again", image)
     assert np.array_equal(kept, again)  # deterministic
 
 
 def test_sim_worker_keyframe_and_info(tmp_path):
     worker = SimWorker("sim-k", "high", time_scale=0)
-    spec = resolve_model("keyframe", "tiny")
-    req = {"stage": "j/keyframe:a", "kind": "keyframe", "model": spec, "knobs": memory_knobs("high"),
-           "preset": "high", "lora": None, "vae": None, "cache_dir": str(tmp_path), "output_key": "k",
-           "params": {"width": 40, "height": 16, "num_inference_steps": 3, "seed": 5}}
+    req = StageRequest("j", "keyframe:a", StageKind.KEYFRAME, resolve_model("keyframe", "tiny"),
+                       {"width": 40, "height": 16, "num_inference_steps": 3, "seed": 5}, memory_knobs("high"),
+                       "high", "high", "k", str(tmp_path))
     report = worker.run(req)
     image = ArtifactCache(tmp_path).get_arrays("k")["last"]
     assert image.shape == (16, 40, 3) and image.dtype == np.uint8
-    assert report["output_sha"] == array_hash(image) and report["observed"]["steps"] == 3
+    assert report.output_sha == array_hash(image) and report.observed["steps"] == 3
     info = worker.info()
     assert set(info) == {"id", "node", "tier", "device", "gpu", "vram_total", "vram_used", "utilization",
                          "loaded_models", "stages_run", "pid"}
@@ -331,23 +375,21 @@ def test_sim_worker_keyframe_and_info(tmp_path):
 
 def test_sim_worker_run_chains_through_the_artifact_cache(tmp_path):
     worker = SimWorker("sim-r", "low", time_scale=0)
-    base = {"cache_dir": str(tmp_path), "preset": "low", "knobs": memory_knobs("low")}
-    kf = worker.run({**base, "stage": "j/keyframe:a", "kind": "keyframe", "model": resolve_model("keyframe", "tiny"),
-                     "params": {"width": 32, "height": 24, "num_inference_steps": 2, "seed": 9}, "output_key": "k1"})
-    video = worker.run({**video_request("low"), **base, "stage": "j/video:a:0", "kind": "video",
-                        "input_key": "k1", "output_key": "v1"})
+    kf = worker.run(StageRequest("j", "keyframe:a", StageKind.KEYFRAME, resolve_model("keyframe", "tiny"),
+                                 {"width": 32, "height": 24, "num_inference_steps": 2, "seed": 9}, memory_knobs("low"),
+                                 "low", "low", "k1", str(tmp_path)))
+    video = worker.run(replace(video_request(tmp_path, "low", input_key="k1"), output_key="v1"))
     cache = ArtifactCache(tmp_path)
     image, out = cache.get_arrays("k1")["last"], cache.get_arrays("v1")
     assert image.shape == (24, 32, 3) and out["frames"].shape == (7, 24, 32, 3)
-    assert kf["output_sha"] == array_hash(image) == video["input_sha"]
-    assert video["output_sha"] == array_hash(out["last"])
-    assert worker.info()["stages_run"] == 2 and video["tier"] == "low"
+    assert kf.output_sha == array_hash(image) == video.input_sha
+    assert video.output_sha == array_hash(out["last"])
+    assert worker.info()["stages_run"] == 2 and video.tier == "low"
 
 
 def test_sim_worker_cancel_and_faults(tmp_path):
     worker = SimWorker("sim-c", "mid", costs={"mid": TierCost(1.0, 1.0, 0.0)}, time_scale=1.0)
-    req = {**video_request(), "stage": "j/video:a:0", "kind": "video", "cache_dir": str(tmp_path),
-           "input_key": "in", "output_key": "out"}
+    req = video_request(tmp_path)
     ArtifactCache(tmp_path).put_arrays("in", last=np.zeros((24, 32, 3), np.uint8))
     threading.Timer(0.1, worker.cancel, args=("j/video:a:0",)).start()
     started = time.perf_counter()
@@ -358,4 +400,4 @@ def test_sim_worker_cancel_and_faults(tmp_path):
     with pytest.raises(RuntimeError, match="injected fault"):
         worker.run(req)
     worker.time_scale = 0
-    assert worker.run(req)["output_sha"]  # the fault fired once; the retry succeeds
+    assert worker.run(req).output_sha  # the fault fired once; the retry succeeds

@@ -1,4 +1,4 @@
-"""farm.speed and the stage path's speed rules: SDPA, channels-last, compile, batched CFG, uint8 on device."""
+"""farm.gpu.speed and the stage path's speed rules: SDPA, channels-last, compile, batched CFG, uint8 on device."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from farm.models import load_pipeline, resolve_model
-from farm.speed import SpeedKnobs, apply_speed_knobs, compile_setting, speed_knobs, uses_sdpa
-from farm.stages import observe, run_keyframe, run_video, tensor_to_uint8, to_uint8
-from farm.worker import StageWorker
+from farm.config import FarmConfig
+from farm.contract import StageKind, StageRequest
+from farm.gpu.loading import load_pipeline
+from farm.gpu.speed import SpeedKnobs, apply_speed_knobs, speed_knobs, uses_sdpa
+from farm.gpu.stages import observe, run_keyframe, run_video, tensor_to_uint8, to_uint8
+from farm.gpu.worker import StageWorker
+from farm.models import resolve_model
+from farm.presets import memory_knobs
 
 KEYFRAME = {"prompt": "a red kite over a beach", "negative_prompt": "blurry", "width": 64, "height": 48,
             "num_inference_steps": 3, "guidance_scale": 7.5, "guidance_rescale": 0.7, "seed": 5}
@@ -44,16 +48,6 @@ def svd():
 ])
 def test_speed_knob_decisions(device, capability, offload, setting, expected):
     assert speed_knobs(device, capability, offload, setting) == expected
-
-
-def test_compile_setting_from_environment(monkeypatch):
-    monkeypatch.delenv("FARM_COMPILE", raising=False)
-    assert compile_setting() == "auto"
-    monkeypatch.setenv("FARM_COMPILE", " OFF ")
-    assert compile_setting() == "off"
-    monkeypatch.setenv("FARM_COMPILE", "maybe")
-    with pytest.raises(ValueError, match="FARM_COMPILE='maybe'"):
-        compile_setting()
 
 
 def test_sdpa_is_detected_and_its_absence_too(sdxl):
@@ -129,23 +123,19 @@ def test_observe_removes_its_hooks(sdxl):
 
 
 @pytest.mark.slow
-def test_worker_compiles_the_unet_when_told(monkeypatch, tmp_path):
-    """FARM_COMPILE=on through the worker's own path: the UNet's forward is compiled (Inductor, ~40 s on
-    2 cores), observe still sees every call, and the picture matches eager."""
-    spec = resolve_model("keyframe", "tiny")
-    req = {"stage": "job/keyframe:a", "kind": "keyframe", "model": spec, "params": KEYFRAME, "preset": "cpu",
-           "output_key": "k", "cache_dir": str(tmp_path)}
-    from farm.presets import memory_knobs
-
-    req["knobs"] = memory_knobs("cpu")
-    monkeypatch.setenv("FARM_COMPILE", "off")
-    eager = StageWorker("eager", tier="cpu")
+def test_worker_compiles_the_unet_when_told(tmp_path):
+    """compile: on in the farm config, through the worker's own path: the UNet's forward is compiled
+    (Inductor, ~40 s on 2 cores), observe still sees every call, and the picture matches eager."""
+    req = StageRequest("job", "keyframe:a", StageKind.KEYFRAME, resolve_model("keyframe", "tiny"), KEYFRAME,
+                       memory_knobs("cpu"), "cpu", "cpu", "k", str(tmp_path))
+    eager = StageWorker("eager", tier="cpu", config=FarmConfig(compile="off"))
     eager_report = eager.run(req)
-    monkeypatch.setenv("FARM_COMPILE", "on")
-    compiled = StageWorker("compiled", tier="cpu")
-    report = compiled.run({**req, "output_key": "k2"})
-    assert report["knobs"]["compiled"] and not eager_report["knobs"]["compiled"]
-    assert report["observed"]["unet_calls"] == 3 and report["observed"]["unet_batch"] == 2
+    compiled = StageWorker("compiled", tier="cpu", config=FarmConfig(compile="on"))
+    from dataclasses import replace
+
+    report = compiled.run(replace(req, output_key="k2"))
+    assert report.knobs["compiled"] and not eager_report.knobs["compiled"]
+    assert report.observed["unet_calls"] == 3 and report.observed["unet_batch"] == 2
     from farm.cache import ArtifactCache
 
     cache = ArtifactCache(tmp_path)

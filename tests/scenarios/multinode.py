@@ -13,7 +13,8 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from actors.director import Policy, get_director
+from actors.director import get_director
+from farm.config import PolicyConfig
 from farm.pool import PoolConfig
 
 
@@ -22,7 +23,8 @@ def main(root: Path) -> None:
     nodes = {t: cluster.add_node(num_cpus=1, resources={f"farm_tier_{t}": 1}) for t in ("high", "mid", "low")}
     ray.init(address=cluster.address, log_to_driver=False)
     director = get_director(PoolConfig(), name="multinode", store_path=str(root / "farm.sqlite"),
-                            cache_dir=str(root / "cache"), policy=Policy(backoff_s=0.05, reconcile_s=0.5), threads=1)
+                            cache_dir=str(root / "cache"), policy=PolicyConfig(backoff_s=0.05, reconcile_s=0.5),
+                            threads=1)
     deadline = time.time() + 180
     while len(ray.get(director.workers_info.remote())) < 3:
         assert time.time() < deadline, "workers did not start"

@@ -1,6 +1,7 @@
 """A GPU worker's work, without Ray: keep pipelines resident, run keyframe and video stages.
 
-`actors/worker.py` wraps this class as a Ray actor; tests and the benchmark can use it directly.
+`actors/worker.py` wraps this class as a Ray actor; tests and `bench/gpu.py` use it directly. It
+speaks `farm.contract.Worker`: a `StageRequest` in, a `StageResult` out, frames through the cache.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from typing import Any
 import torch
 
 from farm.cache import ArtifactCache
-from farm.faults import fire
-from farm.gpu import GpuInfo, gpus, resolve_tier
-from farm.models import ModelSpec, apply_memory_knobs, load_pipeline
+from farm.config import FarmConfig, current
+from farm.contract import StageKind, StageRequest, StageResult
+from farm.faults import OutOfMemory, fire
+from farm.gpu.loading import apply_memory_knobs, load_pipeline
+from farm.gpu.nvml import GpuInfo, gpus, resolve_tier
+from farm.gpu.speed import apply_speed_knobs, speed_knobs
+from farm.gpu.stages import run_keyframe, run_video
+from farm.models import ModelSpec
 from farm.presets import MemoryKnobs, Tier
-from farm.speed import apply_speed_knobs, compile_setting, speed_knobs
-from farm.stages import run_keyframe, run_video
 
 # (spec, device=, dtype=, lora=, vae=, cpu_offload=) -> pipeline; bench/gpu.py passes one that builds
 # real-size models with random weights, so it measures this worker's own code.
@@ -41,7 +45,8 @@ def visible_gpu() -> GpuInfo | None:
 
 class StageWorker:
     def __init__(self, worker_id: str, tier: str = "auto", threads: int | None = None,
-                 loader: Loader = load_pipeline) -> None:
+                 loader: Loader = load_pipeline, config: FarmConfig | None = None) -> None:
+        self.config = config or current()
         self.threads = threads
         self.loader = loader
         self._use_threads()
@@ -85,7 +90,7 @@ class StageWorker:
             pipe.set_progress_bar_config(disable=True)  # the farm shows its own progress
             applied = apply_memory_knobs(pipe, device=self.device, **asdict(knobs))
             capability = torch.cuda.get_device_capability() if self.device == "cuda" else None
-            fast = speed_knobs(self.device, capability, applied["cpu_offload"], compile_setting())
+            fast = speed_knobs(self.device, capability, applied["cpu_offload"], self.config.compile)
             applied |= apply_speed_knobs(pipe, fast)
         except torch.OutOfMemoryError as exc:  # a load that does not fit is an OOM of the stage like any other
             raise self._out_of_memory(exc) from None
@@ -110,16 +115,13 @@ class StageWorker:
     # --- faults and cancellation ----------------------------------------------------------------
 
     def set_faults(self, faults: list[dict[str, Any]]) -> None:
-        """Arm faults for tests and drills: [{"match": "video:a:*", "kind": "oom|error|crash", "times": 1}].
+        """Arm faults for tests and drills: [{"match": "*/video:a:*", "kind": "oom|error|crash", "times": 1}].
         They fire inside the stage, before the pipeline runs, through the same paths real failures take."""
         self.faults = [dict(f) for f in faults]
 
-    def _maybe_fault(self, stage_id: str) -> None:
-        fire(self.faults, stage_id, torch.OutOfMemoryError)
-
-    def cancel(self, stage_id: str) -> None:
+    def cancel(self, ident: str) -> None:
         """Called concurrently with a running stage (the actor is threaded): it stops at the next step."""
-        self.cancelled.add(stage_id)
+        self.cancelled.add(ident)
 
     # --- stages --------------------------------------------------------------------------------
 
@@ -139,34 +141,28 @@ class StageWorker:
             "pid": os.getpid(),
         }
 
-    def run(self, req: dict[str, Any]) -> dict[str, Any]:
+    def run(self, req: StageRequest) -> StageResult:
         """Run one keyframe or video stage. Inputs and outputs go through the artifact cache by key,
         so a stage's result survives this process and is found again by whoever needs it next."""
         started = time.perf_counter()
         self._use_threads()
-        stage_id = req["stage"]
-        cache = ArtifactCache(req["cache_dir"])
-        is_cancelled = lambda: stage_id in self.cancelled  # noqa: E731
+        cache = ArtifactCache(req.cache_dir)
+        is_cancelled = lambda: req.ident in self.cancelled  # noqa: E731
         try:
-            self._maybe_fault(stage_id)
-            if req["kind"] == "keyframe":
-                pipe, applied = self.pipeline(req["model"], req["knobs"], req.get("lora"), req.get("vae"))
-                image, seen = run_keyframe(pipe, req["params"], is_cancelled)
-                hashes = cache.put_keyframe(req["output_key"], image)
+            fire(self.faults, req.ident, torch.OutOfMemoryError)
+            if req.kind == StageKind.KEYFRAME:
+                pipe, applied = self.pipeline(req.model, req.knobs, req.lora, req.vae)
+                image, seen = run_keyframe(pipe, req.params, is_cancelled)
+                hashes = cache.put_keyframe(req.output_key, image)
             else:
-                pipe, applied = self.pipeline(req["model"], req["knobs"])
-                first = cache.last_frame(req["input_key"])
-                frames, seen = run_video(pipe, req["model"].family, first, req["params"], is_cancelled)
-                hashes = cache.put_segment(req["output_key"], first, frames, req["drop"], req["kept"])
+                pipe, applied = self.pipeline(req.model, req.knobs)
+                first = cache.last_frame(req.input_key or "")
+                frames, seen = run_video(pipe, req.model.family, first, req.params, is_cancelled)
+                hashes = cache.put_segment(req.output_key, first, frames, req.drop, req.kept)
         except torch.OutOfMemoryError as exc:
             raise self._out_of_memory(exc) from None
         finally:
-            self.cancelled.discard(stage_id)
+            self.cancelled.discard(req.ident)
         self.stages_run += 1
-        return {"worker": self.worker_id, "tier": self.tier, "device": self.device, "preset": req["preset"],
-                "knobs": applied, "observed": seen.as_dict(), "wall_seconds": time.perf_counter() - started,
-                **hashes}
-
-
-class OutOfMemory(RuntimeError):
-    """A stage ran out of GPU memory; the director retries it one rung down the preset ladder."""
+        return StageResult(self.worker_id, self.tier, self.device, req.preset, applied, seen.as_dict(),
+                           time.perf_counter() - started, **hashes)

@@ -1,20 +1,23 @@
 """`farm render`: one storyboard rendered by the farm's director on a local Ray (or the cluster this
-process is attached to), with progress bars fed by the director's events."""
+process is attached to), with progress bars fed by the director's events. An entry point: it may
+import actors and Ray; the core below it may not."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from farm.encode import EncodeSettings
-from farm.manifest import Manifest, load
-from farm.models import ModelSpec, resolve_model, with_tiny
-from farm.paths import OutputLayout, state_dir
+from farm.config import FarmConfig, current
+from farm.contract import ACTIVE_STATES, JobState
+from farm.hashing import content_hash
+from farm.jobsetup import resolve_models
+from farm.manifest import load
+from farm.paths import OutputLayout
 from farm.pool import PoolConfig, resources_for_local
-from farm.presets import QUALITY_TEMPLATES
 from farm.progress import ProgressBars
 
 
@@ -33,38 +36,10 @@ class RenderResult:
     render_seconds: float = 0.0  # submit to the final film written: the part that scales with shots
 
 
-def resolve_models(manifest: Manifest, root: Path | None, override: str | None = None) -> dict[str, ModelSpec]:
-    """The manifest's models, or their tiny stand-ins of the same family (`--models tiny`)."""
-    m = manifest.models
-    specs = {
-        "keyframe": resolve_model("keyframe", m.keyframe, base_dir=root, allow_pickle=m.allow_pickle,
-                                  revision=m.keyframe_revision),
-        "video": resolve_model("video", m.video, base_dir=root, allow_pickle=m.allow_pickle,
-                               revision=m.video_revision),
-    }
-    if override == "tiny":
-        specs = {role: with_tiny(spec) for role, spec in specs.items()}
-    elif override is not None:
-        raise ValueError(f"--models must be 'tiny' (or omitted), not {override!r}")
-    return specs
-
-
-def encode_settings(manifest: Manifest) -> EncodeSettings:
-    template = QUALITY_TEMPLATES[manifest.quality]
-    out = manifest.output
-    return EncodeSettings(crf=out.crf if out.crf is not None else template.crf,
-                          preset=out.preset or template.x264_preset, bitrate=out.bitrate)
-
-
-def encode_identity(settings: EncodeSettings) -> dict[str, Any]:
-    """What of the encode settings determines the output: cache keys and the lockfile record this."""
-    return {"crf": settings.crf, "preset": settings.preset, "bitrate": settings.bitrate}
-
-
-def merge_options(manifest: Manifest, fps: int) -> dict[str, Any]:
-    out = manifest.output
-    return {"fps": fps, "transition": out.transition, "crossfade_seconds": out.crossfade_seconds,
-            "final_resolution": out.final_size, "interpolate_fps": out.interpolate_fps}
+def job_key(manifest: dict[str, Any], out_dir: str, options: dict[str, Any]) -> str:
+    """Identity of a local render: the same storyboard, output and options is the same job, so a
+    `farm render` run again after a crash attaches to the job it started instead of a duplicate."""
+    return content_hash({"manifest": manifest, "out": out_dir, "options": options})
 
 
 def start_ray(pool: PoolConfig) -> bool:
@@ -73,19 +48,19 @@ def start_ray(pool: PoolConfig) -> bool:
 
     if ray.is_initialized():
         return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # address="local": always a fresh local cluster, never someone else's that happens to be running.
     ray.init(address="local", resources=resources_for_local(pool), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     return True
 
 
-def local_director(pool: PoolConfig) -> Any:
+def local_director(pool: PoolConfig, config: FarmConfig) -> Any:
     """A director for local renders with this pool shape (forced tier and worker count)."""
     from actors.director import get_director
 
     name = f"farm-local-{pool.tier}-{pool.workers or 0}"
-    root = state_dir()
-    return get_director(pool, name=name, store_path=str(root / "farm.sqlite"), cache_dir=str(root / "cache"))
+    return get_director(pool, name=name, config=config)
 
 
 def follow(director: Any, job_id: str, bars: ProgressBars, poll_s: float = 0.2) -> str:
@@ -104,18 +79,17 @@ def follow(director: Any, job_id: str, bars: ProgressBars, poll_s: float = 0.2) 
         since += len(events)
         for event in events:
             bars(event)
-        if state not in ("queued", "running"):
+        if JobState(state) not in ACTIVE_STATES:
             return state
         time.sleep(poll_s)
 
 
 def render(path: Path | str, out_dir: Path | str, *, models: str | None = None, workers: int | None = None,
            tier: str = "auto", progress: bool = True, draft: bool = False, priority: int = 0,
-           cache: bool = True) -> RenderResult:
+           cache: bool = True, config: FarmConfig | None = None) -> RenderResult:
     import ray
 
-    from actors.director import job_key
-
+    config = config or current()
     started = time.perf_counter()
     path = Path(path).resolve()
     manifest = load(path)  # refuses bad input before anything starts
@@ -124,13 +98,13 @@ def render(path: Path | str, out_dir: Path | str, *, models: str | None = None, 
     pool = PoolConfig(tier=tier, workers=workers)
     we_started = start_ray(pool)
     try:
-        director = local_director(pool)
+        director = local_director(pool, config)
         data = manifest.model_dump(mode="json", exclude_unset=True)
         options = {"models": models, "preview": draft, "cache": cache}
         job = ray.get(director.submit.remote(data, str(path.parent), str(out.root), options=options,
                                              priority=priority,
                                              idempotency_key=job_key(data, str(out.root), options)))
-        if job["state"] in ("failed", "cancelled", "succeeded"):
+        if JobState(job["state"]) not in ACTIVE_STATES:
             # The same render ran to an end before (its outputs may since be gone or edited): run it
             # again; every finished stage comes back from the cache, so a complete one costs seconds.
             job = ray.get(director.requeue.remote(job["id"]))
@@ -146,7 +120,7 @@ def render(path: Path | str, out_dir: Path | str, *, models: str | None = None, 
     finally:
         if we_started:
             ray.shutdown()
-    if state != "succeeded":
+    if state != JobState.SUCCEEDED:
         raise RenderError(f"job {job['id']} {state}: {status['error']}")
     lock = json.loads(out.lockfile.read_text())
     import pyarrow.parquet as pq

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -112,7 +112,7 @@ def tensor_to_uint8(frames: torch.Tensor) -> np.ndarray:
     return out.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def run_keyframe(pipe: Any, params: dict[str, Any],
+def run_keyframe(pipe: Any, params: Mapping[str, Any],
                  cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, Observed]:
     """Text-to-image: returns an HxWx3 uint8 image."""
     with observe(pipe, cancelled) as seen:
@@ -130,10 +130,10 @@ def run_keyframe(pipe: Any, params: dict[str, Any],
     return tensor_to_uint8(out.images[:1])[0], seen
 
 
-def run_video(pipe: Any, family: str, image: np.ndarray, params: dict[str, Any],
+def run_video(pipe: Any, family: str, image: np.ndarray, params: Mapping[str, Any],
               cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, Observed]:
     """Image-to-video: returns (num_frames, H, W, 3) uint8 frames starting from `image`."""
-    cond = PIL.Image.fromarray(image).resize((params["width"], params["height"]), PIL.Image.LANCZOS)
+    cond = PIL.Image.fromarray(image).resize((params["width"], params["height"]), PIL.Image.Resampling.LANCZOS)
     common = {
         "image": cond,
         "width": params["width"],

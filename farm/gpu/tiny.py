@@ -17,16 +17,17 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from farm.models import tiny_dir_name
 from farm.paths import state_dir
 
 if TYPE_CHECKING:  # the heavy imports stay lazy so `import farm.tiny` is cheap
     from diffusers import I2VGenXLPipeline, StableDiffusionXLPipeline, StableVideoDiffusionPipeline
     from transformers import CLIPTokenizer
 
-TINY_VERSION = "v2"  # bump when a builder changes, so cached folders of the old shape are not reused
 FAMILIES = ("sdxl", "svd", "i2vgen")
 SEED = 0
 
@@ -40,10 +41,6 @@ CLIP_IMAGE_SIZE = 224  # SVD resizes its conditioning image to 224x224 whatever 
 TEXT_DIM = 32
 # The default output size when a caller passes none: unet sample_size * vae scale factor (8).
 SAMPLE_SIZE = 8
-
-
-def tiny_dir_name(family: str) -> str:
-    return f"tiny-{family}-{TINY_VERSION}"
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -319,7 +316,7 @@ def build_tiny_i2vgen() -> I2VGenXLPipeline:
     )
 
 
-BUILDERS = {"sdxl": build_tiny_sdxl, "svd": build_tiny_svd, "i2vgen": build_tiny_i2vgen}
+BUILDERS: dict[str, Callable[[], Any]] = {"sdxl": build_tiny_sdxl, "svd": build_tiny_svd, "i2vgen": build_tiny_i2vgen}
 
 
 def _is_complete(path: Path) -> bool:

@@ -1,35 +1,25 @@
 """Speed knobs of a GPU worker: which to use (a plain decision) and applying them to a pipeline.
 
 Memory knobs (farm.presets) decide whether a stage fits; these decide how fast it runs once it does.
-Half precision is chosen with the device (farm.worker); guidance is already one batched UNet call
+Half precision is chosen with the device (farm.gpu.worker); guidance is already one batched UNet call
 per step in all three pipelines, which `observe` records as unet_batch.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-CompileSetting = Literal["auto", "on", "off"]
-COMPILE_ENV = "FARM_COMPILE"
+CompileSetting = Literal["auto", "on", "off"]  # the farm config's `compile` (FARM_COMPILE)
 
 
 @dataclass(frozen=True)
 class SpeedKnobs:
     channels_last: bool  # NHWC convolutions: what tensor cores read natively
     compile: bool  # torch.compile the UNet, where nearly all FLOPs are
-
-
-def compile_setting() -> CompileSetting:
-    value = os.environ.get(COMPILE_ENV, "auto").strip().lower()
-    if value not in ("auto", "on", "off"):
-        raise ValueError(f"{COMPILE_ENV}={value!r}: expected auto, on or off")
-    return value  # type: ignore[return-value]
 
 
 def speed_knobs(device: str, capability: tuple[int, int] | None, cpu_offload: bool,
@@ -79,16 +69,19 @@ def uses_sdpa(pipe: Any) -> bool:
     return bool(processors) and all(_calls_sdpa(type(p)) for p in processors)
 
 
-@functools.cache
+_SDPA_SEEN: dict[type, bool] = {}
+
+
 def _calls_sdpa(cls: type) -> bool:
     # Read from the processor's code rather than a list of class names, which diffusers keeps adding to.
     import inspect
 
-    try:
-        source = inspect.getsource(cls.__call__)
-    except (OSError, TypeError):
-        return False
-    return "scaled_dot_product_attention" in source
+    if cls not in _SDPA_SEEN:
+        try:
+            _SDPA_SEEN[cls] = "scaled_dot_product_attention" in inspect.getsource(cls.__call__)
+        except (OSError, TypeError):
+            _SDPA_SEEN[cls] = False
+    return _SDPA_SEEN[cls]
 
 
 def compile_unet(unet: Any) -> bool:

@@ -1,0 +1,172 @@
+"""What crosses a process boundary: the typed messages between the director, the workers and the
+encoder, and the names of states everyone agrees on.
+
+Frozen dataclasses of plain data, so they pickle across Ray, hash into nothing by accident, and a
+field added here is added for the director, the GPU worker, the simulator and `bench/gpu.py` at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from farm.presets import MemoryKnobs
+
+if TYPE_CHECKING:
+    from farm.encode import EncodeSettings
+    from farm.models import ModelSpec
+
+
+class JobState(StrEnum):
+    """A job's life: queued -> running -> succeeded | failed | cancelled; failed and cancelled jobs
+    (and succeeded ones whose outputs are wanted anew) can be requeued."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        return self in ACTIVE_STATES
+
+
+ACTIVE_STATES: frozenset[JobState] = frozenset({JobState.QUEUED, JobState.RUNNING})
+FINISHED_STATES: frozenset[JobState] = frozenset(set(JobState) - ACTIVE_STATES)
+
+
+class StageKind(StrEnum):
+    KEYFRAME = "keyframe"  # text-to-image, GPU
+    VIDEO = "video"  # one image-to-video call, GPU
+    CLIP = "clip"  # a shot's frames -> mp4, CPU (encoder)
+    MERGE = "merge"  # every clip -> the film, CPU (encoder)
+
+    @property
+    def gpu(self) -> bool:
+        return self in GPU_KINDS
+
+
+GPU_KINDS: frozenset[StageKind] = frozenset({StageKind.KEYFRAME, StageKind.VIDEO})
+
+
+class Outcome(StrEnum):
+    """How one stage attempt ended, as its ledger row says."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # an error in the stage: counts toward max_attempts
+    OOM = "oom"  # out of GPU memory: the next rung of the preset ladder
+    WORKER_LOST = "worker_lost"  # the process or node died under it: requeued, no attempt spent
+    CANCELLED = "cancelled"  # the job was cancelled while it ran
+
+
+class FailureKind(StrEnum):
+    ERROR = "error"
+    OOM = "oom"
+    LOST = "lost"
+    CANCELLED = "cancelled"
+
+    @property
+    def outcome(self) -> Outcome:
+        return {FailureKind.ERROR: Outcome.FAILED, FailureKind.OOM: Outcome.OOM,
+                FailureKind.LOST: Outcome.WORKER_LOST, FailureKind.CANCELLED: Outcome.CANCELLED}[self]
+
+
+# --- GPU stages ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """One GPU stage for one worker: everything it needs, nothing it must look up.
+
+    Inputs and outputs travel by cache key through the shared artifact cache, never as frames in
+    the message, so a request is a few hundred bytes whatever the resolution."""
+
+    job: str
+    stage: str
+    kind: StageKind
+    model: ModelSpec
+    params: Mapping[str, Any]  # the pipeline call's effective parameters (farm.effective)
+    knobs: MemoryKnobs
+    preset: str  # the preset's label, as the ledger shows it
+    tier: str  # the tier whose presets the params came from
+    output_key: str
+    cache_dir: str
+    input_key: str | None = None  # video: the stage whose last frame it starts from
+    drop: int = 0  # video: leading frames that re-draw the conditioning frame
+    kept: int = 0  # video: frames the clip keeps
+    lora: str | None = None
+    vae: str | None = None
+
+    @property
+    def ident(self) -> str:
+        """`job/stage`: what cancellation and injected faults match on."""
+        return f"{self.job}/{self.stage}"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a worker reports for a finished stage; the director files it, the lockfile shows it."""
+
+    worker: str
+    tier: str
+    device: str
+    preset: str
+    knobs: Mapping[str, bool]
+    observed: Mapping[str, Any]  # farm.observed.Observed.as_dict()
+    wall_seconds: float
+    output_sha: str
+    input_sha: str | None = None
+
+    @property
+    def peak_vram_bytes(self) -> int | None:
+        peak = self.observed.get("peak_vram_bytes")
+        return int(peak) if peak is not None else None
+
+
+@runtime_checkable
+class Worker(Protocol):
+    """A GPU worker as the director sees it: `farm.gpu.worker.StageWorker`, the simulator's
+    `farm.sim.worker.SimWorker` and `bench/gpu.py` all speak it."""
+
+    worker_id: str
+    tier: str
+
+    def run(self, req: StageRequest) -> StageResult: ...
+
+    def cancel(self, ident: str) -> None: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    def set_faults(self, faults: list[dict[str, Any]]) -> None: ...
+
+    def loaded_models(self) -> list[str]: ...
+
+
+# --- CPU stages ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodeRequest:
+    """A clip or merge for the encoder. `inputs` are segment cache keys (clip) or clip paths (merge)."""
+
+    job: str
+    stage: str
+    kind: StageKind
+    dest: str
+    inputs: tuple[str, ...]
+    fps: int
+    settings: EncodeSettings
+    output_key: str
+    options: Mapping[str, Any] = field(default_factory=dict)  # merge: transition, scale, interpolation
+
+    @property
+    def ident(self) -> str:
+        return f"{self.job}/{self.stage}"
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    frames: int = 0

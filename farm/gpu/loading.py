@@ -1,0 +1,289 @@
+"""Loading a model family's diffusers pipeline and applying memory knobs: the GPU half of
+`farm.models`, which decides what a manifest names without importing torch.
+
+`load_pipeline` and `apply_memory_knobs` are the only code that builds pipelines; the GPU worker
+calls them and keeps the result resident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from farm.config import current
+from farm.models import (
+    FAMILY_NAMES,
+    PICKLE_SUFFIXES,
+    PIPELINE_CLASSES,
+    SAFE_SUFFIXES,
+    SINGLE_FILE_CONFIGS,
+    ModelError,
+    ModelSpec,
+    in_hf_cache,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
+
+
+def _pipeline_class(family: str) -> type[DiffusionPipeline]:
+    import diffusers
+
+    return getattr(diffusers, PIPELINE_CLASSES[family])
+
+
+def _downloads_allowed() -> bool:
+    return current().models.allow_download
+
+
+def _not_found_offline(spec: ModelSpec, exc: BaseException) -> ModelError:
+    return ModelError(
+        f"model {spec.location!r} ({spec.role}) is not available offline: {exc}. Pre-download it into the "
+        f"Hugging Face cache (huggingface-cli download {spec.location}) or into a local folder and name "
+        "that folder, set FARM_ALLOW_DOWNLOAD=1 to let the farm download it, or render with `--models tiny`"
+    )
+
+
+def load_pipeline(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                  lora: str | None = None, vae: str | None = None, cpu_offload: bool = False) -> DiffusionPipeline:
+    """Load the pipeline `spec` names, ready to call.
+
+    With `cpu_offload` on a CUDA device the pipeline stays on the CPU, for `apply_memory_knobs` to
+    offload (moving a large model to a small GPU first could run out of memory before offload starts).
+    """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    cls = _pipeline_class(spec.family)
+    if spec.kind in ("tiny", "dir"):
+        if spec.kind == "tiny":
+            from farm.gpu.tiny import tiny_dir
+
+            location = str(tiny_dir(spec.family))
+        else:
+            location = spec.location
+        try:
+            pipe = _from_pretrained(cls, location, spec, dtype, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load {spec.family} model from {location}: {exc}") from exc
+    elif spec.kind == "hub":
+        try:
+            pipe = _from_pretrained(cls, spec.location, spec, dtype, local_files_only=not _downloads_allowed())
+        except (OSError, ValueError) as exc:
+            raise _not_found_offline(spec, exc) from exc
+    else:
+        pipe = _from_single_file(cls, spec, dtype)
+
+    pipe = prepare_pipeline(pipe, spec.family)
+    if vae is not None:
+        pipe.vae = _load_vae(spec, pipe, vae, dtype)
+    if lora is not None:
+        _load_lora(spec, pipe, lora)
+    if not (cpu_offload and str(device).startswith("cuda")):
+        pipe.to(device)
+    return pipe
+
+
+def prepare_pipeline(pipe: Any, family: str) -> Any:
+    """What the farm changes on any freshly built pipeline of `family`, however it was built."""
+    if family == "sdxl":
+        # DPM++ 2M Karras: the documents' sampler (40 steps ~ 60 Euler steps), for real and tiny alike.
+        from diffusers import DPMSolverMultistepScheduler
+
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+            pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
+            use_karras_sigmas=True,
+        )
+    if family == "i2vgen":
+        _patch_i2vgen_text_encoder(pipe)
+    return pipe
+
+
+def _from_pretrained(cls: Any, location: str, spec: ModelSpec, dtype: torch.dtype, *,
+                     local_files_only: bool) -> DiffusionPipeline:
+    import torch
+
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,  # diffusers 0.42 deprecates `torch_dtype` in favour of `dtype`
+        "local_files_only": local_files_only,
+        # Without allow_pickle only safetensors weights are read (a .bin in a folder is a pickle too).
+        "use_safetensors": None if spec.allow_pickle else True,
+    }
+    if spec.kind == "hub" and spec.revision:
+        kwargs["revision"] = spec.revision
+    if dtype in (torch.float16, torch.bfloat16) and spec.kind in ("hub", "dir"):
+        # Half the download and disk where the repo publishes fp16 weights (cast to bf16 as needed);
+        # fall back to the full-precision ones.
+        try:
+            return cls.from_pretrained(location, variant="fp16", **kwargs)
+        except (OSError, ValueError):
+            pass
+    return cls.from_pretrained(location, **kwargs)
+
+
+def _from_single_file(cls: Any, spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
+    if not hasattr(cls, "from_single_file") or spec.family not in SINGLE_FILE_CONFIGS:
+        raise ModelError(f"{spec.source!r}: diffusers cannot load {FAMILY_NAMES[spec.family]} from a single "
+                         "checkpoint file; use a diffusers model folder (with model_index.json) or a hub id")
+    config = SINGLE_FILE_CONFIGS[spec.family]
+    # A single file holds weights only; the component configs come from the base model's repo. Checked
+    # here because diffusers silently goes online for them when they are missing from the cache.
+    if not _downloads_allowed() and not in_hf_cache(config, "model_index.json"):
+        raise ModelError(f"{spec.source!r}: loading a single-file {spec.family} checkpoint needs the configs "
+                         f"of {config} in the Hugging Face cache, which are not there. Download them once "
+                         f"(huggingface-cli download {config} --include '*.json' '*.txt'), set "
+                         "FARM_ALLOW_DOWNLOAD=1, or render with `--models tiny`")
+    try:
+        return cls.from_single_file(spec.location, config=config, dtype=dtype,
+                                    local_files_only=not _downloads_allowed())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load {spec.source!r} as a single-file {spec.family} checkpoint: {exc}") from exc
+
+
+def _patch_i2vgen_text_encoder(pipe: Any) -> None:
+    """Let the (deprecated) I2VGen-XL pipeline run against transformers 5's CLIPTextModel.
+
+    With its default clip_skip=1 the pipeline calls `text_encoder.text_model.final_layer_norm`; in
+    transformers 5 CLIPTextModel no longer wraps a `text_model`, its final layer norm is a direct
+    child. A plain namespace (not a Module, so state dicts and `.to()` are unaffected) restores the
+    old path to the same layer.
+    """
+    encoder = getattr(pipe, "text_encoder", None)
+    if encoder is not None and not hasattr(encoder, "text_model") and hasattr(encoder, "final_layer_norm"):
+        object.__setattr__(encoder, "text_model", types.SimpleNamespace(final_layer_norm=encoder.final_layer_norm))
+
+
+def _local_weights(path_text: str, what: str, spec: ModelSpec) -> Path:
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise ModelError(f"{what} {path_text!r} does not exist")
+    if path.is_file() and path.suffix.lower() not in SAFE_SUFFIXES:
+        if path.suffix.lower() in PICKLE_SUFFIXES and not spec.allow_pickle:
+            raise ModelError(f"{what} {path_text!r} is a pickle file: loading it can run arbitrary code. "
+                             "Use .safetensors, or set models.allow_pickle: true if you trust it")
+        if path.suffix.lower() not in PICKLE_SUFFIXES:
+            raise ModelError(f"{what} {path_text!r}: expected a .safetensors file or a folder")
+    return path.resolve()
+
+
+def _load_lora(spec: ModelSpec, pipe: Any, lora: str) -> None:
+    if not hasattr(pipe, "load_lora_weights"):
+        raise ModelError(f"LoRA weights are not supported for {FAMILY_NAMES[spec.family]} models")
+    path = _local_weights(lora, "LoRA", spec)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if path.is_file():
+        kwargs["weight_name"] = path.name
+        folder = str(path.parent)
+    else:
+        folder = str(path)
+    # use_safetensors=True stops diffusers from falling back to a pickled .bin in a folder.
+    kwargs["use_safetensors"] = path.suffix.lower() in SAFE_SUFFIXES or (path.is_dir() and not spec.allow_pickle)
+    try:
+        pipe.load_lora_weights(folder, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load LoRA {lora!r} into the {spec.family} pipeline: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _config_folder(model: Any) -> Iterator[str]:
+    """A temp folder holding `model`'s config.json, for loaders that want a config path."""
+    with tempfile.TemporaryDirectory(prefix="farm-config-") as tmp:
+        model.save_config(tmp)
+        yield tmp
+
+
+def _load_vae(spec: ModelSpec, pipe: Any, vae: str, dtype: torch.dtype) -> Any:
+    """A replacement VAE of the pipeline's VAE class, from a diffusers folder or one .safetensors file."""
+    path = _local_weights(vae, "VAE", spec)
+    vae_cls = type(pipe.vae)
+    if path.is_file() and not hasattr(vae_cls, "from_single_file"):
+        raise ModelError(f"a {vae_cls.__name__} ({spec.family}) cannot be loaded from a single file; give a "
+                         "diffusers VAE folder (with config.json) instead")
+    try:
+        if path.is_dir():
+            # A whole pipeline folder works too: take its vae/ subfolder.
+            subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
+            return vae_cls.from_pretrained(str(path), subfolder=subfolder, dtype=dtype, local_files_only=True,
+                                           use_safetensors=None if spec.allow_pickle else True)
+        # The file holds weights only: its architecture is that of the VAE it replaces.
+        with _config_folder(pipe.vae) as config_dir:
+            return vae_cls.from_single_file(str(path), config=config_dir, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load VAE {vae!r}: {exc}") from exc
+
+
+# --- memory knobs --------------------------------------------------------------------------------
+
+
+def apply_memory_knobs(pipe: Any, *, device: str, cpu_offload: bool, forward_chunking: bool,
+                       vae_slicing: bool) -> dict[str, bool]:
+    """Apply the low-VRAM knobs a preset asks for; return which ones actually took effect.
+
+    A knob a pipeline or device does not support is reported False rather than raised, so one preset
+    table serves every model family (SVD's temporal VAE has no slicing: decode_chunk_size does that job).
+    """
+    applied = {"cpu_offload": False, "forward_chunking": False, "vae_slicing": False}
+
+    if cpu_offload and str(device).startswith("cuda"):
+        try:
+            pipe.enable_model_cpu_offload(device=device)
+            applied["cpu_offload"] = True
+        except (ValueError, ImportError, NotImplementedError, AttributeError):
+            pass
+    if not applied["cpu_offload"]:
+        # load_pipeline leaves the pipeline on the CPU when offload was planned; without offload it
+        # must sit on its device.
+        _move(pipe, device)
+
+    if forward_chunking:
+        applied["forward_chunking"] = _enable_forward_chunking(getattr(pipe, "unet", None))
+
+    if vae_slicing:
+        applied["vae_slicing"] = _enable_vae_slicing(getattr(pipe, "vae", None))
+    return applied
+
+
+def _move(pipe: Any, device: str) -> None:
+    import torch
+
+    current, wanted = getattr(pipe, "device", None), torch.device(device)
+    if current is None or current.type != wanted.type or (wanted.index is not None and current != wanted):
+        pipe.to(device)  # a CUDA OOM here propagates: the OOM ladder needs to see it
+
+
+def _enable_forward_chunking(unet: Any) -> bool:
+    """Chunk every transformer block's feed-forward over the batch*frames dim, one slice at a time.
+
+    dim 0 (not the sequence dim 1) because chunking SDXL's thousands of tokens one by one would be
+    very slow, while SVD's batch is 2 x frames: that is where its feed-forward peak memory is.
+    """
+    if unet is None:
+        return False
+    if hasattr(unet, "enable_forward_chunking"):
+        try:
+            unet.enable_forward_chunking(chunk_size=1, dim=0)
+            return True
+        except (ValueError, NotImplementedError, AttributeError):
+            return False
+    # UNet2DConditionModel (SDXL) has no switch, but its transformer blocks support chunking.
+    blocks = [m for m in unet.modules() if hasattr(m, "set_chunk_feed_forward")]
+    for block in blocks:
+        block.set_chunk_feed_forward(chunk_size=1, dim=0)
+    return bool(blocks)
+
+
+def _enable_vae_slicing(vae: Any) -> bool:
+    # diffusers 0.42 removed pipe.enable_vae_slicing(); the switch lives on the VAE, which raises
+    # NotImplementedError where it has no sliced path (AutoencoderKLTemporalDecoder).
+    if vae is None or not hasattr(vae, "enable_slicing") or not hasattr(vae, "use_slicing"):
+        return False
+    try:
+        vae.enable_slicing()
+    except NotImplementedError:
+        return False
+    return bool(vae.use_slicing)

@@ -1,0 +1,539 @@
+"""One job's plan and progress, and every rule about what happens next: a pure state machine.
+
+The director (and the simulator, and `bench/gpu.py`) ask the book which stages are ready, what to
+send a worker for a stage, and what a result means; the book answers with typed requests and
+decisions, and writes what it did into an outbox of effects (store rows, ledger rows, events) for the
+caller to carry out. No Ray, no torch, no I/O, no clock: time comes in as `now`, so every rule is a
+unit test away (tests/test_jobbook.py) and the simulator runs the very same rules.
+
+The shape follows vLLM's scheduler (`schedule()` then `update_from_output()`) and Ray autoscaler
+v2 (decide, then a reconciler acts): decide here, act in `actors/director.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from farm import cache as keys
+from farm.contract import (
+    EncodeRequest,
+    FailureKind,
+    JobState,
+    Outcome,
+    StageKind,
+    StageRequest,
+    StageResult,
+)
+from farm.effective import keyframe_params, video_params
+from farm.jobsetup import JobSetup
+from farm.paths import OutputLayout
+from farm.plan import ShotPlan, Stage
+from farm.presets import Preset, keyframe_preset, next_lower_preset, video_preset
+from farm.schedule import ReadyStage
+
+# --- what the book tells its caller --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 3  # per stage, errors only (an OOM walks the ladder, a lost worker requeues)
+    backoff_s: float = 1.0  # retry n waits backoff_s * 2**(n-1) ...
+    backoff_cap_s: float = 60.0  # ... but never longer than this
+    max_worker_losses: int = 5  # per stage: a stage that kills every worker it touches fails the job
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Run the stage again, not before `after`, on a worker it has not failed on where one exists."""
+
+    after: float
+
+
+@dataclass(frozen=True)
+class Descend:
+    """Out of memory: run it again one rung lower on the preset ladder."""
+
+    preset: Preset
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """Run it again at once; no attempt was spent (its worker died, or the job was requeued under it)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class FailJob:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ignore:
+    """The job has ended (cancelled, failed): nothing more to do for this stage."""
+
+    reason: str
+
+
+Decision = Retry | Descend | Requeue | FailJob | Ignore
+
+
+@dataclass(frozen=True)
+class Emit:
+    """An event for the job's stream (SSE, progress bars, webhooks)."""
+
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    row: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SaveStage:
+    stage: str
+    state: str
+    worker: str | None
+    tier: str | None
+    key: str
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SetJobState:
+    state: JobState
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class CancelStage:
+    stage: str
+    worker: str
+
+
+@dataclass(frozen=True)
+class WriteKeyframe:
+    shot: str
+    key: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CacheRecord:
+    """Store a GPU stage's record beside its output, so a later cache hit can show what made it."""
+
+    key: str
+    record: dict[str, Any]
+
+
+Effect = Emit | LedgerRow | SaveStage | SetJobState | CancelStage | WriteKeyframe | CacheRecord
+
+CPU_WORKER = "encoder"  # the name CPU stages run under in the ledger and events
+CACHE_WORKER = "cache"
+
+
+@dataclass(frozen=True)
+class Running:
+    worker: str
+    tier: str
+    preset: str
+    started: float
+    expected_end: float
+    key: str
+    attempt: int
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Done:
+    key: str
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A stage not yet finished, as a planning policy sees it: what it waits for, and when it is
+    expected to end if it runs now."""
+
+    id: str
+    kind: StageKind
+    deps: tuple[str, ...]  # unfinished dependencies only
+    worker: str | None = None
+    expected_end: float | None = None
+
+
+# --- the book ------------------------------------------------------------------------------------
+
+
+class JobBook:
+    def __init__(self, job_id: str, setup: JobSetup, out_dir: str, *, priority: int = 0, created: float = 0.0,
+                 use_cache: bool = True, policy: RetryPolicy | None = None,
+                 image_keys: Mapping[str, str] | None = None) -> None:
+        self.id = job_id
+        self.setup = setup
+        self.layout = OutputLayout(out_dir)
+        self.priority = priority
+        self.created = created
+        self.use_cache = use_cache  # `--no-cache` renders every stage again (outputs are still stored)
+        self.policy = policy or RetryPolicy()
+        self.image_keys = dict(image_keys or {})  # shot -> cache key of the user's own first frame
+        self.plan = setup.plan.copy()  # the book's own: stages may be added while the job runs
+        self.shots: dict[str, ShotPlan] = {sp.shot.id: sp for sp in self.plan.shots}
+        self.seq = {sid: i for i, sid in enumerate(self.plan.stages)}
+        self.ranks: dict[str, float] = {}
+        self.state = JobState.QUEUED
+        self.error: str | None = None
+        self.outbox: list[Effect] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.done: dict[str, Done] = {}
+        self.running: dict[str, Running] = {}
+        self.tries: dict[str, int] = {}  # dispatches, for the ledger's attempt numbers
+        self.errors: dict[str, int] = {}  # failed attempts, against max_attempts
+        self.losses: dict[str, int] = {}
+        self.avoid: dict[str, set[str]] = {}  # workers a stage failed on
+        self.not_before: dict[str, float] = {}
+        self.ladder: dict[str, Preset] = {}
+        self.probed: set[str] = set()
+
+    # --- questions ---------------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        return self.state.active
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) == len(self.plan.stages)
+
+    @property
+    def progress(self) -> float:
+        if self.state == JobState.SUCCEEDED:
+            return 1.0
+        return len(self.done) / max(len(self.plan.stages), 1)
+
+    def stage(self, stage_id: str) -> Stage:
+        return self.plan.stages[stage_id]
+
+    def ready(self, now: float) -> list[Stage]:
+        """Stages that may start now: the job is active, their dependencies are done, they are not
+        running, and any back-off has elapsed. In plan order."""
+        if not self.active:
+            return []
+        return [s for s in self.plan.stages.values()
+                if s.id not in self.done and s.id not in self.running and all(d in self.done for d in s.deps)
+                and self.not_before.get(s.id, 0.0) <= now]
+
+    def waiting_gpu(self) -> int:
+        """GPU stages not finished and not running: the demand the autoscaler hears about."""
+        if not self.active:
+            return 0
+        return sum(1 for s in self.plan.stages.values()
+                   if s.gpu and s.id not in self.done and s.id not in self.running)
+
+    def model_key(self, stage: Stage) -> str:
+        return self.setup.specs[stage.kind].key
+
+    def ready_stage(self, stage: Stage) -> ReadyStage:
+        """The stage as the dispatch policy sees it (`farm.schedule.assign`)."""
+        return ReadyStage(f"{self.id}/{stage.id}", self.model_key(stage), self.priority, self.ranks.get(stage.id, 0.0),
+                          self.seq[stage.id], frozenset(self.avoid.get(stage.id, ())))
+
+    def set_ranks(self, costs: Mapping[str, float]) -> None:
+        """Rank stages by the work on the longest chain from each (costs: stage -> seconds)."""
+        self.ranks = self.plan.tail_lengths(dict(costs))
+
+    def remaining(self) -> list[Pending]:
+        """The job's unfinished DAG, running stages with their expected end: what a planning policy
+        reserves workers against."""
+        out = []
+        for s in self.plan.stages.values():
+            if s.id in self.done:
+                continue
+            run = self.running.get(s.id)
+            out.append(Pending(s.id, StageKind(s.kind), tuple(d for d in s.deps if d not in self.done),
+                               run.worker if run else None, run.expected_end if run else None))
+        return out
+
+    def shot_states(self) -> list[dict[str, Any]]:
+        """Per shot: state, the stage it runs now, on which worker and tier."""
+        out = []
+        for sp in self.plan.shots:
+            ids = [s.id for s in self.plan.stages.values() if s.shot == sp.shot.id]
+            active = [sid for sid in ids if sid in self.running]
+            current = active[0] if active else None
+            run = self.running.get(current) if current else None
+            state = "succeeded" if all(sid in self.done for sid in ids) else ("running" if active else "queued")
+            out.append({"id": sp.shot.id, "state": state, "stage": current,
+                        "worker": run.worker if run else None, "tier": run.tier if run else None})
+        return out
+
+    def add_stages(self, stages: Iterable[Stage], rewire: Mapping[str, Iterable[str]] | None = None) -> None:
+        """Stages added while the job runs: a QC retake, a job-level stage several shots wait for (a
+        character's identity). `rewire` gives unfinished stages new dependencies (the merge waits for
+        the retake's clip instead of the first take's)."""
+        for stage in stages:
+            self.plan.add(stage)
+            self.seq[stage.id] = len(self.seq)
+        for sid, deps in (rewire or {}).items():
+            if sid in self.done or sid in self.running:
+                raise ValueError(f"cannot rewire {sid}: it has already started")
+            self.plan.stages[sid] = replace(self.plan.stages[sid], deps=tuple(deps))
+        self.plan.topological()  # refuses a cycle
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def preset(self, stage: Stage, tier: str) -> Preset:
+        """The preset a stage runs with on a worker of `tier`: its ladder rung after an OOM, else the
+        tier's own."""
+        held = self.ladder.get(stage.id)
+        if held is not None:
+            return held
+        if stage.kind == StageKind.KEYFRAME:
+            return keyframe_preset(tier)
+        sp = self.shots[stage.shot or ""]
+        return video_preset(self.setup.manifest.quality, sp.shot.scene, tier)
+
+    def params(self, stage_id: str, tier: str) -> dict[str, Any]:
+        """A GPU stage's effective parameters on a worker of `tier` (what the pipeline is called with)."""
+        setup, stage = self.setup, self.plan.stages[stage_id]
+        sp = self.shots[stage.shot or ""]
+        if stage.kind == StageKind.KEYFRAME:
+            return keyframe_params(setup.manifest, sp)
+        if stage.kind != StageKind.VIDEO or stage.segment is None or stage.seed is None:
+            raise ValueError(f"{stage_id} is not a GPU stage")
+        return video_params(setup.manifest, sp, stage.segment, stage.seed, setup.specs["video"].family,
+                            self.preset(stage, tier), setup.fps)
+
+    def request(self, stage_id: str, tier: str, cache_dir: str = "") -> StageRequest:
+        """The worker request for a GPU stage on a worker of `tier`; its output_key is the cache key."""
+        setup, stage = self.setup, self.plan.stages[stage_id]
+        preset = self.preset(stage, tier)
+        params = self.params(stage_id, tier)
+        if stage.kind == StageKind.KEYFRAME:
+            key = keys.keyframe_key(setup.identity["keyframe"], params, setup.overrides)
+            return StageRequest(self.id, stage.id, StageKind.KEYFRAME, setup.specs["keyframe"], params, preset.knobs,
+                                preset.label(), preset.tier, key, cache_dir, lora=setup.overrides["lora"],
+                                vae=setup.overrides["vae"])
+        assert stage.segment is not None  # params() refused anything but keyframe and video stages
+        input_key = self.input_key(stage)
+        key = keys.video_key(setup.identity["video"], params, input_key, stage.segment.drop, stage.segment.kept)
+        return StageRequest(self.id, stage.id, StageKind.VIDEO, setup.specs["video"], params, preset.knobs,
+                            preset.label(), preset.tier, key, cache_dir, input_key=input_key,
+                            drop=stage.segment.drop, kept=stage.segment.kept)
+
+    def input_key(self, stage: Stage) -> str:
+        """The cache key of the frame a video stage starts from: its dependency's output, or the
+        user's own image."""
+        if stage.deps:
+            return self.done[stage.deps[0]].key
+        return self.image_keys[stage.shot or ""]
+
+    def encode_request(self, stage_id: str) -> EncodeRequest:
+        """The encoder's request for a clip or merge; its output_key is the cache key."""
+        setup, stage = self.setup, self.plan.stages[stage_id]
+        encode = setup.encode_identity()
+        if stage.kind == StageKind.CLIP:
+            segments = tuple(self.done[d].key for d in stage.deps)
+            key = keys.clip_key(list(segments), setup.fps, encode)
+            return EncodeRequest(self.id, stage.id, StageKind.CLIP, str(self.layout.shot_clip(stage.shot or "")),
+                                 segments, setup.fps, setup.encode, key)
+        if stage.kind != StageKind.MERGE:
+            raise ValueError(f"{stage_id} is not a CPU stage")
+        clip_keys = [self.done[d].key for d in stage.deps]
+        key = keys.merge_key(clip_keys, setup.merge_options, encode)
+        clips = tuple(str(self.layout.shot_clip(self.stage(d).shot or "")) for d in stage.deps)
+        return EncodeRequest(self.id, stage.id, StageKind.MERGE, str(self.layout.final), clips, setup.fps,
+                             setup.encode, key, options=dict(setup.merge_options))
+
+    def needs_probe(self, stage: Stage) -> bool:
+        """Look in the cache once per stage (keys are hashes of its inputs, which do not change while
+        it waits)."""
+        return self.use_cache and stage.id not in self.probed
+
+    def probe_keys(self, stage: Stage, tiers: Iterable[str]) -> list[str]:
+        """Where a finished copy of the stage may be: its key on each tier the farm has (a tier's
+        presets may change the parameters, so each tier has its own key)."""
+        self.probed.add(stage.id)
+        if not stage.gpu:
+            return [self.encode_request(stage.id).output_key]
+        return list(dict.fromkeys(self.request(stage.id, t).output_key for t in sorted(tiers) or ["cpu"]))
+
+    # --- events in ---------------------------------------------------------------------------
+
+    def dispatched(self, stage_id: str, worker: str, tier: str, preset: str, key: str, now: float,
+                   expected_s: float = 0.0, params: Mapping[str, Any] | None = None) -> None:
+        stage = self.plan.stages[stage_id]
+        self.tries[stage_id] = self.tries.get(stage_id, 0) + 1
+        self.running[stage_id] = Running(worker, tier, preset, now, now + expected_s, key, self.tries[stage_id],
+                                         params or {})
+        self._start()
+        self._emit(now, "stage_started", stage=stage_id, kind=stage.kind, shot=stage.shot, worker=worker, tier=tier)
+
+    def on_success(self, stage_id: str, result: StageResult | None, now: float, *, frames: int = 0) -> None:
+        """A dispatched stage finished. GPU stages report a StageResult; CPU stages None (with the
+        frames a clip encoded). A result for a stage the book does not see running (it was requeued
+        meanwhile) is dropped."""
+        run = self.running.pop(stage_id, None)
+        if run is None:
+            return
+        stage = self.plan.stages[stage_id]
+        if result is None:
+            record: dict[str, Any] = {"frames": frames} if stage.kind == StageKind.CLIP else {}
+            tier, preset, peak = "cpu", "encode", None
+        else:
+            record = {"tier": result.tier, "worker": result.worker, "preset": result.preset,
+                      "params": dict(run.params), "observed": dict(result.observed), "knobs": dict(result.knobs),
+                      "device": result.device, "input_sha": result.input_sha, "output_sha": result.output_sha,
+                      "cache_key": run.key}
+            tier, preset, peak = result.tier, result.preset, result.peak_vram_bytes
+        if not self.active:
+            return  # a cancelled job's stage that finished anyway: its output is cached all the same
+        if result is not None:
+            self.outbox.append(CacheRecord(run.key, record))
+        kept = stage.segment.kept if stage.segment else 0
+        self._finish(stage, run.key, record, worker=run.worker if result is None else result.worker, tier=tier,
+                     preset=preset, started=run.started, now=now, attempt=run.attempt, cache_hit=False, peak=peak,
+                     frames=kept)
+
+    def on_cache_hit(self, stage_id: str, key: str, record: Mapping[str, Any], now: float) -> None:
+        stage = self.plan.stages[stage_id]
+        rec = dict(record) | {"cache_hit": True}
+        tier = rec.get("tier", "cpu") if stage.gpu else "cpu"
+        preset = rec.get("preset") if stage.gpu else "encode"
+        self._start()  # started (and perhaps finished) even when nothing had to be dispatched
+        self._finish(stage, key, rec, worker=CACHE_WORKER, tier=tier, preset=preset, started=now, now=now,
+                     attempt=self.tries.get(stage_id, 0) + 1, cache_hit=True, peak=None, frames=0)
+
+    def on_failure(self, stage_id: str, kind: FailureKind, error: str, now: float, *,
+                   workers: Iterable[str] = ()) -> Decision:
+        """A dispatched stage failed. `workers`: the pool's workers now able to take work (for "has it
+        failed everywhere?"). Returns what happens next; the effects are in the outbox."""
+        run = self.running.pop(stage_id, None)
+        if run is None:
+            return Ignore(f"{stage_id} is not running")
+        stage = self.plan.stages[stage_id]
+        self._ledger(stage, run, kind.outcome, now, error=error)
+        if not self.active:
+            return Ignore(f"job {self.state}")
+        if kind == FailureKind.CANCELLED:
+            return Requeue("the job was requeued while this stage ran")  # else it would not be active
+        if kind == FailureKind.LOST:
+            self.losses[stage_id] = self.losses.get(stage_id, 0) + 1
+            if self.losses[stage_id] >= self.policy.max_worker_losses:
+                return self._fail(f"stage {stage_id} lost {self.losses[stage_id]} workers", now)
+            return Requeue(f"worker {run.worker} was lost")
+        if kind == FailureKind.OOM:
+            self._emit(now, "stage_oom", stage=stage_id, preset=run.preset)
+            lower = next_lower_preset(self.preset(stage, run.tier), self.setup.manifest.quality, self._scene(stage))
+            if lower is None:
+                return self._fail(f"stage {stage_id} ran out of GPU memory on the lowest preset ({run.preset})", now)
+            self.ladder[stage_id] = lower
+            return Descend(lower)
+        errors = self.errors[stage_id] = self.errors.get(stage_id, 0) + 1
+        self.avoid.setdefault(stage_id, set()).add(run.worker)
+        self._emit(now, "stage_failed", stage=stage_id, error=error)
+        if errors >= self.policy.max_attempts:
+            return self._fail(f"stage {stage_id} failed {errors} times: {error}", now)
+        pool = set(workers)
+        if stage.gpu and not pool:
+            return self._fail(f"stage {stage_id} failed ({error}) and no worker is left to retry it", now)
+        delay = min(self.policy.backoff_s * 2 ** (errors - 1), self.policy.backoff_cap_s)
+        self.not_before[stage_id] = now + delay
+        return Retry(now + delay)
+
+    # --- the job as a whole ------------------------------------------------------------------
+
+    def announce(self, now: float) -> None:
+        """The job's first event: how many stages and frames to expect (progress bars size on it)."""
+        self._emit(now, "job_started", stages=len(self.plan.stages), frames=sum(sp.frames for sp in self.plan.shots))
+
+    def cancel(self, now: float) -> None:
+        """Nothing more is dispatched; running stages are told to stop at their next step."""
+        if not self.active:
+            return
+        self.state, self.error = JobState.CANCELLED, "cancelled by request"
+        self._stop_running()
+        self.outbox.append(SetJobState(JobState.CANCELLED, self.error))
+        self._emit(now, "job_finished", state=JobState.CANCELLED.value)
+
+    def fail(self, reason: str, now: float) -> FailJob:
+        return self._fail(reason, now)
+
+    def succeed(self, now: float) -> None:
+        """Every stage is done and the caller has written the outputs."""
+        self.state, self.error = JobState.SUCCEEDED, None
+        self.outbox.append(SetJobState(JobState.SUCCEEDED))
+        self._emit(now, "job_finished", state=JobState.SUCCEEDED.value)
+
+    def requeue(self) -> None:
+        """Queue the job again from scratch: finished stages come back from the cache (and are
+        written to the outputs again); a stage still running from before is kept, and is run again if
+        it ends cancelled."""
+        running = self.running
+        self._reset()
+        self.running = running
+        self.state, self.error = JobState.QUEUED, None
+        self.outbox.append(SetJobState(JobState.QUEUED))
+
+    def drain(self) -> list[Effect]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        return {sid: done.record for sid, done in self.done.items()}
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _scene(self, stage: Stage) -> Any:
+        return self.shots[stage.shot or ""].shot.scene
+
+    def _start(self) -> None:
+        if self.state == JobState.QUEUED:
+            self.state = JobState.RUNNING
+            self.outbox.append(SetJobState(JobState.RUNNING))
+
+    def _fail(self, reason: str, now: float) -> FailJob:
+        self.state, self.error = JobState.FAILED, reason
+        self._stop_running()
+        self.outbox.append(SetJobState(JobState.FAILED, reason))
+        self._emit(now, "job_finished", state=JobState.FAILED.value, error=reason)
+        return FailJob(reason)
+
+    def _stop_running(self) -> None:
+        for stage_id, run in self.running.items():
+            self.outbox.append(CancelStage(stage_id, run.worker))
+
+    def _finish(self, stage: Stage, key: str, record: dict[str, Any], *, worker: str, tier: str | None,
+                preset: str | None, started: float, now: float, attempt: int, cache_hit: bool, peak: int | None,
+                frames: int) -> None:
+        self.done[stage.id] = Done(key, record)
+        self.not_before.pop(stage.id, None)
+        self.outbox.append(SaveStage(stage.id, "succeeded", worker, tier, key, record))
+        self.outbox.append(LedgerRow(self._row(stage, attempt, worker, tier, preset, started, now, Outcome.SUCCEEDED,
+                                               cache_hit=cache_hit, peak=peak, frames=frames)))
+        if stage.kind == StageKind.KEYFRAME and stage.shot is not None:
+            params = {**record.get("params", {}), "model": self.setup.specs["keyframe"].source}
+            self.outbox.append(WriteKeyframe(stage.shot, key, params))
+        shown = stage.segment.kept if stage.segment else 0
+        self._emit(now, "stage_finished", stage=stage.id, kind=stage.kind, shot=stage.shot, worker=worker, tier=tier,
+                   seconds=now - started, cache_hit=cache_hit, frames=shown)
+
+    def _ledger(self, stage: Stage, run: Running, outcome: Outcome, now: float, error: str | None) -> None:
+        self.outbox.append(LedgerRow(self._row(stage, run.attempt, run.worker, run.tier, run.preset, run.started,
+                                               now, outcome, error=error)))
+
+    def _row(self, stage: Stage, attempt: int, worker: str | None, tier: str | None, preset: str | None,
+             started: float, now: float, outcome: Outcome, *, cache_hit: bool = False, peak: int | None = None,
+             error: str | None = None, frames: int = 0) -> dict[str, Any]:
+        return {"job": self.id, "shot": stage.shot, "stage": stage.id, "attempt": attempt, "worker": worker,
+                "tier": tier, "preset": preset, "start": started, "end": now, "seconds": now - started,
+                "peak_vram_bytes": peak, "outcome": outcome.value, "cache_hit": int(cache_hit), "error": error,
+                "frames": frames}
+
+    def _emit(self, now: float, event_type: str, **fields: Any) -> None:
+        self.outbox.append(Emit({"job": self.id, "time": now, "type": event_type, **fields}))

@@ -1,0 +1,88 @@
+"""The HTTP API's bodies as pydantic models: /openapi.json is generated from these, and the director
+builds its answers through them, so what the API promises is what the farm returns."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict
+
+from farm.contract import JobState
+
+if TYPE_CHECKING:
+    from farm.jobbook import JobBook
+    from farm.store import JobRow
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ShotStatus(_Body):
+    id: str
+    state: str  # queued | running | succeeded
+    stage: str | None = None  # the stage it runs now
+    worker: str | None = None
+    tier: str | None = None
+
+
+class JobStatus(_Body):
+    id: str
+    title: str
+    state: JobState
+    priority: int
+    progress: float  # 0..1: finished stages over all stages
+    shots: list[ShotStatus]
+    created: float  # Unix times
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    out_dir: str
+
+
+class WorkerInfo(_Body):
+    id: str
+    state: str  # idle | busy | quarantined | unreachable
+    tier: str
+    node: str | None = None
+    node_id: str | None = None
+    device: str | None = None
+    gpu: str | None = None
+    vram_total: int | None = None
+    vram_used: int | None = None
+    utilization: float | None = None
+    loaded_models: list[str] = []
+    stages_run: int = 0
+    pid: int | None = None
+    failures: int = 0
+
+
+class Health(_Body):
+    status: str
+    version: str
+
+
+class FieldProblem(_Body):
+    """One entry of a 422 body: where in the manifest, and what is wrong."""
+
+    loc: list[str | int]
+    msg: str
+
+
+class Problem(_Body):
+    detail: str
+
+
+def job_status(row: JobRow, book: JobBook | None, stage_rows: list[str] | None = None) -> JobStatus:
+    """A job as the API shows it: from its live book when the director holds one, else from the
+    store (`stage_rows`: the states of its stored stages)."""
+    if book is not None:
+        shots, progress = [ShotStatus(**s) for s in book.shot_states()], book.progress
+    else:
+        rows = stage_rows or []
+        shots, progress = [], sum(state == JobState.SUCCEEDED for state in rows) / max(len(rows), 1)
+    if row.state == JobState.SUCCEEDED:
+        progress = 1.0
+    return JobStatus(id=row.id, title=row.title, state=JobState(row.state), priority=row.priority,
+                     progress=round(progress, 4), shots=shots, created=row.created, started=row.started,
+                     finished=row.finished, error=row.error, out_dir=row.out_dir)

@@ -1,0 +1,129 @@
+"""How long a stage takes on a worker of a tier: the cost model the director ranks stages with and
+the simulator schedules with, and `calibrate`, which fits it to a real render's ledger.
+
+Costs come from a stage's effective parameters (the same `farm.effective` numbers a worker gets),
+so a tier that runs fewer steps is cheaper here exactly as it is on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from farm.contract import StageKind
+
+if TYPE_CHECKING:
+    from farm.jobbook import JobBook
+
+
+@dataclass(frozen=True)
+class TierCost:
+    """Seconds one worker of a tier spends: per keyframe denoising step, per frame per video
+    denoising step, and per model load (first use of a model on a worker)."""
+
+    keyframe_step_s: float
+    video_frame_step_s: float
+    load_s: float
+
+
+# ASSUMED placeholder figures, not measurements: a 1024x576 SDXL step and one frame of a 1024x576
+# SVD-XT step (CFG included). Mid (16-24 GB cards) is the reference; high is taken as ~2x mid's speed,
+# low as ~0.6x, cpu as ~30x slower than mid. Loads assume weights on local disk; lower tiers are
+# usually in slower hosts. Replace them with `calibrate` over a real ledger before trusting a makespan.
+# The figures are per step at 1024x576 and are not rescaled for other resolutions.
+DEFAULT_COSTS: dict[str, TierCost] = {
+    "high": TierCost(keyframe_step_s=0.06, video_frame_step_s=0.08, load_s=20.0),
+    "mid": TierCost(keyframe_step_s=0.12, video_frame_step_s=0.16, load_s=30.0),
+    "low": TierCost(keyframe_step_s=0.20, video_frame_step_s=0.27, load_s=45.0),
+    "cpu": TierCost(keyframe_step_s=3.6, video_frame_step_s=4.8, load_s=60.0),
+}
+
+# CPU stages run on the encoder pool, never on a GPU. ASSUMED: libx264 at ~50 frames/s for a shot's
+# clip, and ~100 frames/s over the whole film for the merge (mostly concatenation; a crossfade
+# re-encodes, which this understates).
+CLIP_FRAME_S = 0.02
+MERGE_FRAME_S = 0.01
+
+
+def keyframe_seconds(steps: int, cost: TierCost) -> float:
+    return steps * cost.keyframe_step_s
+
+
+def video_seconds(steps: int, frames: int, cost: TierCost) -> float:
+    # Every denoising step runs the denoiser over all frames of the call, so cost ~ steps x frames.
+    return steps * frames * cost.video_frame_step_s
+
+
+def params_seconds(kind: str, params: Mapping[str, Any], cost: TierCost) -> float:
+    """Seconds of a GPU stage with these effective parameters on a worker costing `cost`."""
+    steps = int(params["num_inference_steps"])
+    if kind == StageKind.KEYFRAME:
+        return keyframe_seconds(steps, cost)
+    return video_seconds(steps, int(params["num_frames"]), cost)
+
+
+def stage_seconds(book: JobBook, stage_id: str, tier: str, costs: Mapping[str, TierCost] = DEFAULT_COSTS) -> float:
+    """Seconds `stage_id` takes on one worker of `tier`, model load excluded. CPU stages (clip,
+    merge) ignore the tier: a constant per frame, because they run on the encoder pool."""
+    stage = book.stage(stage_id)
+    if stage.kind == StageKind.CLIP:
+        return book.shots[stage.shot or ""].frames * CLIP_FRAME_S
+    if stage.kind == StageKind.MERGE:
+        return sum(sp.frames for sp in book.plan.shots) * MERGE_FRAME_S
+    if tier not in costs:
+        raise ValueError(f"unknown tier {tier!r}; expected one of {', '.join(costs)}")
+    return params_seconds(stage.kind, book.params(stage_id, tier), costs[tier])
+
+
+def cost_table(book: JobBook, tiers: Iterable[str],
+               costs: Mapping[str, TierCost] = DEFAULT_COSTS) -> dict[str, dict[str, float]]:
+    """tier -> stage id -> seconds, for every stage of the job."""
+    return {tier: {sid: stage_seconds(book, sid, tier, costs) for sid in book.plan.stages} for tier in tiers}
+
+
+def fastest_tier(table: Mapping[str, Mapping[str, float]], book: JobBook) -> str:
+    return min(table, key=lambda t: sum(c for sid, c in table[t].items() if book.stage(sid).gpu))
+
+
+def rank_costs(book: JobBook, tiers: Iterable[str], costs: Mapping[str, TierCost] = DEFAULT_COSTS) -> dict[str, float]:
+    """Stage costs at the fastest of `tiers`: what both the director and the simulator rank stages by
+    (a stage's rank is the length of the longest chain from it), so they order work the same way."""
+    table = cost_table(book, list(tiers) or ["mid"], costs)
+    return dict(table[fastest_tier(table, book)])
+
+
+def calibrate(ledger_rows: list[dict[str, Any]], stages: Mapping[str, tuple[str, int, int]],
+              base: Mapping[str, TierCost] = DEFAULT_COSTS) -> dict[str, TierCost]:
+    """Fit per-tier keyframe_step_s and video_frame_step_s from a real render's ledger.
+
+    `stages` maps stage id -> (kind, steps, frames) as that stage actually ran (steps are per tier,
+    so take them from the lockfile). Failed and cache-hit rows are skipped. The fit is the median of
+    seconds / (steps [x frames]) per row: a ledger row's seconds include a model load on a worker's
+    first stage, and the median ignores those few outliers. Tiers or kinds with no rows keep `base`;
+    load_s is always kept (the ledger does not separate it)."""
+    rates: dict[str, dict[str, list[float]]] = {}
+    for row in ledger_rows:
+        if row.get("outcome") != "succeeded" or row.get("cache_hit"):
+            continue
+        info = stages.get(str(row.get("stage", "")))
+        tier = row.get("tier")
+        if info is None or not isinstance(tier, str) or tier not in base:
+            continue
+        kind, steps, frames = info
+        work = steps if kind == "keyframe" else steps * frames if kind == "video" else 0
+        seconds = row.get("seconds")
+        if work <= 0 or seconds is None or not math.isfinite(float(seconds)) or float(seconds) < 0:
+            continue
+        rates.setdefault(tier, {}).setdefault(kind, []).append(float(seconds) / work)
+    out = dict(base)
+    for tier, by_kind in rates.items():
+        old = base[tier]
+        out[tier] = replace(
+            old,
+            keyframe_step_s=statistics.median(by_kind["keyframe"]) if "keyframe" in by_kind else old.keyframe_step_s,
+            video_frame_step_s=statistics.median(by_kind["video"]) if "video" in by_kind else old.video_frame_step_s,
+        )
+    return out

@@ -1,0 +1,265 @@
+"""The simulated farm: the job books, the worker book and the dispatch policy the director uses,
+with a cost model instead of GPUs and an event clock instead of a wall clock.
+
+What the simulator predicts is what the farm does: readiness, ranks, priorities across jobs,
+retries with back-off, quarantine, the OOM ladder and cache hits all come from `farm.jobbook`,
+`farm.pool` and `farm.schedule`; this module only advances time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from farm.contract import FailureKind, StageResult
+from farm.jobbook import FailJob, JobBook, LedgerRow
+from farm.pool import PoolPolicy, WorkerBook
+from farm.presets import TIERS
+from farm.schedule import ReadyStage, WorkerView, assign
+from farm.sim.costs import DEFAULT_COSTS, TierCost, cost_table, params_seconds, rank_costs, stage_seconds
+
+Policy = Callable[[list[ReadyStage], list[WorkerView]], list[tuple[str, str]]]
+
+
+class StageRun(NamedTuple):
+    job: str
+    stage_id: str
+    worker: str
+    start: float
+    end: float
+    outcome: str  # an Outcome value
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Failures to simulate, drawn per GPU attempt from a seeded generator: `error_rate` of attempts
+    fail halfway through, `oom_rate` run out of memory right after their model is resident."""
+
+    error_rate: float = 0.0
+    oom_rate: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("error_rate", "oom_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+@dataclass
+class SimResult:
+    makespan: float
+    lower_bound: float
+    ratio: float  # makespan / lower_bound: 1.0 is a provably optimal schedule
+    busy: dict[str, float]  # worker -> seconds busy (model loads and failed attempts included)
+    runs: list[StageRun]
+    tiers: dict[str, str] = field(default_factory=dict)  # worker -> tier ("cpu" for encoders)
+    loads: int = 0  # model loads paid by GPU workers
+    outcomes: dict[str, int] = field(default_factory=dict)  # ledger outcomes: succeeded, failed, oom, ...
+    cache_hits: int = 0
+    jobs: dict[str, str] = field(default_factory=dict)  # job -> final state
+    finished: dict[str, float] = field(default_factory=dict)  # job -> when it ended
+
+    @property
+    def retries(self) -> int:
+        return self.outcomes.get("failed", 0) + self.outcomes.get("oom", 0) + self.outcomes.get("worker_lost", 0)
+
+
+@dataclass
+class _Gpu:
+    id: str
+    tier: str
+    models: set[str] = field(default_factory=set)
+
+
+def cluster_tiers(cluster: Mapping[str, int]) -> list[str]:
+    for tier, n in cluster.items():
+        if tier not in TIERS:
+            raise ValueError(f"unknown tier {tier!r}; expected one of {', '.join(TIERS)}")
+        if n < 0:
+            raise ValueError(f"cluster: {tier} has a negative GPU count ({n})")
+    return [t for t in TIERS if cluster.get(t, 0) > 0]
+
+
+def simulate(jobs: JobBook | Sequence[JobBook], cluster: Mapping[str, int], *,
+             costs: Mapping[str, TierCost] = DEFAULT_COSTS, policy: Policy = assign, encoders: int = 2,
+             faults: Faults = Faults(), cached: Iterable[str] = (), pool_policy: PoolPolicy | None = None,
+             submitted: Mapping[str, float] | None = None) -> SimResult:
+    """Discrete-event simulation of `jobs` on `cluster` (GPU count per tier), cold start.
+
+    At each event time every active book says what is ready; GPU stages go to `policy` with the
+    worker book's view of the workers, exactly as the director hands them over. A worker without the
+    stage's model loads it first (load_s) and keeps it. Clip and merge stages queue FIFO for
+    `encoders` CPU encoder slots. `cached` holds cache keys that count as already rendered;
+    `submitted` gives a job's arrival time (default 0)."""
+    books = [jobs] if isinstance(jobs, JobBook) else list(jobs)
+    tiers = cluster_tiers(cluster)
+    if not tiers:
+        raise ValueError("cluster has no GPU workers")
+    if encoders < 1:
+        raise ValueError("need at least one encoder")
+    arrival = dict(submitted or {})
+    for book in books:
+        book.set_ranks(rank_costs(book, tiers, costs))
+    gpus = {f"{tier}-{i}": _Gpu(f"{tier}-{i}", tier) for tier in tiers for i in range(cluster[tier])}
+    pool = WorkerBook(pool_policy)
+    for gpu in gpus.values():
+        pool.add(gpu.id, gpu.tier)
+    free_encoders = deque(f"encoder-{i}" for i in range(encoders))
+    busy = {name: 0.0 for name in [*gpus, *free_encoders]}
+    hits = set(cached)
+    rng = random.Random(faults.seed)
+    # (end, tie-break, job, stage, worker, failure kind or "" for success)
+    events: list[tuple[float, int, str, str, str, str]] = []
+    runs: list[StageRun] = []
+    result = SimResult(0.0, 0.0, 1.0, busy, runs)
+    by_id = {book.id: book for book in books}
+    now = 0.0
+
+    def start(book: JobBook, sid: str, worker: str, seconds: float, failure: str = "") -> None:
+        heapq.heappush(events, (now + seconds, len(runs), book.id, sid, worker, failure))
+        runs.append(StageRun(book.id, sid, worker, now, now + seconds, failure or "succeeded"))
+        busy[worker] += seconds
+
+    def settle(book: JobBook) -> None:
+        for effect in book.drain():
+            if isinstance(effect, LedgerRow):
+                outcome = effect.row["outcome"]
+                result.outcomes[outcome] = result.outcomes.get(outcome, 0) + 1
+                result.cache_hits += int(effect.row["cache_hit"])
+
+    cpu_ready: deque[tuple[JobBook, str]] = deque()
+    queued_cpu: set[tuple[str, str]] = set()
+    while True:
+        live = [b for b in books if b.active and arrival.get(b.id, 0.0) <= now + 1e-9]
+        gpu_ready: list[tuple[JobBook, str]] = []
+        for book in sorted(live, key=lambda b: (-b.priority, arrival.get(b.id, 0.0), b.created)):
+            hit = True
+            while hit:  # a cache hit can make its dependents ready at this same instant
+                hit = False
+                for stage in book.ready(now):
+                    if book.needs_probe(stage):
+                        found = next((k for k in book.probe_keys(stage, tiers) if k in hits), None)
+                        if found is not None:
+                            book.on_cache_hit(stage.id, found, {"tier": tiers[0]}, now)
+                            hit = True
+                            continue
+                    if stage.gpu:
+                        gpu_ready.append((book, stage.id))
+                    elif (book.id, stage.id) not in queued_cpu:
+                        queued_cpu.add((book.id, stage.id))
+                        cpu_ready.append((book, stage.id))
+            gpu_ready = list(dict.fromkeys(gpu_ready))
+            if book.active and book.complete:
+                book.succeed(now)
+                result.finished[book.id] = now
+            settle(book)
+        while cpu_ready and free_encoders:
+            book, sid = cpu_ready.popleft()
+            queued_cpu.discard((book.id, sid))
+            if not book.active:
+                continue
+            encode = book.encode_request(sid)
+            worker, seconds = free_encoders.popleft(), stage_seconds(book, sid, "cpu", costs)
+            book.dispatched(sid, worker, "cpu", "encode", encode.output_key, now, seconds)
+            start(book, sid, worker, seconds)
+            settle(book)
+        views = pool.views(now)
+        if gpu_ready and any(v.idle for v in views):
+            wanted = {f"{book.id}/{sid}": (book, sid) for book, sid in gpu_ready}
+            for ident, wid in policy([book.ready_stage(book.stage(sid)) for book, sid in wanted.values()], views):
+                if ident not in wanted or wid not in gpus or pool.workers[wid].busy is not None:
+                    raise ValueError(f"policy assigned {ident!r} to {wid!r}, which is not a ready stage "
+                                     "on an idle worker")
+                book, sid = wanted.pop(ident)
+                gpu = gpus[wid]
+                req = book.request(sid, gpu.tier)
+                model = book.model_key(book.stage(sid))
+                load = 0.0 if model in gpu.models else costs[gpu.tier].load_s
+                result.loads += model not in gpu.models
+                gpu.models.add(model)
+                work = params_seconds(req.kind, req.params, costs[gpu.tier])
+                failure, seconds = "", load + work
+                draw = rng.random()
+                if draw < faults.oom_rate:
+                    failure, seconds = FailureKind.OOM.value, load
+                elif draw < faults.oom_rate + faults.error_rate:
+                    failure, seconds = FailureKind.ERROR.value, load + work / 2
+                pool.dispatched(wid, ident, model)
+                book.dispatched(sid, wid, gpu.tier, req.preset, req.output_key, now, seconds, req.params)
+                start(book, sid, wid, seconds, failure)
+                settle(book)
+        wake = [events[0][0]] if events else []
+        wake += [t for b in books if b.active for t in b.not_before.values() if t > now + 1e-9]
+        wake += [t for t in arrival.values() if t > now + 1e-9]
+        if not wake:
+            break
+        now = min(wake)
+        # Everything that ends at this instant frees its worker before the next dispatch.
+        while events and events[0][0] <= now + 1e-9:
+            _, _, job, sid, worker, failure = heapq.heappop(events)
+            book = by_id[job]
+            if worker in gpus:
+                pool.freed(worker, now)
+            else:
+                free_encoders.append(worker)
+            if not failure:
+                if worker in gpus:
+                    pool.succeeded(worker)
+                run = book.running[sid]
+                sim = StageResult(worker, gpus[worker].tier if worker in gpus else "cpu", "sim", run.preset, {}, {},
+                                  now - run.started, output_sha="sim")
+                book.on_success(sid, sim if worker in gpus else None, now)
+            else:
+                kind = FailureKind(failure)
+                ident = f"{job}/{sid}"
+                if kind == FailureKind.ERROR:
+                    pool.failed(worker, ident, now)
+                decision = book.on_failure(sid, kind, f"simulated {kind.value}", now,
+                                           workers=[v.id for v in pool.views(now)])
+                if isinstance(decision, FailJob):
+                    pool.forgive(ident, now)
+                    result.finished[job] = now
+            settle(book)
+    stuck = [b.id for b in books if b.active]
+    if stuck:
+        raise RuntimeError(f"simulation stalled: jobs {', '.join(stuck)} still have stages no worker was given")
+    result.jobs = {b.id: b.state.value for b in books}
+    result.makespan = max((r.end for r in runs), default=0.0)
+    result.lower_bound = max(lower_bound(b, cluster, costs, encoders=encoders) for b in books)
+    result.ratio = result.makespan / result.lower_bound if result.lower_bound > 0 else 1.0
+    result.tiers = {g.id: g.tier for g in gpus.values()} | {e: "cpu" for e in busy if e not in gpus}
+    return result
+
+
+def lower_bound(book: JobBook, cluster: Mapping[str, int], costs: Mapping[str, TierCost] = DEFAULT_COSTS, *,
+                encoders: int = 2) -> float:
+    """No schedule of this job on this cluster finishes sooner (from a cold start):
+
+        c*(s)    = min over the cluster's tiers of stage s's cost   (the "fastest tier" per stage)
+        speed(T) = max over GPU stages s of c*(s) / c_T(s)          (<= 1; 1 for the fastest tier)
+        LB = max( sum_GPU c*(s) / sum_T n_T speed(T),               GPU work over weighted capacity
+                  critical_path(c*, clips and merge included) + min_T load_s(T),
+                  sum_CPU c(s) / encoders )                         encoder pool's work
+
+    The work term holds because a worker of tier T spends at least c*(s)/speed(T) on any stage s;
+    the chain term because the chain's first stage waits for its worker's first model load."""
+    tiers = cluster_tiers(cluster)
+    if not tiers:
+        raise ValueError("cluster has no GPU workers")
+    plan = book.plan
+    table = cost_table(book, tiers, costs)
+    best = {sid: min(table[t][sid] for t in tiers) for sid in plan.stages}
+    gpu_ids = [sid for sid, s in plan.stages.items() if s.gpu]
+    capacity = 0.0
+    for tier in tiers:
+        ratios = [best[sid] / table[tier][sid] for sid in gpu_ids if table[tier][sid] > 0]
+        capacity += cluster[tier] * (max(ratios) if ratios else 1.0)
+    work = sum(best[sid] for sid in gpu_ids)
+    cpu_work = sum(c for sid, c in best.items() if not plan.stages[sid].gpu)
+    chain = plan.critical_path(best) + min(costs[t].load_s for t in tiers)
+    return max(work / capacity if capacity else 0.0, chain, cpu_work / max(encoders, 1))
