@@ -32,6 +32,7 @@ from farm.config import FarmConfig, PolicyConfig, current, install
 from farm.contract import ACTIVE_STATES, FailureKind, JobState, StageResult
 from farm.jobbook import JobBook
 from farm.jobsetup import setup_job
+from farm.manifest import FieldError, ManifestError
 from farm.metrics import snapshot
 from farm.plan import Stage
 from farm.pool import PoolConfig, PoolPolicy, WorkerBook
@@ -81,6 +82,10 @@ class Director:
         """Validate and queue a job. Raises ManifestError (with field paths) or ModelError for bad input.
         Without an `out_dir` the outputs go to <state dir>/outputs/<job id>."""
         setup = setup_job(manifest, Path(root), options)
+        if not setup.tiny:
+            absent = self.fleet.missing_models(list(setup.specs.values()))
+            if absent:
+                raise ManifestError([FieldError(("models", role), why) for role, why in sorted(absent.items())])
         job_id = uuid.uuid4().hex[:12]
         out = out_dir or str(Path(self.store.path).parent / "outputs" / job_id)
         row, _ = self.store.add_job(job_id, setup.manifest.title, manifest, root, out, priority=priority,

@@ -17,6 +17,7 @@ from actors.remote import actor_class
 from farm.config import FarmConfig
 from farm.contract import FailureKind
 from farm.faults import OutOfMemory, StageCancelled
+from farm.models import ModelSpec, missing
 from farm.pool import PoolConfig, WorkerBook, autoscaler_bundles, desired_slots, worker_threads
 from farm.schemas import WorkerInfo
 
@@ -125,6 +126,17 @@ class Fleet:
         handle = self.handles.get(wid)
         if handle is not None:
             ray.get(handle.set_faults.remote(faults))
+
+    def missing_models(self, specs: list[ModelSpec]) -> dict[str, str]:
+        """Ask a worker which of `specs` it could not load (models are checked where they will load);
+        with no worker yet, this node answers."""
+        for handle in list(self.handles.values()):
+            try:
+                found: dict[str, str] = ray.get(handle.missing_models.remote(specs), timeout=30)
+                return found
+            except (RayActorError, GetTimeoutError):
+                continue
+        return {s.role: why for s in specs if (why := missing(s, self.config.models.allow_download)) is not None}
 
     def infos(self, now: float) -> list[dict[str, Any]]:
         """Every worker as /v1/workers shows it: what it reports itself, and the book's view of it."""

@@ -42,15 +42,17 @@ from bench import realsize
 from bench.report import table, write_section
 from farm.cache import ArtifactCache, model_identity
 from farm.contract import FailureKind
+from farm.families import family as family_rules
 from farm.faults import OutOfMemory
+from farm.gpu.families import gpu_family
 from farm.gpu.loading import load_pipeline
 from farm.gpu.worker import StageWorker
 from farm.jobbook import Descend, JobBook
 from farm.jobsetup import setup_job
 from farm.manifest import validate_data
-from farm.models import FRAMES_TINY, ModelSpec, resolve_model
+from farm.models import ModelSpec, resolve_model
 from farm.plan import build_plan
-from farm.presets import GIB, GPU_TIERS, keyframe_steps, video_steps
+from farm.presets import GIB, GPU_TIERS
 
 # What each tier preset must fit in: the bottom of the tier's range (docs/architecture.md: low < 16 GB is
 # T4-class 16 GB cards and smaller; 12 GB is the small card the low preset promises to serve).
@@ -227,22 +229,24 @@ class Outcome:
 def bench_book(case: Case, spec: ModelSpec, cache: ArtifactCache) -> JobBook:
     """A one-shot job whose only GPU stage is this case: the director's own job book makes the request
     (farm.effective's parameters, the tier's preset, the OOM ladder), so nothing here rebuilds it."""
-    fps = 7 if case.family == "svd" else 8  # the pipelines' default conditioning rates (SVD fps=7)
+    role = realsize.ROLES[case.family]
+    rules = family_rules(case.family)
+    # The pipelines' default conditioning rates (SVD fps=7), or the model's own rate.
+    fps = rules.variant(spec.variant).fps or (7 if case.family == "svd" else 8)
     root = Path(tempfile.mkdtemp(prefix="job-", dir=cache.root))
     image = np.random.default_rng(0).integers(0, 256, (case.height, case.width, 3), dtype=np.uint8)
     PIL.Image.fromarray(image).save(root / "input.png")
     prompt = "a lighthouse on a cliff at dusk, waves crashing, camera pans right"
     shot: dict[str, Any] = {"id": "bench", "prompt": prompt, "duration": max(1, case.frames) / fps, "scene": SCENE}
-    if case.family != "sdxl":
+    if role == "video":
         shot["keyframe"] = "input.png"  # the video stage starts from this image
     manifest = validate_data({
         "version": 1, "title": "bench", "seed": 7, "quality": QUALITY, "models": {"keyframe": "tiny", "video": "tiny"},
         "steps": {"keyframe": case.steps, "video": case.steps},
         "output": {"fps": fps, "resolution": f"{case.width}x{case.height}"}, "shots": [shot]}, root)
     setup = setup_job(manifest, root)
-    role = realsize.ROLES[case.family]
     specs = {**setup.specs, role: spec}
-    plan = build_plan(manifest, max(case.frames, 1))
+    plan = build_plan(manifest, specs["video"] if role == "video" else max(case.frames, 1))
     setup = replace(setup, specs=specs, plan=plan, identity={r: model_identity(s) for r, s in specs.items()})
     cache.put_arrays("bench-input", last=image)
     return JobBook("bench", setup, str(root / "out"), image_keys={"bench": "bench-input"})
@@ -263,7 +267,7 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
     if case.inject_oom:
         worker.set_faults([{"match": f"bench/{realsize.ROLES[case.family]}:*", "kind": "oom", "times": 1}])
     book = bench_book(case, spec, cache)
-    stage = "keyframe:bench" if case.family == "sdxl" else "video:bench:0"
+    stage = "keyframe:bench" if realsize.ROLES[case.family] == "keyframe" else "video:bench:0"
     try:
         while True:
             req = replace(book.request(stage, case.tier, str(cache.root)), stage=stage)
@@ -280,7 +284,8 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
                 with host_syncs() as warm_syncs:
                     worker.run(warm)
                 result.first_s = time.perf_counter() - started
-                inputs = UnetInputs(pipe.unet)
+                denoiser = gpu_family(case.family).denoisers(pipe)[0]
+                inputs = UnetInputs(denoiser)
                 with host_syncs() as syncs:
                     report = worker.run(req)
                 if cuda and case.steps > WARMUP_STEPS:
@@ -301,7 +306,7 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
             result.unet_s = seen["unet_seconds"] / max(1, seen["unet_calls"])
             result.peak_vram = seen["peak_vram_bytes"]
             if inputs.args is not None:
-                result.flops_per_call = count_flops(pipe.unet, inputs.args, inputs.kwargs)
+                result.flops_per_call = count_flops(denoiser, inputs.args, inputs.kwargs)
             # One UNet call per step (guidance batched in it): the step's FLOPs are the call's.
             if result.step_s:
                 result.mfu = utilisation(result.flops_per_call, result.step_s, peak_tflops)
@@ -322,19 +327,23 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
 def cases(real: bool, families: list[str], tiers: list[str], steps: int | None, anchors: bool) -> list[Case]:
     out: list[Case] = []
     for family in families:
+        rules = family_rules(family)
         if real:
-            width, height = 1024, 576  # the farm's video size; keyframes render at the video size
+            # The farm's video size for the seed's families (keyframes render at the video size); the
+            # others at their own native size, rounded to what they can make.
+            native = rules.variant(realsize.VARIANTS.get(family)).size
+            width, height = (1024, 576) if family in ("sdxl", "svd", "i2vgen") else native
             frames = realsize.FRAMES[family]
         else:
-            width, height, frames = 64, 64, (1 if family == "sdxl" else FRAMES_TINY)
+            tiny = resolve_model(realsize.ROLES[family], f"tiny:{family}")  # type: ignore[arg-type]
+            width, height, frames = 64, 64, tiny.frames_per_call
+        keyframe = realsize.ROLES[family] == "keyframe"
         for tier in tiers:
-            if family == "sdxl":
-                tier_steps = steps or (keyframe_steps(QUALITY, None) if real else 2)
-            else:
-                tier_steps = steps or (video_steps(QUALITY, tier, None) if real else 2)  # type: ignore[arg-type]
+            default = rules.steps(QUALITY, tier, None, realsize.VARIANTS.get(family))  # type: ignore[arg-type]
+            tier_steps = steps or (default if real else 2)
             out.append(Case(family, tier, width, height, tier_steps, frames,
                             TIER_CAP_GB[tier] if real else None, label="tier"))
-        if family != "sdxl":
+        if not keyframe:
             # The high preset on the low tier's card must not fit; the ladder has to bring it down.
             out.append(Case(family, "high", width, height, steps or 2, frames,
                             TIER_CAP_GB["low"] if real else None, label="ladder", inject_oom=not real))
@@ -358,7 +367,7 @@ def rows(outcomes: list[Outcome]) -> list[dict[str, Any]]:
     out = []
     for o in outcomes:
         c = o.case
-        size = f"{c.width}x{c.height}" + (f"x{c.frames}f" if c.family != "sdxl" else "")
+        size = f"{c.width}x{c.height}" + (f"x{c.frames}f" if realsize.ROLES[c.family] == "video" else "")
         out.append({
             "model": c.family, "run": c.label, "tier preset": c.tier, "card cap GB": c.cap_gb or "all",
             "size": size, "steps": c.steps, "ran as": o.preset if o.ok else "",
@@ -392,7 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=("auto", "real", "tiny"), default="auto",
                     help="auto: real size on a GPU, tiny on a CPU")
-    ap.add_argument("--families", nargs="+", default=["sdxl", "svd", "i2vgen"], choices=["sdxl", "svd", "i2vgen"])
+    ap.add_argument("--families", nargs="+", default=["sdxl", "svd", "i2vgen"], choices=list(realsize.CONFIG_FILES),
+                    help="families to measure (real-size configs in bench/configs/)")
     ap.add_argument("--tiers", nargs="+", default=list(GPU_TIERS), choices=list(GPU_TIERS))
     ap.add_argument("--steps", type=int, help="denoising steps per stage (default: the tier preset's)")
     ap.add_argument("--no-anchors", action="store_true")

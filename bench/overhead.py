@@ -29,7 +29,6 @@ from farm.gpu.stages import to_uint8
 from farm.jobsetup import encode_settings, merge_options, resolve_models
 from farm.manifest import inside_root, load
 from farm.plan import build_plan
-from farm.presets import video_preset
 from farm.preview import preview
 
 
@@ -37,7 +36,7 @@ def bare_loop(manifest, root: Path, out: Path) -> tuple[float, float, float]:
     """A plain script: load both pipelines, then for each shot call SDXL, chain SVD calls, encode.
     Returns (load seconds, render seconds, seconds inside pipeline calls)."""
     specs = resolve_models(manifest, root, "tiny")
-    plan = build_plan(manifest, specs["video"].frames_per_call)
+    plan = build_plan(manifest, specs["video"])
     t0 = time.perf_counter()
     sdxl = load_pipeline(specs["keyframe"])
     svd = load_pipeline(specs["video"])
@@ -50,7 +49,7 @@ def bare_loop(manifest, root: Path, out: Path) -> tuple[float, float, float]:
     in_calls = 0.0
     for sp in plan.shots:
         if sp.first_frame_from == "keyframe":
-            p = keyframe_params(manifest, sp)
+            p = keyframe_params(manifest, sp, specs["keyframe"])
             t = time.perf_counter()
             out_img = sdxl(prompt=p["prompt"], negative_prompt=p["negative_prompt"], width=p["width"],
                            height=p["height"], num_inference_steps=p["num_inference_steps"],
@@ -63,10 +62,10 @@ def bare_loop(manifest, root: Path, out: Path) -> tuple[float, float, float]:
         else:
             image = last
         frames = []
-        preset = video_preset(manifest.quality, sp.shot.scene, "cpu")
+        preset = specs["video"].rules.preset("cpu", manifest.quality, sp.shot.scene)
         for seg in sp.segments:
             stage = plan.stages[f"video:{sp.shot.id}:{seg.index}"]
-            p = video_params(manifest, sp, seg, stage.seed, "svd", preset, plan.fps)
+            p = video_params(manifest, sp, seg, stage.seed, specs["video"], preset, plan.film_fps)
             t = time.perf_counter()
             video = svd(image=PIL.Image.fromarray(image), width=p["width"], height=p["height"],
                         num_frames=p["num_frames"], num_inference_steps=p["num_inference_steps"],
@@ -75,12 +74,12 @@ def bare_loop(manifest, root: Path, out: Path) -> tuple[float, float, float]:
                         generator=torch.Generator("cpu").manual_seed(p["seed"]), output_type="np").frames[0]
             in_calls += time.perf_counter() - t
             video = to_uint8(np.asarray(video))
-            frames.append(video[seg.drop:])
-            image = last = video[-1]
+            frames.append(video[seg.drop:seg.drop + seg.kept])
+            image = last = video[seg.drop + seg.kept - 1]
         clip = out / "shots" / f"{sp.shot.id}.mp4"
         encode_clip(np.concatenate(frames), plan.fps, clip, settings)
         clips.append(clip)
-    merge_clips(clips, out / "final.mp4", settings, **merge_options(manifest, plan.fps))
+    merge_clips(clips, out / "final.mp4", settings, **merge_options(manifest, plan.film_fps))
     return loaded - t0, time.perf_counter() - loaded, in_calls
 
 

@@ -1,10 +1,11 @@
-"""SDXL base, SVD-XT and I2VGen-XL at their real architecture sizes, with random weights.
+"""SDXL base, SVD-XT, I2VGen-XL, FLUX.1 schnell, Wan 2.2 TI2V-5B and LTX-Video at their real
+architecture sizes, with random weights.
 
 The architectures come from the component configs in bench/configs/ (copied from the models'
 published config.json files); nothing is downloaded. Random weights render noise, but every
 matmul, convolution and attention has the real shape, which is what speed and memory depend on.
-Tokenizers are the farm's offline byte-level one (farm.gpu.tiny): prompts are padded to CLIP's 77
-tokens either way, so the text encoders see the real sequence length.
+Tokenizers are the farm's offline ones (farm.gpu.tiny: byte-level CLIP, character-level T5): prompts
+are padded to the real sequence lengths either way, so the text encoders see real shapes.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from typing import Any
 
 import torch
 
+from farm.families import FAMILIES, family
 from farm.gpu.loading import prepare_pipeline
-from farm.models import FRAMES_I2VGEN, FRAMES_SVD_XT, ROLE_FAMILIES, ModelSpec
+from farm.models import ModelSpec
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-CONFIG_FILES = {"sdxl": "sdxl.json", "svd": "svd_xt.json", "i2vgen": "i2vgen_xl.json"}
-ROLES = {family: role for role, families in ROLE_FAMILIES.items() for family in families}
-FRAMES = {"sdxl": 1, "svd": FRAMES_SVD_XT, "i2vgen": FRAMES_I2VGEN}
+CONFIG_FILES = {"sdxl": "sdxl.json", "svd": "svd_xt.json", "i2vgen": "i2vgen_xl.json", "flux": "flux1_schnell.json",
+                "wan": "wan22_ti2v_5b.json", "ltx": "ltx_video.json"}
+VARIANTS = {"svd": "xt", "flux": "schnell", "wan": "ti2v-5b", "ltx": "dev"}  # the variant each config holds
+ROLES = {name: fam.role for name, fam in FAMILIES.items()}
+FRAMES = {name: family(name).variant(VARIANTS.get(name)).frames_per_call if ROLES[name] == "video" else 1
+          for name in CONFIG_FILES}
 SEED = 0
 
 
@@ -32,10 +37,20 @@ def config(family: str) -> dict[str, dict[str, Any]]:
     return {name: part for name, part in data.items() if not name.startswith("_")}
 
 
+def pipeline_settings(family: str) -> dict[str, Any]:
+    """Pipeline-level settings a config carries (`_pipeline`, e.g. Wan TI2V's expand_timesteps)."""
+    data = json.loads((CONFIGS / CONFIG_FILES[family]).read_text(encoding="utf-8"))
+    return dict(data.get("_pipeline", {}))
+
+
 def spec(family: str) -> ModelSpec:
     """The ModelSpec a worker keys its resident pipeline on; `location` names the config file."""
     return ModelSpec(ROLES[family], f"realsize:{family}", family, "dir", str(CONFIGS / CONFIG_FILES[family]),
-                     FRAMES[family])
+                     FRAMES[family], variant=VARIANTS.get(family) or family_default(family))
+
+
+def family_default(name: str) -> str:
+    return family(name).default_variant
 
 
 @contextlib.contextmanager
@@ -56,6 +71,11 @@ def component(name: str, cfg: dict[str, Any]) -> Any:
     """One model component from its config (call inside `_building`)."""
     params = {k: v for k, v in cfg.items() if not k.startswith("_")}
     class_name = cfg["_class_name"]
+    if class_name in ("T5EncoderModel", "UMT5EncoderModel"):
+        import transformers
+
+        config_class = transformers.UMT5Config if class_name.startswith("UMT5") else transformers.T5Config
+        return getattr(transformers, class_name)(config_class(**params))
     if class_name.startswith("CLIP"):
         import transformers
 
@@ -86,7 +106,7 @@ def build(family: str, device: str | torch.device = "cpu", dtype: torch.dtype = 
     """The whole pipeline at real size, random weights, prepared as the farm prepares a loaded one."""
     import diffusers
 
-    from farm.gpu.tiny import _feature_extractor, build_tokenizer
+    from farm.gpu.tiny import build_t5_tokenizer, build_tokenizer, feature_extractor
 
     cfg = config(family)
     parts = components(family, device, dtype)
@@ -95,9 +115,16 @@ def build(family: str, device: str | torch.device = "cpu", dtype: torch.dtype = 
         pipe = diffusers.StableDiffusionXLPipeline(**parts, tokenizer=build_tokenizer(),
                                                    tokenizer_2=build_tokenizer(), add_watermarker=False)
     elif family == "svd":
-        pipe = diffusers.StableVideoDiffusionPipeline(**parts, feature_extractor=_feature_extractor())
+        pipe = diffusers.StableVideoDiffusionPipeline(**parts, feature_extractor=feature_extractor())
+    elif family == "i2vgen":
+        pipe = diffusers.I2VGenXLPipeline(**parts, tokenizer=build_tokenizer(), feature_extractor=feature_extractor())
+    elif family == "flux":
+        pipe = diffusers.FluxPipeline(**parts, tokenizer=build_tokenizer(), tokenizer_2=build_t5_tokenizer())
+    elif family == "wan":
+        pipe = diffusers.WanImageToVideoPipeline(**parts, tokenizer=build_t5_tokenizer(), image_processor=None,
+                                                 image_encoder=None, **pipeline_settings(family))
     else:
-        pipe = diffusers.I2VGenXLPipeline(**parts, tokenizer=build_tokenizer(), feature_extractor=_feature_extractor())
+        pipe = diffusers.LTXImageToVideoPipeline(**parts, tokenizer=build_t5_tokenizer())
     return prepare_pipeline(pipe, family)
 
 

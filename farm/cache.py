@@ -90,8 +90,9 @@ class ArtifactCache:
         return {"output_sha": array_hash(image)}
 
     def put_segment(self, key: str, first: np.ndarray, frames: np.ndarray, drop: int, kept: int) -> dict[str, str]:
-        """Store a video segment started from `first`: the frames the clip keeps and the last one."""
-        last = frames[-1]
+        """Store a video segment started from `first`: the frames the clip keeps, and the last of them
+        (where the next segment starts; a model's frame rule may have made more than are kept)."""
+        last = frames[drop + kept - 1]
         self.put_arrays(key, frames=frames[drop:drop + kept], last=last)
         # Input and output hashes make chains checkable: a segment's input is its predecessor's output.
         return {"input_sha": array_hash(first), "output_sha": array_hash(last)}

@@ -14,10 +14,14 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from farm.jobsetup import model_errors
     from farm.manifest import load
 
     try:
         manifest = load(args.file)
+        errors = model_errors(manifest, Path(args.file).parent, args.models)
+        if errors:
+            raise ManifestError(errors)
     except ManifestError as exc:
         for error in exc.errors:
             print(error, file=sys.stdout)
@@ -34,18 +38,60 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
+    from farm.families import FAMILIES
     from farm.presets import tables
 
-    data = tables()
+    data = tables() | {"families": {name: fam.tables() for name, fam in FAMILIES.items()}}
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
     for name, table in data.items():
+        if name == "families":
+            continue
         print(f"\n== {name}")
-        if isinstance(table, dict) and all(isinstance(v, dict) for v in table.values()):
-            print_table([{"": k, **{c: _fmt(x) for c, x in v.items()}} for k, v in table.items()])
-        else:
-            print_table([{"": k, "value": _fmt(v)} for k, v in table.items()])
+        _print_mapping(table)
+    for name, fam in data["families"].items():
+        print(f"\n== family {name}: {fam['title']}")
+        _print_mapping({k: v for k, v in fam.items() if k not in ("title", "variants")})
+        print_table([{"variant": v, **{c: _fmt(x) for c, x in info.items() if c not in ("hub", "download")}}
+                     for v, info in fam["variants"].items()])
+    return EXIT_OK
+
+
+def _print_mapping(table: Any) -> None:
+    if isinstance(table, dict) and table and all(isinstance(v, dict) for v in table.values()):
+        print_table([{"": k, **{c: _fmt(x) for c, x in v.items()}} for k, v in table.items()])
+    elif isinstance(table, dict):
+        print_table([{"": k, "value": _fmt(v)} for k, v in table.items()])
+
+
+def cmd_families(args: argparse.Namespace) -> int:
+    """Every model family and variant: its role, licence, frames, whether its weights are here, and
+    what a real render needs fetched."""
+    from farm.families import FAMILIES
+    from farm.models import in_hf_cache
+
+    rows = []
+    for fam in FAMILIES.values():
+        for v in fam.variants.values():
+            here = in_hf_cache(v.repo, "model_index.json") is not None
+            rows.append({"family": fam.name, "variant": v.name, "role": fam.role, "title": v.title,
+                         "commercial": "yes" if v.commercial else "check", "licence": v.licence,
+                         "frames": f"{v.frames_per_call}@{v.fps or 'film'}fps" if fam.role == "video" else "",
+                         "size": f"{v.size[0]}x{v.size[1]}/{v.multiple}", "installed": "yes" if here else "no",
+                         "tiny": f"tiny:{fam.name}:{v.name}", "repo": v.repo, "download": v.download})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    print_table([{k: r[k] for k in ("family", "variant", "role", "commercial", "frames", "size", "installed", "repo")}
+                 for r in rows])
+    print("\nlicences:")
+    for r in rows:
+        print(f"  {r['family']}/{r['variant']}: {r['licence']}")
+    print("\nto render for real, fetch the weights once (nothing downloads at render time):")
+    for r in rows:
+        if r["installed"] == "no":
+            print(f"  {r['download']}")
     return EXIT_OK
 
 
@@ -237,6 +283,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("validate", help="check a storyboard manifest; exit 2 with one line per error")
     s.add_argument("file")
+    s.add_argument("--models", choices=["tiny"], default=None,
+                   help="validate for a tiny render: the models need not be downloaded")
     s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("schema", help="print the manifest's JSON Schema (for editor autocompletion)")
@@ -245,6 +293,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("presets", help="print the preset tables (tiers, quality, scenes, motion, I2VGen-XL)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_presets)
+
+    s = sub.add_parser("families", help="the model families: role, licence, frames, installed, what to download")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_families)
 
     s = sub.add_parser("plan", help="print the stage table of a storyboard")
     s.add_argument("file")

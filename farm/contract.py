@@ -144,6 +144,8 @@ class Worker(Protocol):
 
     def loaded_models(self) -> list[str]: ...
 
+    def missing_models(self, specs: list[ModelSpec]) -> dict[str, str]: ...
+
 
 # --- CPU stages ----------------------------------------------------------------------------------
 

@@ -14,8 +14,8 @@ from typing import Any
 from farm.config import FarmConfig, current
 from farm.contract import ACTIVE_STATES, JobState
 from farm.hashing import content_hash
-from farm.jobsetup import resolve_models
-from farm.manifest import load
+from farm.jobsetup import model_errors, resolve_models
+from farm.manifest import ManifestError, load
 from farm.paths import OutputLayout
 from farm.pool import PoolConfig, resources_for_local
 from farm.progress import ProgressBars
@@ -94,6 +94,9 @@ def render(path: Path | str, out_dir: Path | str, *, models: str | None = None, 
     path = Path(path).resolve()
     manifest = load(path)  # refuses bad input before anything starts
     resolve_models(manifest, path.parent, models)
+    missing = model_errors(manifest, path.parent, models)  # checked where they will load: here
+    if missing:
+        raise ManifestError(missing)
     out = OutputLayout(Path(out_dir).resolve())
     pool = PoolConfig(tier=tier, workers=workers)
     we_started = start_ray(pool)

@@ -30,7 +30,7 @@ from farm.effective import keyframe_params, video_params
 from farm.jobsetup import JobSetup
 from farm.paths import OutputLayout
 from farm.plan import ShotPlan, Stage
-from farm.presets import Preset, keyframe_preset, next_lower_preset, video_preset
+from farm.presets import Preset, Scene, as_tier
 from farm.schedule import ReadyStage
 
 # --- what the book tells its caller --------------------------------------------------------------
@@ -293,21 +293,19 @@ class JobBook:
         held = self.ladder.get(stage.id)
         if held is not None:
             return held
-        if stage.kind == StageKind.KEYFRAME:
-            return keyframe_preset(tier)
-        sp = self.shots[stage.shot or ""]
-        return video_preset(self.setup.manifest.quality, sp.shot.scene, tier)
+        spec = self.setup.specs[stage.kind]
+        return spec.rules.preset(as_tier(tier), self.setup.manifest.quality, self._scene(stage), spec.variant)
 
     def params(self, stage_id: str, tier: str) -> dict[str, Any]:
         """A GPU stage's effective parameters on a worker of `tier` (what the pipeline is called with)."""
         setup, stage = self.setup, self.plan.stages[stage_id]
         sp = self.shots[stage.shot or ""]
         if stage.kind == StageKind.KEYFRAME:
-            return keyframe_params(setup.manifest, sp)
+            return keyframe_params(setup.manifest, sp, setup.specs["keyframe"], as_tier(tier))
         if stage.kind != StageKind.VIDEO or stage.segment is None or stage.seed is None:
             raise ValueError(f"{stage_id} is not a GPU stage")
-        return video_params(setup.manifest, sp, stage.segment, stage.seed, setup.specs["video"].family,
-                            self.preset(stage, tier), setup.fps)
+        return video_params(setup.manifest, sp, stage.segment, stage.seed, setup.specs["video"],
+                            self.preset(stage, tier), setup.plan.film_fps)
 
     def request(self, stage_id: str, tier: str, cache_dir: str = "") -> StageRequest:
         """The worker request for a GPU stage on a worker of `tier`; its output_key is the cache key."""
@@ -429,7 +427,9 @@ class JobBook:
             return Requeue(f"worker {run.worker} was lost")
         if kind == FailureKind.OOM:
             self._emit(now, "stage_oom", stage=stage_id, preset=run.preset)
-            lower = next_lower_preset(self.preset(stage, run.tier), self.setup.manifest.quality, self._scene(stage))
+            spec = self.setup.specs[stage.kind]
+            lower = spec.rules.next_preset(self.preset(stage, run.tier), self.setup.manifest.quality,
+                                           self._scene(stage), spec.variant)
             if lower is None:
                 return self._fail(f"stage {stage_id} ran out of GPU memory on the lowest preset ({run.preset})", now)
             self.ladder[stage_id] = lower
@@ -489,8 +489,9 @@ class JobBook:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _scene(self, stage: Stage) -> Any:
-        return self.shots[stage.shot or ""].shot.scene
+    def _scene(self, stage: Stage) -> Scene:
+        sp = self.shots.get(stage.shot or "")
+        return sp.shot.scene if sp is not None else "smooth"
 
     def _start(self) -> None:
         if self.state == JobState.QUEUED:

@@ -5,14 +5,16 @@ simulator, so they all see a job the same way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from farm.cache import model_identity
+from farm.config import current
 from farm.encode import EncodeSettings
-from farm.manifest import Manifest, inside_root, validate_data
-from farm.models import ModelSpec, resolve_model, with_tiny
+from farm.manifest import FieldError, Manifest, inside_root, validate_data
+from farm.models import ModelSpec, missing, resolve_model, with_tiny
 from farm.plan import Plan, build_plan
 from farm.presets import QUALITY_TEMPLATES
 
@@ -33,6 +35,16 @@ def resolve_models(manifest: Manifest, root: Path | None, override: str | None =
     elif override is not None:
         raise ValueError(f"--models must be one of {', '.join(MODEL_OVERRIDES)} (or omitted), not {override!r}")
     return specs
+
+
+def model_errors(manifest: Manifest, root: Path | None, override: str | None = None) -> list[FieldError]:
+    """The manifest's models that cannot be loaded here without a download, each naming its field and
+    how to fetch it. With `--models tiny` the tiny builds stand in and nothing is checked."""
+    if override == "tiny":
+        return []
+    allow = current().models.allow_download
+    return [FieldError(("models", role), msg) for role, spec in resolve_models(manifest, root).items()
+            if (msg := missing(spec, allow)) is not None]
 
 
 def encode_settings(manifest: Manifest) -> EncodeSettings:
@@ -69,6 +81,10 @@ class JobSetup:
     def fps(self) -> int:
         return self.plan.fps
 
+    @property
+    def tiny(self) -> bool:
+        return all(spec.is_tiny for spec in self.specs.values())
+
     def encode_identity(self) -> dict[str, Any]:
         return encode_identity(self.encode)
 
@@ -87,13 +103,13 @@ def setup_job(manifest_data: dict[str, Any] | Manifest, root: Path | str, option
         manifest = manifest_data
     else:
         manifest = validate_data(manifest_data, root if check_files else None)
-    if options.get("preview"):
-        manifest = preview(manifest)
     specs = resolve_models(manifest, root, options.get("models"))
-    plan = build_plan(manifest, specs["video"].frames_per_call)
+    if options.get("preview"):
+        manifest = preview(manifest, math.lcm(*(s.rules.variant(s.variant).multiple for s in specs.values())))
+    plan = build_plan(manifest, specs["video"])
     models = manifest.models
     overrides = {"lora": models.lora and str(inside_root(root, models.lora)),
                  "vae": models.vae and str(inside_root(root, models.vae))}
     return JobSetup(manifest, root, plan, specs, {role: model_identity(s) for role, s in specs.items()},
-                    encode_settings(manifest), merge_options(manifest, plan.fps), overrides,
+                    encode_settings(manifest), merge_options(manifest, plan.film_fps), overrides,
                     preview=bool(options.get("preview")))

@@ -44,9 +44,18 @@ def ffmpeg_version() -> str:
 
 
 def model_entry(spec: ModelSpec) -> dict[str, Any]:
-    return {"source": spec.source, "family": spec.family, "kind": spec.kind, "location": spec.location,
-            "revision": model_revision(spec), "tiny": spec.kind == "tiny",
-            "frames_per_call": spec.frames_per_call}
+    variant = spec.rules.variant(spec.variant)
+    return {"source": spec.source, "family": spec.family, "variant": variant.name, "title": variant.title,
+            "kind": spec.kind, "location": spec.location, "revision": model_revision(spec), "tiny": spec.kind == "tiny",
+            "frames_per_call": spec.frames_per_call, "licence": variant.licence, "commercial": variant.commercial}
+
+
+def licence_note(models: dict[str, ModelSpec]) -> str:
+    restricted = [f"{role}: {spec.rules.variant(spec.variant).title} ({spec.rules.variant(spec.variant).licence})"
+                  for role, spec in models.items() if not spec.rules.variant(spec.variant).commercial]
+    if not restricted:
+        return "every model's licence allows commercial use (check the licences above for their conditions)"
+    return "check before any commercial use: " + "; ".join(restricted)
 
 
 def build_lock(job_id: str, manifest: Manifest, plan: Plan, models: dict[str, ModelSpec],
@@ -55,7 +64,7 @@ def build_lock(job_id: str, manifest: Manifest, plan: Plan, models: dict[str, Mo
     for sp in plan.shots:
         kf = records.get(f"keyframe:{sp.shot.id}")
         segments = [records[f"video:{sp.shot.id}:{seg.index}"] | {"index": seg.index, "frames": seg.frames,
-                                                                   "drop": seg.drop}
+                                                                   "drop": seg.drop, "kept": seg.kept}
                     for seg in sp.segments]
         first = segments[0]["params"]
         tiers = sorted({s["tier"] for s in segments})
@@ -85,8 +94,11 @@ def build_lock(job_id: str, manifest: Manifest, plan: Plan, models: dict[str, Mo
         "manifest": manifest.model_dump(mode="json"),
         "seed": manifest.seed,
         "quality": manifest.quality,
-        "fps": plan.fps,
+        "fps": plan.film_fps,
+        "generation_fps": plan.fps,
         "models": {role: model_entry(spec) for role, spec in models.items()},
+        # Licences travel with the film: a non-commercial model (FLUX.1 [dev], ...) is named here.
+        "licence_note": licence_note(models),
         "encode": encode,
         "packages": package_versions(),
         "shots": shots,

@@ -203,12 +203,18 @@ def _semantic_errors(manifest: Manifest, root: Path | None) -> list[FieldError]:
             errors.append(FieldError(("shots", 0, "continue_from"), "the first shot has no previous shot"))
         if shot.keyframe is not None:
             errors.extend(_keyframe_errors(shot.keyframe, root, ("shots", i, "keyframe")))
+    width, height = manifest.output.size
     for role in ("keyframe", "video"):
         try:
-            resolve_model(role, getattr(manifest.models, role), base_dir=root,
-                          allow_pickle=manifest.models.allow_pickle)
+            spec = resolve_model(role, getattr(manifest.models, role), base_dir=root,
+                                 allow_pickle=manifest.models.allow_pickle)
         except ModelError as exc:
             errors.append(FieldError(("models", role), str(exc)))
+            continue
+        # What the model family can render (its pure half says): minimum side, multiples of 8/16/32.
+        problem = spec.rules.size_error(width, height, spec.variant)
+        if problem is not None:
+            errors.append(FieldError(("output", "resolution"), f"{problem} (models.{role})"))
     for field in ("lora", "vae"):
         value = getattr(manifest.models, field)
         if value is not None:

@@ -14,36 +14,22 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
+
+from farm.families import FAMILIES, Family, by_class, family, for_role
 
 Role = Literal["keyframe", "video"]
-Family = Literal["sdxl", "svd", "i2vgen"]
 Kind = Literal["tiny", "hub", "dir", "file"]
-
 ROLES: tuple[str, ...] = get_args(Role)
-FAMILIES: tuple[str, ...] = get_args(Family)
-ROLE_FAMILIES: dict[str, tuple[str, ...]] = {"keyframe": ("sdxl",), "video": ("svd", "i2vgen")}
-DEFAULT_FAMILY: dict[str, str] = {"keyframe": "sdxl", "video": "svd"}
-FAMILY_NAMES = {"sdxl": "SDXL (text-to-image)", "svd": "Stable Video Diffusion (image-to-video)",
-                "i2vgen": "I2VGen-XL (image-to-video)"}
-PIPELINE_CLASSES = {"sdxl": "StableDiffusionXLPipeline", "svd": "StableVideoDiffusionPipeline",
-                    "i2vgen": "I2VGenXLPipeline"}
-CLASS_FAMILIES = {cls: fam for fam, cls in PIPELINE_CLASSES.items()}
-
-# Frames one pipeline call produces (what the models were trained on); longer shots are segmented.
-FRAMES_SVD_XT, FRAMES_SVD, FRAMES_I2VGEN, FRAMES_TINY = 25, 14, 16, 8
 
 # Tiny stand-ins (farm.gpu.tiny) are saved under this name; bump the version when a builder changes,
 # so cached folders of the old shape are not reused.
-TINY_VERSION = "v2"
+TINY_VERSION = "v3"
 
 
-def tiny_dir_name(family: str) -> str:
-    return f"tiny-{family}-{TINY_VERSION}"
+def tiny_dir_name(family: str, variant: str | None = None) -> str:
+    return f"tiny-{family}-{variant}-{TINY_VERSION}" if variant else f"tiny-{family}-{TINY_VERSION}"
 
-
-# Diffusers configs that single-file checkpoints are loaded against (they hold weights only).
-SINGLE_FILE_CONFIGS = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 
 SAFE_SUFFIXES = frozenset({".safetensors"})
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
@@ -53,7 +39,6 @@ OTHER_FILE_SUFFIXES = frozenset({".gguf", ".onnx", ".json", ".yaml", ".yml", ".h
 
 # huggingface_hub's rule for repo ids, restricted to the "org/name" form.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-_XT = re.compile(r"(^|[-_.])xt([-_.]|$)")
 
 
 class ModelError(ValueError):
@@ -64,12 +49,13 @@ class ModelError(ValueError):
 class ModelSpec:
     role: Role
     source: str  # as the user wrote it
-    family: str  # one of FAMILIES
+    family: str  # a farm.families name
     kind: Kind
     location: str  # hub id, absolute dir/file path, or the tiny model's folder name
     frames_per_call: int  # video frames one call makes; 1 for keyframe models
     revision: str | None = None
     allow_pickle: bool = False
+    variant: str | None = None  # the family's variant (SVD-XT, FLUX.1 schnell, Wan TI2V-5B, ...)
 
     @property
     def is_tiny(self) -> bool:
@@ -79,6 +65,10 @@ class ModelSpec:
     def key(self) -> str:
         """What a worker holds resident: the dispatch policy prefers a worker that has this loaded."""
         return f"{self.family}:{self.location}"
+
+    @property
+    def rules(self) -> Family:
+        return family(self.family)
 
 
 # --- resolving -----------------------------------------------------------------------------------
@@ -94,66 +84,77 @@ def resolve_model(role: Role, source: str, *, base_dir: Path | None = None, allo
         raise ModelError(f"no {role} model given")
 
     if text.lower() == "tiny" or text.lower().startswith("tiny:"):
-        family = DEFAULT_FAMILY[role] if text.lower() == "tiny" else text.split(":", 1)[1].strip().lower()
-        if family not in FAMILIES:
-            raise ModelError(f"unknown tiny model {text!r}; expected tiny, or tiny: followed by one of "
-                             f"{', '.join(FAMILIES)}")
-        _check_role(role, family, source)
-        return ModelSpec(role, source, family, "tiny", tiny_dir_name(family), _frames(role, family, "tiny", tiny=True))
+        return _resolve_tiny(role, source, text.lower())
 
     path = _local_path(text, base_dir)
     if path is not None:
         return _resolve_local(role, source, path, allow_pickle)
 
     if _is_hub_id(text):
-        family = _hub_family(role, text)
-        return ModelSpec(role, source, family, "hub", text, _frames(role, family, text),
-                         revision=revision, allow_pickle=allow_pickle)
+        fam = _hub_family(role, text)
+        variant = fam.variant_of(text) or fam.default_variant
+        return ModelSpec(role, source, fam.name, "hub", text, _frames(fam, variant), revision=revision,
+                         allow_pickle=allow_pickle, variant=variant)
 
     raise ModelError(f"{source!r} is not a model: expected 'tiny', a Hugging Face id like org/name, "
                      "a local diffusers folder or a single .safetensors file")
 
 
+def _resolve_tiny(role: Role, source: str, text: str) -> ModelSpec:
+    """`tiny` (the role's default family), `tiny:FAMILY` or `tiny:FAMILY:VARIANT`."""
+    parts = [p.strip() for p in text.split(":")[1:]]
+    if not parts:
+        fam = next(f for f in for_role(role) if f.default)
+    elif parts[0] in FAMILIES:
+        fam = FAMILIES[parts[0]]
+    else:
+        raise ModelError(f"unknown tiny model {source!r}; expected tiny, or tiny: followed by one of "
+                         f"{', '.join(FAMILIES)}")
+    _check_role(role, fam, source)
+    variant = parts[1] if len(parts) > 1 else fam.default_variant
+    if variant not in fam.variants:
+        raise ModelError(f"{source!r}: {fam.title} has no variant {variant!r}; expected one of "
+                         f"{', '.join(fam.variants)}")
+    frames = fam.tiny_frames if role == "video" else 1
+    return ModelSpec(role, source, fam.name, "tiny", tiny_dir_name(fam.name, variant), frames, variant=variant)
+
+
 def with_tiny(spec: ModelSpec) -> ModelSpec:
-    """The tiny stand-in of the same family (`--models tiny`): same pipeline class, random weights."""
-    return resolve_model(spec.role, f"tiny:{spec.family}")
+    """The tiny stand-in of the same family and variant (`--models tiny`): same pipeline class,
+    random weights."""
+    return resolve_model(spec.role, f"tiny:{spec.family}:{spec.variant or family(spec.family).default_variant}")
 
 
-def _check_role(role: str, family: str, source: str) -> None:
-    if family not in ROLE_FAMILIES[role]:
-        wanted = " or ".join(FAMILY_NAMES[f] for f in ROLE_FAMILIES[role])
-        raise ModelError(f"{source!r} is a {FAMILY_NAMES[family]} model and cannot be the {role} model; "
+def _check_role(role: str, fam: Family, source: str) -> None:
+    if fam.role != role:
+        wanted = " or ".join(f.title for f in for_role(role))
+        raise ModelError(f"{source!r} is {fam.title}, which cannot be the {role} model; "
                          f"the {role} model must be {wanted}")
 
 
-def _frames(role: str, family: str, name: str, *, tiny: bool = False) -> int:
-    """Frames per call; `name` (hub id, folder or file name) tells SVD-XT from SVD by its "xt" token."""
-    if role == "keyframe":
-        return 1
-    if tiny:
-        return FRAMES_TINY
-    if family == "i2vgen":
-        return FRAMES_I2VGEN
-    return FRAMES_SVD_XT if _XT.search(name.rsplit("/", 1)[-1].lower()) else FRAMES_SVD
+def _frames(fam: Family, variant: str | None) -> int:
+    """Frames per call of a real model: what its variant was trained to make (1 for keyframe models)."""
+    return fam.variant(variant).frames_per_call if fam.role == "video" else 1
 
 
 def _is_hub_id(text: str) -> bool:
     return bool(_HUB_ID.match(text)) and ".." not in text and "--" not in text and not text.endswith(".git")
 
 
-def _hub_family(role: str, repo_id: str) -> str:
+def _hub_family(role: str, repo_id: str) -> Family:
+    """The family a hub id names: the most specific family pattern that matches its name; a keyframe id
+    no family claims is taken as SDXL-class (the fallback family), and loading checks the class."""
     name = repo_id.split("/", 1)[1].lower()
-    if "i2vgen" in name:
-        family = "i2vgen"
-    elif "stable-video-diffusion" in name or "svd" in name:
-        family = "svd"
-    elif role == "video":
-        raise ModelError(f"unknown video model {repo_id!r}: expected SVD/SVD-XT or I2VGen-XL "
-                         "(e.g. stabilityai/stable-video-diffusion-img2vid-xt, ali-vilab/i2vgen-xl)")
-    else:
-        family = "sdxl"  # any other hub id as keyframe model is taken as SDXL-class; loading checks the class
-    _check_role(role, family, repo_id)
-    return family
+    for fam in sorted(FAMILIES.values(), key=lambda f: f.fallback):
+        if fam.variant_of(name) is not None:
+            _check_role(role, fam, repo_id)
+            return fam
+    fallback = [f for f in for_role(role) if f.fallback]
+    if fallback:
+        return fallback[0]
+    examples = ", ".join(f.variant(None).repo for f in for_role(role))
+    raise ModelError(f"unknown {role} model {repo_id!r}: no model family recognises it; expected one of "
+                     f"{', '.join(f.title for f in for_role(role))} (e.g. {examples})")
 
 
 def _local_path(text: str, base_dir: Path | None) -> Path | None:
@@ -181,49 +182,52 @@ def _resolve_local(role: Role, source: str, path: Path, allow_pickle: bool) -> M
     if not path.exists():
         raise ModelError(f"model path {source!r} does not exist (looked at {path})")
     if path.is_dir():
-        family = _dir_family(source, path)
-        _check_role(role, family, source)
-        frames = _dir_frames(role, family, path)
-        return ModelSpec(role, source, family, "dir", str(path), frames, allow_pickle=allow_pickle)
+        fam, index = _dir_family(source, path)
+        _check_role(role, fam, source)
+        variant = fam.variant_of_folder(index, path) or fam.default_variant
+        frames = _dir_frames(fam, variant, path)
+        return ModelSpec(role, source, fam.name, "dir", str(path), frames, allow_pickle=allow_pickle, variant=variant)
     if suffix in SAFE_SUFFIXES or suffix in PICKLE_SUFFIXES:
-        if role == "video":
-            # diffusers has no single-file loader for SVD or I2VGen-XL: refuse now, not mid-render.
-            raise ModelError(f"{source!r}: video models load from a diffusers folder or a hub id, not a single "
-                             "checkpoint file (diffusers cannot load SVD/I2VGen-XL from one file)")
-        family = DEFAULT_FAMILY[role]
-        return ModelSpec(role, source, family, "file", str(path), _frames(role, family, path.stem),
-                         allow_pickle=allow_pickle)
+        single = [f for f in for_role(role) if f.single_file]
+        if not single:
+            raise ModelError(f"{source!r}: {role} models load from a diffusers folder or a hub id, not a single "
+                             "checkpoint file (no {role} family here can be loaded from one file)")
+        fam = next((f for f in single if f.variant_of(path.stem) is not None), single[0])
+        variant = fam.variant_of(path.stem) or fam.default_variant
+        return ModelSpec(role, source, fam.name, "file", str(path), _frames(fam, variant), allow_pickle=allow_pickle,
+                         variant=variant)
     raise ModelError(f"{source!r}: unsupported model file type {suffix or '(no suffix)'!r}; expected a "
                      "diffusers model folder or a single .safetensors file")
 
 
-def _dir_family(source: str, path: Path) -> str:
-    index = path / "model_index.json"
-    if not index.is_file():
+def _dir_family(source: str, path: Path) -> tuple[Family, dict[str, Any]]:
+    index_path = path / "model_index.json"
+    if not index_path.is_file():
         raise ModelError(f"{source!r} is not a diffusers model folder (no model_index.json in {path})")
     try:
-        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        class_name = index.get("_class_name")
     except (OSError, ValueError, AttributeError) as exc:
-        raise ModelError(f"{source!r}: cannot read {index}: {exc}") from exc
-    family = CLASS_FAMILIES.get(class_name)
-    if family is None:
-        known = ", ".join(sorted(CLASS_FAMILIES))
+        raise ModelError(f"{source!r}: cannot read {index_path}: {exc}") from exc
+    fam = by_class(str(class_name))
+    if fam is None:
+        known = ", ".join(sorted(c for f in FAMILIES.values() for c in f.classes))
         raise ModelError(f"{source!r}: unknown model class {class_name!r} in model_index.json; "
                          f"expected one of {known}")
-    return family
+    return fam, index
 
 
-def _dir_frames(role: str, family: str, path: Path) -> int:
-    if role == "keyframe":
+def _dir_frames(fam: Family, variant: str, path: Path) -> int:
+    if fam.role == "keyframe":
         return 1
-    # The unet config records the frame count the model was trained with (SVD 14, SVD-XT 25, tiny 8).
+    # A UNet config may record the frame count the model was trained with (SVD 14, SVD-XT 25, tiny 8).
     try:
         frames = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8")).get("num_frames")
     except (OSError, ValueError, AttributeError):
         frames = None
     if isinstance(frames, int) and frames > 0:
         return frames
-    return _frames(role, family, path.name)
+    return _frames(fam, variant)
 
 
 def in_hf_cache(repo_id: str, filename: str, revision: str | None = None) -> str | None:
@@ -235,6 +239,21 @@ def in_hf_cache(repo_id: str, filename: str, revision: str | None = None) -> str
     except ValueError:  # an id the hub library rejects
         return None
     return found if isinstance(found, str) else None
+
+
+def missing(spec: ModelSpec, allow_download: bool = False) -> str | None:
+    """Why `spec` cannot be loaded on this machine without a download, or None when it can. Reads only
+    the local Hugging Face cache's index (never weights, never the network)."""
+    if spec.kind != "hub" or allow_download:
+        return None  # tiny builds itself; local folders and files were checked when resolved
+    if in_hf_cache(spec.location, "model_index.json", revision=spec.revision) is not None:
+        return None
+    variant = spec.rules.variant(spec.variant)
+    note = f"{variant.note}, then " if variant.note and variant.repo == spec.location else ""
+    return (f"{spec.location} is not in the local Hugging Face cache and the farm downloads nothing unless told to: "
+            f"{note}fetch it with `huggingface-cli download {spec.location}` (about {variant.size_gb:g} GB for "
+            f"{variant.title}), or set models.allow_download: true in the farm config (FARM_ALLOW_DOWNLOAD=1), or "
+            "render with --models tiny")
 
 
 # --- revisions -----------------------------------------------------------------------------------

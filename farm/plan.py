@@ -5,30 +5,33 @@ Plain data only, so the scheduler, the simulator and tests can all walk the same
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from farm.contract import GPU_KINDS, StageKind
+from farm.families import family
 from farm.hashing import derive_seed
 from farm.manifest import Manifest, Shot
+from farm.models import ModelSpec
 from farm.presets import QUALITY_TEMPLATES
 
 
 @dataclass(frozen=True)
 class Segment:
-    """One image-to-video model call: generate `frames` frames, keep all but the first `drop`.
+    """One image-to-video model call: generate `frames` frames, keep `kept` of them after the first
+    `drop`.
 
     A segment that starts from a frame we already show (the previous segment's or shot's last
-    frame) drops its first output frame, which re-draws that conditioning frame.
+    frame) drops its first output frame, which re-draws that conditioning frame. A model that makes
+    only some frame counts (Wan: 4k+1, LTX: 8k+1) may make more than the shot needs: the extra
+    frames at the end are not kept, and the next segment starts from the last kept one.
     """
 
     index: int
     frames: int
     drop: int
-
-    @property
-    def kept(self) -> int:
-        return self.frames - self.drop
+    kept: int
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ class ShotPlan:
 class Plan:
     stages: dict[str, Stage] = field(default_factory=dict)
     shots: list[ShotPlan] = field(default_factory=list)
-    fps: int = 15
+    fps: int = 15  # the rate frames are generated and clips encoded at
+    film_fps: int = 15  # the film's rate (the merge brings every clip to it)
 
     def add(self, stage: Stage) -> Stage:
         assert stage.id not in self.stages, stage.id
@@ -110,11 +114,16 @@ class Plan:
 
     def copy(self) -> Plan:
         """A plan of its own to grow (stages are immutable, so sharing them is safe)."""
-        return Plan(dict(self.stages), list(self.shots), self.fps)
+        return Plan(dict(self.stages), list(self.shots), self.fps, self.film_fps)
 
 
-def output_fps(manifest: Manifest) -> int:
-    return manifest.output.fps or QUALITY_TEMPLATES[manifest.quality].fps
+def output_fps(manifest: Manifest, video: ModelSpec | None = None) -> int:
+    """The film's rate: the manifest's, else the video model's own rate where it has one (Wan 16 or
+    24, LTX 25), else the quality template's."""
+    if manifest.output.fps:
+        return manifest.output.fps
+    own = family(video.family).variant(video.variant).fps if video is not None else None
+    return own or QUALITY_TEMPLATES[manifest.quality].fps
 
 
 def shot_seed(manifest: Manifest, shot: Shot) -> int:
@@ -125,17 +134,20 @@ def shot_frames(duration: float, fps: int) -> int:
     return max(1, round(duration * fps))
 
 
-def segments_for(frames: int, frames_per_call: int, starts_from_shown_frame: bool) -> tuple[Segment, ...]:
+def segments_for(frames: int, frames_per_call: int, starts_from_shown_frame: bool,
+                 call_frames: Callable[[int], int] | None = None) -> tuple[Segment, ...]:
     """Split a shot into model calls of at most `frames_per_call` frames, each continuing from the
-    previous call's last frame."""
+    previous call's last kept frame. `call_frames(needed)` is the family's frame rule: the count a
+    call makes to give at least `needed` (default: `needed`, but at least 2, since one-frame video
+    calls are degenerate for the models)."""
     out: list[Segment] = []
     remaining = frames
     drop = 1 if starts_from_shown_frame else 0
     while remaining > 0:
-        # A call makes at least 2 frames: one-frame video calls are degenerate for the models.
-        generate = max(2, min(frames_per_call, remaining + drop))
+        needed = min(frames_per_call, remaining + drop)
+        generate = call_frames(needed) if call_frames else max(2, needed)
         kept = min(generate - drop, remaining)
-        out.append(Segment(len(out), generate, generate - kept))
+        out.append(Segment(len(out), generate, drop, kept))
         remaining -= kept
         drop = 1
     return tuple(out)
@@ -145,9 +157,22 @@ def stage_ids(shot_id: str) -> tuple[str, str, str]:
     return f"keyframe:{shot_id}", f"video:{shot_id}:", f"clip:{shot_id}"
 
 
-def build_plan(manifest: Manifest, frames_per_call: int) -> Plan:
-    fps = output_fps(manifest)
-    plan = Plan(fps=fps)
+def build_plan(manifest: Manifest, video: ModelSpec | int) -> Plan:
+    """The job's DAG for its video model (`video`; a bare frames-per-call count stands for a model that
+    makes any count of frames at the film's rate)."""
+    if isinstance(video, int):
+        frames_per_call, call_frames, fps = video, None, output_fps(manifest)
+        film = fps
+    else:
+        fam = family(video.family)
+        frames_per_call = video.frames_per_call
+
+        def call_frames(needed: int) -> int:
+            return fam.call_frames(needed, frames_per_call)
+
+        film = output_fps(manifest, video)
+        fps = fam.generation_fps(film, video.variant)
+    plan = Plan(fps=fps, film_fps=film)
     clips: list[str] = []
     previous_last: str | None = None
     for index, shot in enumerate(manifest.shots):
@@ -162,7 +187,7 @@ def build_plan(manifest: Manifest, frames_per_call: int) -> Plan:
         else:
             first_from = "keyframe"
             start_dep = plan.add(Stage(keyframe_id, StageKind.KEYFRAME, shot.id, (), seed=seed)).id
-        segments = segments_for(frames, frames_per_call, starts_from_shown_frame=first_from == "previous")
+        segments = segments_for(frames, frames_per_call, first_from == "previous", call_frames)
         dep = start_dep
         video_ids = []
         for segment in segments:

@@ -7,8 +7,8 @@ numbers live; the CLI prints them (`farm presets`), workers and the lockfile rea
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 Tier = Literal["high", "mid", "low", "cpu"]
@@ -97,77 +97,9 @@ SCENE_PRESETS: dict[Scene, ScenePreset] = {
     "smooth": ScenePreset("smooth", "medium", 0.0004, (10, 12)),
 }
 
-# The document's motion levels 1-3 are levels, not buckets: SVD's motion_bucket_id is 1-255
-# (default 127, more = more motion). Level 2 ("smooth") is SVD's default bucket.
-MOTION_BUCKETS: dict[MotionLevel, int] = {"low": 60, "medium": 127, "high": 200}
+# The documents' motion levels 1-3 (docs/sources.md sections 1-2); families map them onto their own
+# parameters (SVD's motion buckets, I2VGen-XL's guidance).
 MOTION_LEVEL_NUMBER: dict[MotionLevel, int] = {"low": 1, "medium": 2, "high": 3}
-
-
-def motion_bucket(level: MotionLevel | None, bucket_id: int | None, scene: Scene) -> int:
-    if bucket_id is not None:
-        return bucket_id
-    return MOTION_BUCKETS[level or SCENE_PRESETS[scene].motion]
-
-
-# --- I2VGen-XL guidance (docs/sources.md section 2) -------------------------------------------------
-
-# Guidance ranges by motion type; the adaptive score picks a value, the type clamps it.
-I2VGEN_MOTION_TYPES: dict[str, tuple[float, float]] = {
-    "micro": (7.0, 8.0),  # "leaves gently swaying"
-    "medium": (9.0, 10.0),  # "person turning head"
-    "strong": (11.0, 12.0),  # "dog jumping over fence"
-    "camera": (10.0, 11.0),  # "camera zooming in slowly"
-    "compound": (11.0, 12.5),  # "waves crashing while camera pans right"
-}
-I2VGEN_PRESETS: dict[str, tuple[int, float]] = {
-    "preview": (30, 7.0),
-    "standard": (50, 9.0),
-    "high_motion": (60, 11.0),
-    "creative": (40, 6.5),
-}
-MOTION_KEYWORDS: dict[int, tuple[str, ...]] = {
-    1: ("sway", "breath", "float", "drift", "gentle", "gently"),
-    2: ("walk", "turn", "pan", "panning"),
-    3: ("jump", "run", "crash", "explod", "gallop", "sprint"),
-}
-CAMERA_KEYWORDS = ("camera", "zoom", "pan", "dolly", "tilt", "tracking shot", "orbit")
-
-
-def keyword_motion_level(prompt: str) -> int | None:
-    """Highest motion level named by the prompt's words (1 low, 2 medium, 3 high), or None."""
-    words = prompt.lower()
-    found = [level for level, keys in MOTION_KEYWORDS.items() if any(k in words for k in keys)]
-    return max(found) if found else None
-
-
-def adaptive_guidance(subjects: int, motion_level: int) -> float:
-    """docs/sources.md: score = (subjects 1-3 + motion level 1-3) / 2 -> 7.0 / 9.0 / 11.0.
-
-    As written the score never exceeds 3.0, so this alone never returns 11.0; `i2vgen_guidance`
-    clamps it into the motion type's range, which is what gives strong motion its 11-12."""
-    score = (min(max(subjects, 1), 3) + motion_level) / 2
-    if score <= 1.5:
-        return 7.0
-    if score <= 3.0:
-        return 9.0
-    return 11.0
-
-
-def i2vgen_motion_type(prompt: str, motion_level: int) -> str:
-    words = prompt.lower()
-    camera = bool(re.search(r"\b(" + "|".join(CAMERA_KEYWORDS) + r")", words))
-    if camera and motion_level >= 3:
-        return "compound"
-    if camera:
-        return "camera"
-    return {1: "micro", 2: "medium", 3: "strong"}[motion_level]
-
-
-def i2vgen_guidance(prompt: str, motion: MotionLevel, subjects: int = 1) -> float:
-    """Adaptive guidance, clamped into the range of the prompt's motion type."""
-    level = keyword_motion_level(prompt) or MOTION_LEVEL_NUMBER[motion]
-    lo, hi = I2VGEN_MOTION_TYPES[i2vgen_motion_type(prompt, level)]
-    return min(max(adaptive_guidance(subjects, level), lo), hi)
 
 
 # --- effective parameters ----------------------------------------------------------------------
@@ -197,20 +129,37 @@ def decode_chunk_size(quality: Quality, scene: Scene, tier: Tier) -> int:
 
 @dataclass(frozen=True)
 class MemoryKnobs:
-    cpu_offload: bool
-    forward_chunking: bool
-    vae_slicing: bool
+    """Memory savers a worker applies to a loaded pipeline (farm.gpu.loading says how). A knob a
+    pipeline or device cannot honour is reported off, not raised."""
+
+    cpu_offload: bool = False  # whole models move to the GPU only while they run
+    forward_chunking: bool = False  # the denoiser's feed-forward one slice at a time
+    vae_slicing: bool = False  # decode one image/frame batch slice at a time
+    group_offload: bool = False  # leaf-level offload with CUDA streams (Wan 14B in ~13 GB)
+    vae_tiling: bool = False  # decode in spatial tiles (video VAEs at 720p)
+    fp8_storage: bool = False  # denoiser weights stored in fp8, computed in bf16 (layerwise casting)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def on(self) -> frozenset[str]:
+        return frozenset(name for name in self.names() if getattr(self, name))
+
+    def with_on(self, names: frozenset[str]) -> MemoryKnobs:
+        return replace(self, **{name: True for name in names})
 
 
 def memory_knobs(tier: Tier) -> MemoryKnobs:
+    """The seed's per-tier knobs (docs/sources.md section 1: low tier offloads, chunks, slices)."""
     preset = TIER_PRESETS[tier]
     return MemoryKnobs(preset.cpu_offload, preset.forward_chunking, preset.vae_slicing)
 
 
 @dataclass(frozen=True)
 class Preset:
-    """What the OOM ladder walks down: the tier whose ranges apply, the video decode chunk (None for
-    keyframe stages, which have none), the memory knobs, and the rung (0 = the worker's own preset)."""
+    """What the OOM ladder walks down: the tier whose ranges apply, the video decode chunk (None where
+    the stage has none), the memory knobs, and the rung (0 = the worker's own preset)."""
 
     tier: Tier
     decode_chunk_size: int | None
@@ -223,16 +172,6 @@ class Preset:
         return head + ("+" + "+".join(flags) if flags else "")
 
 
-def video_preset(quality: Quality, scene: Scene, tier: Tier | str) -> Preset:
-    t = as_tier(tier)
-    return Preset(t, decode_chunk_size(quality, scene, t), memory_knobs(t))
-
-
-def keyframe_preset(tier: Tier | str) -> Preset:
-    t = as_tier(tier)
-    return Preset(t, None, memory_knobs(t))
-
-
 def as_tier(tier: str) -> Tier:
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; expected one of {', '.join(TIERS)}")
@@ -240,41 +179,39 @@ def as_tier(tier: str) -> Tier:
 
 
 LOWER_TIER: dict[Tier, Tier | None] = {"high": "mid", "mid": "low", "low": None, "cpu": None}
-ALL_ON = MemoryKnobs(True, True, True)
-# A keyframe's ladder, one knob per rung: offload the models, then decode the image in slices, then
-# the low tier's last setting (chunked feed-forward). Its parameters do not depend on the tier.
-KEYFRAME_LADDER = ("cpu_offload", "vae_slicing", "forward_chunking")
 
 
-def next_lower_preset(preset: Preset, quality: Quality, scene: Scene) -> Preset | None:
-    """The OOM ladder. Video: halve the decode chunk (down to the tier's floor), then turn on offload
-    and slicing, then take the next lower tier's settings. Keyframe: turn on one more memory knob per
-    rung (KEYFRAME_LADDER). None when there is nothing lower."""
-    if preset.decode_chunk_size is None:
-        for knob in KEYFRAME_LADDER:
-            if not getattr(preset.knobs, knob):
-                return replace(preset, knobs=replace(preset.knobs, **{knob: True}), step=preset.step + 1)
-        return None
+def next_lower_preset(preset: Preset, rungs: tuple[frozenset[str], ...],
+                      lower: Callable[[Tier], Preset]) -> Preset | None:
+    """The OOM ladder, one rung per call; None when there is nothing lower.
+
+    1. Halve the decode chunk, down to the tier's floor (video families that decode in chunks).
+    2. Turn on the family's next rung of memory knobs (`rungs`, in order).
+    3. Take the next lower tier's preset (`lower(tier)`), keeping every knob turned on so far, where
+       that changes something (a smaller chunk, fewer steps).
+    """
     floor = TIER_PRESETS[preset.tier].decode_chunk[0]
-    if preset.decode_chunk_size > floor:
+    if preset.decode_chunk_size is not None and preset.decode_chunk_size > floor:
         return replace(preset, decode_chunk_size=max(floor, preset.decode_chunk_size // 2), step=preset.step + 1)
-    if preset.knobs != ALL_ON:
-        return replace(preset, knobs=ALL_ON, step=preset.step + 1)
-    lower = LOWER_TIER[preset.tier]
-    if lower is None:
+    for rung in rungs:
+        if not rung <= preset.knobs.on():
+            return replace(preset, knobs=preset.knobs.with_on(rung), step=preset.step + 1)
+    tier = LOWER_TIER[preset.tier]
+    if tier is None:
         return None
-    return replace(video_preset(quality, scene, lower), knobs=ALL_ON, step=preset.step + 1)
+    below = lower(tier)
+    below = replace(below, knobs=below.knobs.with_on(preset.knobs.on()), step=preset.step + 1)
+    if below.decode_chunk_size == preset.decode_chunk_size and below.knobs == preset.knobs:
+        return None  # a lower tier would run the very same thing
+    return below
 
 
 def tables() -> dict[str, Any]:
-    """Every table as plain data, for `farm presets` and the docs."""
+    """The seed's tables as plain data, for `farm presets` (which adds each model family's) and the docs."""
     return {
         "tiers": {k: asdict(v) for k, v in TIER_PRESETS.items()},
         "quality": {k: asdict(v) for k, v in QUALITY_TEMPLATES.items()},
         "scenes": {k: asdict(v) for k, v in SCENE_PRESETS.items()},
-        "motion_buckets": dict(MOTION_BUCKETS),
-        "i2vgen_motion_types": {k: list(v) for k, v in I2VGEN_MOTION_TYPES.items()},
-        "i2vgen_presets": {k: {"steps": s, "guidance": g} for k, (s, g) in I2VGEN_PRESETS.items()},
         "keyframe": {"guidance_scale": GUIDANCE_SCALE, "guidance_rescale": GUIDANCE_RESCALE,
                      "scheduler": "DPM++ 2M Karras", "negative_prompt": NEGATIVE_PROMPT},
         "effective_video": {
@@ -291,7 +228,9 @@ PREVIEW_LONG_SIDE = 256
 PREVIEW_STEPS = 4  # docs/sources.md section 3: distilled few-step sampling is the preview regime (4-8 steps)
 
 
-def preview_size(width: int, height: int, long_side: int = PREVIEW_LONG_SIDE) -> tuple[int, int]:
-    """Scale so the long side is `long_side`, keeping the aspect ratio and multiples of 8."""
+def preview_size(width: int, height: int, long_side: int = PREVIEW_LONG_SIDE, multiple: int = 8) -> tuple[int, int]:
+    """Scale so the long side is `long_side`, keeping the aspect ratio and multiples of `multiple`
+    (what the job's model families need)."""
     scale = min(1.0, long_side / max(width, height))
-    return (max(8, round(width * scale / 8) * 8), max(8, round(height * scale / 8) * 8))
+    return (max(multiple, round(width * scale / multiple) * multiple),
+            max(multiple, round(height * scale / multiple) * multiple))

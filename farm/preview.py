@@ -6,10 +6,11 @@ from farm.manifest import Manifest, Steps
 from farm.presets import PREVIEW_STEPS, preview_size
 
 
-def preview(manifest: Manifest) -> Manifest:
-    """Long side 256 px, PREVIEW_STEPS steps everywhere, no final upscale; shots, durations, fps,
-    seeds, transitions and chaining are untouched, so the draft cuts exactly like the real film."""
-    width, height = preview_size(*manifest.output.size)
+def preview(manifest: Manifest, multiple: int = 8) -> Manifest:
+    """Long side 256 px (sides multiples of `multiple`, what the job's model families need),
+    PREVIEW_STEPS steps everywhere, no final upscale; shots, durations, fps, seeds, transitions and
+    chaining are untouched, so the draft cuts exactly like the real film."""
+    width, height = preview_size(*manifest.output.size, multiple=multiple)
     steps = Steps(keyframe=PREVIEW_STEPS, video=PREVIEW_STEPS)
     return manifest.model_copy(update={
         "steps": steps,

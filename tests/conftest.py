@@ -47,7 +47,7 @@ def tiny_models():
     """Build the tiny models once, before any worker process races to build them."""
     from farm.gpu.tiny import tiny_dir
 
-    return {family: tiny_dir(family) for family in ("sdxl", "svd", "i2vgen")}
+    return {family: tiny_dir(family) for family in ("sdxl", "svd", "i2vgen", "flux", "sd3", "wan", "ltx")}
 
 
 def pytest_sessionfinish(session, exitstatus):

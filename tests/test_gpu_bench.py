@@ -65,7 +65,7 @@ def test_utilisation_and_memory_fraction():
 def test_flop_count_includes_cpu_attention():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from farm.gpu.tiny import build_tiny_sdxl
+    from farm.gpu.families.sdxl import build_tiny_sdxl
 
     unet = build_tiny_sdxl().unet
     args = (torch.randn(2, 4, 8, 8), torch.tensor(10.0))

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 from farm.gpu import tiny
+from farm.gpu.families import gpu_family
+from farm.gpu.families.svd import build_tiny_svd
 from farm.gpu.loading import apply_memory_knobs, load_pipeline
 from farm.models import (
     TINY_VERSION,
@@ -101,7 +103,7 @@ def svd_frames(pipe, seed: int, num_frames: int = 4) -> list[Image.Image]:
 def test_resolve_tiny_variants(role, source, family, frames):
     spec = resolve_model(role, source)
     assert (spec.kind, spec.family, spec.frames_per_call) == ("tiny", family, frames)
-    assert spec.location == f"tiny-{family}-{TINY_VERSION}"
+    assert spec.location == f"tiny-{family}-{spec.variant}-{TINY_VERSION}"
     assert spec.source == source
 
 
@@ -132,7 +134,7 @@ def test_resolve_hub_ids(role, repo, family, frames):
 
 
 def test_unknown_video_model_refused():
-    with pytest.raises(ModelError, match="unknown video model.*SVD/SVD-XT or I2VGen-XL"):
+    with pytest.raises(ModelError, match="unknown video model.*Stable Video Diffusion"):
         resolve_model("video", "runwayml/stable-diffusion-v1-5")
 
 
@@ -197,14 +199,16 @@ def test_local_dir_family_from_model_index(tmp_path):
     _fake_model_dir(tmp_path, "i2v", "I2VGenXLPipeline")
     _fake_model_dir(tmp_path, "xl", "StableDiffusionXLPipeline")
     _fake_model_dir(tmp_path, "flux", "FluxPipeline")
+    _fake_model_dir(tmp_path, "sd15", "StableDiffusionPipeline")
     (tmp_path / "empty").mkdir()
 
     svd = resolve_model("video", str(tmp_path / "svd"))
     assert (svd.kind, svd.family, svd.frames_per_call, svd.location) == ("dir", "svd", 25, str(tmp_path / "svd"))
     assert resolve_model("video", str(tmp_path / "i2v")).family == "i2vgen"
     assert resolve_model("keyframe", str(tmp_path / "xl")).family == "sdxl"
-    with pytest.raises(ModelError, match="unknown model class 'FluxPipeline'"):
-        resolve_model("keyframe", str(tmp_path / "flux"))
+    assert resolve_model("keyframe", str(tmp_path / "flux")).family == "flux"
+    with pytest.raises(ModelError, match="unknown model class 'StableDiffusionPipeline'"):
+        resolve_model("keyframe", str(tmp_path / "sd15"))
     with pytest.raises(ModelError, match="no model_index.json"):
         resolve_model("keyframe", str(tmp_path / "empty"))
     with pytest.raises(ModelError, match="cannot be the video model"):
@@ -239,9 +243,9 @@ def test_tiny_builds_are_deterministic_and_leave_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    first = tiny.build_tiny_svd().unet.state_dict()
+    first = build_tiny_svd().unet.state_dict()
     after_build = torch.rand(3)
-    second = tiny.build_tiny_svd().unet.state_dict()
+    second = build_tiny_svd().unet.state_dict()
     assert torch.equal(expected, after_build)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -261,31 +265,31 @@ def test_byte_level_tokenizer():
 def test_tiny_dir_builds_once_and_reuses(monkeypatch):
     first = tiny.tiny_dir("svd")
     assert (first / "model_index.json").is_file()
-    assert first == Path(os.environ["FARM_HOME"]) / "models" / f"tiny-svd-{TINY_VERSION}"
+    assert first == Path(os.environ["FARM_HOME"]) / "models" / f"tiny-svd-xt-{TINY_VERSION}"
     stamp = (first / "model_index.json").stat().st_mtime_ns
 
-    def must_not_build():
+    def must_not_build(variant):
         raise AssertionError("rebuilt a tiny model that was already on disk")
 
-    monkeypatch.setitem(tiny.BUILDERS, "svd", must_not_build)
+    monkeypatch.setattr(gpu_family("svd"), "build_tiny", must_not_build)
     assert tiny.tiny_dir("svd") == first
     assert (first / "model_index.json").stat().st_mtime_ns == stamp
 
 
 def test_tiny_dir_tolerates_a_concurrent_builder(tmp_path, monkeypatch):
     monkeypatch.setenv("FARM_HOME", str(tmp_path))
-    real = tiny.BUILDERS["sdxl"]
-    final = tmp_path / "models" / f"tiny-sdxl-{TINY_VERSION}"
+    real = gpu_family("sdxl").build_tiny
+    final = tmp_path / "models" / f"tiny-sdxl-base-{TINY_VERSION}"
 
-    def racing_builder():
+    def racing_builder(variant):
         # Another process finishes first, while this one is still building.
-        real().save_pretrained(final)
-        return real()
+        real(variant).save_pretrained(final)
+        return real(variant)
 
-    monkeypatch.setitem(tiny.BUILDERS, "sdxl", racing_builder)
+    monkeypatch.setattr(gpu_family("sdxl"), "build_tiny", racing_builder)
     assert tiny.tiny_dir("sdxl") == final
     # no temp dir left beside it
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [f"tiny-sdxl-{TINY_VERSION}"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [f"tiny-sdxl-base-{TINY_VERSION}"]
 
 
 # --- pipelines -------------------------------------------------------------------------------------
@@ -372,10 +376,14 @@ def test_single_file_without_cached_base_config_raises(tmp_path):
         load_pipeline(resolve_model("video", str(weights)))
 
 
+KNOBS_OFF = {"cpu_offload": False, "forward_chunking": False, "vae_slicing": False, "group_offload": False,
+             "vae_tiling": False, "fp8_storage": False}
+
+
 def test_memory_knobs_on_cpu():
     sdxl = load_pipeline(resolve_model("keyframe", "tiny"))
     applied = apply_memory_knobs(sdxl, device="cpu", cpu_offload=True, forward_chunking=True, vae_slicing=True)
-    assert applied == {"cpu_offload": False, "forward_chunking": True, "vae_slicing": True}
+    assert applied == KNOBS_OFF | {"forward_chunking": True, "vae_slicing": True}
     assert sdxl.vae.use_slicing
     chunked = [m for m in sdxl.unet.modules() if hasattr(m, "_chunk_size")]
     assert chunked and all(m._chunk_size == 1 for m in chunked)
@@ -383,13 +391,13 @@ def test_memory_knobs_on_cpu():
     svd = load_pipeline(resolve_model("video", "tiny"))
     applied = apply_memory_knobs(svd, device="cpu", cpu_offload=True, forward_chunking=True, vae_slicing=True)
     # SVD's temporal VAE has no slicing (decode_chunk_size bounds its memory instead).
-    assert applied == {"cpu_offload": False, "forward_chunking": True, "vae_slicing": False}
+    assert applied == KNOBS_OFF | {"forward_chunking": True}
     svd.set_progress_bar_config(disable=True)
     assert len(svd_frames(svd, seed=2, num_frames=2)) == 2  # still runs chunked
 
     plain = load_pipeline(resolve_model("video", "tiny:i2vgen"))
     applied = apply_memory_knobs(plain, device="cpu", cpu_offload=False, forward_chunking=False, vae_slicing=False)
-    assert applied == {"cpu_offload": False, "forward_chunking": False, "vae_slicing": False}
+    assert applied == KNOBS_OFF
 
 
 def test_lora_and_vae_overrides(tmp_path):

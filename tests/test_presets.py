@@ -58,64 +58,20 @@ def test_scene_caps_decode_chunk():
     assert p.decode_chunk_size("high", "static", "high") == 12
 
 
-def test_motion_levels_map_to_real_svd_buckets():
-    assert p.motion_bucket("low", None, "smooth") == 60
-    assert p.motion_bucket(None, None, "smooth") == 127  # SVD's own default bucket
-    assert p.motion_bucket(None, None, "dynamic") == 200
-    assert p.motion_bucket(None, 33, "dynamic") == 33
-
-
-@pytest.mark.parametrize(("subjects", "level", "guidance"), [(1, 1, 7.0), (2, 1, 7.0), (1, 2, 7.0), (2, 2, 9.0),
-                                                            (3, 2, 9.0), (3, 3, 9.0)])
-def test_adaptive_guidance_rule(subjects, level, guidance):
-    # docs/sources.md's rule as written: the score is at most (3 + 3) / 2 = 3.0, so it alone never gives 11.0;
-    # the motion-type ranges are what take strong motion to 11-12 (next test).
-    assert p.adaptive_guidance(subjects, level) == guidance
-
-
-@pytest.mark.parametrize(("prompt", "motion", "subjects", "lo", "hi"), [
-    ("leaves gently swaying in the wind", "medium", 1, 7.0, 8.0),
-    ("a person turning her head", "low", 1, 9.0, 10.0),
-    ("a dog jumping over a fence", "low", 1, 11.0, 12.0),
-    ("camera zooming in slowly on a house", "low", 1, 10.0, 11.0),
-    ("waves crashing while the camera pans right", "low", 2, 11.0, 12.5),
-])
-def test_i2vgen_guidance_follows_motion_type(prompt, motion, subjects, lo, hi):
-    assert lo <= p.i2vgen_guidance(prompt, motion, subjects) <= hi
-
-
-def test_oom_ladder_walks_down_to_the_floor():
-    preset = p.video_preset("balanced", "smooth", "high")
-    labels = [preset.label()]
-    while (preset := p.next_lower_preset(preset, "balanced", "smooth")) is not None:
-        labels.append(preset.label())
-    assert labels[0] == "high/chunk12"
-    assert labels[1] == "high/chunk12+cpu_offload+forward_chunking+vae_slicing"
-    assert labels[2].startswith("mid/chunk10+") and labels[3].startswith("mid/chunk8+")
-    assert labels[-1].startswith("low/chunk4+")
-    assert len(labels) == len(set(labels))
-
-
-def test_keyframe_ladder_turns_on_one_memory_knob_per_rung():
-    preset = p.keyframe_preset("high")
-    labels = [preset.label()]
-    while (preset := p.next_lower_preset(preset, "balanced", "smooth")) is not None:
-        labels.append(preset.label())
-    assert labels == ["high", "high+cpu_offload", "high+cpu_offload+vae_slicing",
-                      "high+cpu_offload+forward_chunking+vae_slicing"]
-    low = p.keyframe_preset("low")  # the low tier starts with every knob on: no rung below it
-    assert p.next_lower_preset(low, "balanced", "smooth") is None
-
-
 def test_cli_presets_prints_every_table():
     out = subprocess.run([sys.executable, "-m", "farm.cli", "presets", "--json"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0
     data = json.loads(out.stdout)
-    assert set(data) >= {"tiers", "quality", "scenes", "motion_buckets", "i2vgen_motion_types", "i2vgen_presets"}
+    assert set(data) >= {"tiers", "quality", "scenes", "families"}
+    assert set(data["families"]) == {"sdxl", "flux", "sd3", "svd", "i2vgen", "wan", "ltx"}
+    assert data["families"]["svd"]["motion_buckets"] == {"low": 60, "medium": 127, "high": 200}
+    assert data["families"]["i2vgen"]["presets"]["high_motion"] == {"steps": 60, "guidance": 11.0}
+    assert data["families"]["wan"]["variants"]["ti2v-5b"]["frames_per_call"] == 121
     assert data["effective_video"]["balanced"]["low"] == {"steps": 50, "decode_chunk_size": 6}
     text = subprocess.run([sys.executable, "-m", "farm.cli", "presets"], capture_output=True, text=True, timeout=60)
     assert "16-24 GB" in text.stdout and "DPM++ 2M Karras" in text.stdout
+    assert "== family wan: Wan 2.x (image-to-video)" in text.stdout and "Apache-2.0" in text.stdout
 
 
 def test_preview_keeps_shots_and_cuts_but_shrinks_cost():

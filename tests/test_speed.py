@@ -10,7 +10,7 @@ from farm.config import FarmConfig
 from farm.contract import StageKind, StageRequest
 from farm.gpu.loading import load_pipeline
 from farm.gpu.speed import SpeedKnobs, apply_speed_knobs, speed_knobs, uses_sdpa
-from farm.gpu.stages import observe, run_keyframe, run_video, tensor_to_uint8, to_uint8
+from farm.gpu.stages import observe, run_stage, tensor_to_uint8, to_uint8
 from farm.gpu.worker import StageWorker
 from farm.models import resolve_model
 from farm.presets import memory_knobs
@@ -68,8 +68,8 @@ def test_channels_last_keeps_the_picture():
     assert applied == {"sdpa": True, "channels_last": True, "compiled": False}
     conv = fast.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    a, _ = run_keyframe(base, KEYFRAME)
-    b, _ = run_keyframe(fast, KEYFRAME)
+    a, _ = run_stage(base, "sdxl", KEYFRAME)
+    b, _ = run_stage(fast, "sdxl", KEYFRAME)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
@@ -87,13 +87,14 @@ def test_tensor_to_uint8_matches_the_numpy_rule():
 def test_stages_give_the_same_bytes_as_the_numpy_output_path(sdxl, svd):
     """Frames leave the pipeline as tensors and become uint8 where they are; on the CPU that must be
     byte-identical to the pipeline's own numpy output path."""
-    image, _ = run_keyframe(sdxl, KEYFRAME)
+    images, _ = run_stage(sdxl, "sdxl", KEYFRAME)
+    image = images[0]
     ref = sdxl(prompt=KEYFRAME["prompt"], negative_prompt=KEYFRAME["negative_prompt"], width=64, height=48,
                num_inference_steps=3, guidance_scale=7.5, guidance_rescale=0.7,
                generator=torch.Generator("cpu").manual_seed(5), output_type="np").images[0]
     assert np.array_equal(image, to_uint8(ref))
 
-    frames, _ = run_video(svd, "svd", image, VIDEO)
+    frames, _ = run_stage(svd, "svd", VIDEO, image)
     cond = __import__("PIL.Image").Image.fromarray(image)
     ref = svd(image=cond, width=64, height=48, num_frames=8, num_inference_steps=2, decode_chunk_size=3, fps=7,
               motion_bucket_id=127, noise_aug_strength=0.02, min_guidance_scale=1.0, max_guidance_scale=3.0,
@@ -102,16 +103,16 @@ def test_stages_give_the_same_bytes_as_the_numpy_output_path(sdxl, svd):
 
 
 def test_guidance_runs_as_one_batched_unet_call_per_step(sdxl, svd):
-    _, seen = run_keyframe(sdxl, KEYFRAME)
+    _, seen = run_stage(sdxl, "sdxl", KEYFRAME)
     obs = seen.as_dict()
     assert obs["steps"] == 3 and obs["unet_calls"] == 3 and obs["unet_batch"] == 2
     assert obs["step_seconds"] > 0 and 0 < obs["unet_seconds"] <= obs["seconds"]
     assert len(seen.step_seconds) == 2 and len(seen.unet_seconds) == 3
 
-    _, seen = run_keyframe(sdxl, {**KEYFRAME, "guidance_scale": 1.0})  # no guidance: no unconditional half
+    _, seen = run_stage(sdxl, "sdxl", {**KEYFRAME, "guidance_scale": 1.0})  # no guidance: no unconditional half
     assert seen.as_dict()["unet_batch"] == 1
 
-    _, seen = run_video(svd, "svd", np.zeros((48, 64, 3), np.uint8), VIDEO)
+    _, seen = run_stage(svd, "svd", VIDEO, np.zeros((48, 64, 3), np.uint8))
     assert seen.as_dict()["unet_calls"] == 2 and seen.as_dict()["unet_batch"] == 2  # (2, frames, ...) in one call
 
 

@@ -9,32 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from farm.config import current
-from farm.models import (
-    FAMILY_NAMES,
-    PICKLE_SUFFIXES,
-    PIPELINE_CLASSES,
-    SAFE_SUFFIXES,
-    SINGLE_FILE_CONFIGS,
-    ModelError,
-    ModelSpec,
-    in_hf_cache,
-)
+from farm.gpu.families import gpu_family
+from farm.models import PICKLE_SUFFIXES, SAFE_SUFFIXES, ModelError, ModelSpec, in_hf_cache
 
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
-
-
-def _pipeline_class(family: str) -> type[DiffusionPipeline]:
-    import diffusers
-
-    return getattr(diffusers, PIPELINE_CLASSES[family])
 
 
 def _downloads_allowed() -> bool:
@@ -59,12 +44,12 @@ def load_pipeline(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | 
     import torch
 
     dtype = torch.float32 if dtype is None else dtype
-    cls = _pipeline_class(spec.family)
+    cls = gpu_family(spec.family).pipeline_class()
     if spec.kind in ("tiny", "dir"):
         if spec.kind == "tiny":
             from farm.gpu.tiny import tiny_dir
 
-            location = str(tiny_dir(spec.family))
+            location = str(tiny_dir(spec.family, spec.variant))
         else:
             location = spec.location
         try:
@@ -90,18 +75,8 @@ def load_pipeline(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | 
 
 
 def prepare_pipeline(pipe: Any, family: str) -> Any:
-    """What the farm changes on any freshly built pipeline of `family`, however it was built."""
-    if family == "sdxl":
-        # DPM++ 2M Karras: the documents' sampler (40 steps ~ 60 Euler steps), for real and tiny alike.
-        from diffusers import DPMSolverMultistepScheduler
-
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-            pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
-            use_karras_sigmas=True,
-        )
-    if family == "i2vgen":
-        _patch_i2vgen_text_encoder(pipe)
-    return pipe
+    """What the farm changes on any freshly built pipeline of `family` (its GPU half says)."""
+    return gpu_family(family).prepare(pipe)
 
 
 def _from_pretrained(cls: Any, location: str, spec: ModelSpec, dtype: torch.dtype, *,
@@ -127,10 +102,10 @@ def _from_pretrained(cls: Any, location: str, spec: ModelSpec, dtype: torch.dtyp
 
 
 def _from_single_file(cls: Any, spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
-    if not hasattr(cls, "from_single_file") or spec.family not in SINGLE_FILE_CONFIGS:
-        raise ModelError(f"{spec.source!r}: diffusers cannot load {FAMILY_NAMES[spec.family]} from a single "
+    config = spec.rules.single_file
+    if not hasattr(cls, "from_single_file") or config is None:
+        raise ModelError(f"{spec.source!r}: diffusers cannot load {spec.rules.title} from a single "
                          "checkpoint file; use a diffusers model folder (with model_index.json) or a hub id")
-    config = SINGLE_FILE_CONFIGS[spec.family]
     # A single file holds weights only; the component configs come from the base model's repo. Checked
     # here because diffusers silently goes online for them when they are missing from the cache.
     if not _downloads_allowed() and not in_hf_cache(config, "model_index.json"):
@@ -143,19 +118,6 @@ def _from_single_file(cls: Any, spec: ModelSpec, dtype: torch.dtype) -> Diffusio
                                     local_files_only=not _downloads_allowed())
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load {spec.source!r} as a single-file {spec.family} checkpoint: {exc}") from exc
-
-
-def _patch_i2vgen_text_encoder(pipe: Any) -> None:
-    """Let the (deprecated) I2VGen-XL pipeline run against transformers 5's CLIPTextModel.
-
-    With its default clip_skip=1 the pipeline calls `text_encoder.text_model.final_layer_norm`; in
-    transformers 5 CLIPTextModel no longer wraps a `text_model`, its final layer norm is a direct
-    child. A plain namespace (not a Module, so state dicts and `.to()` are unaffected) restores the
-    old path to the same layer.
-    """
-    encoder = getattr(pipe, "text_encoder", None)
-    if encoder is not None and not hasattr(encoder, "text_model") and hasattr(encoder, "final_layer_norm"):
-        object.__setattr__(encoder, "text_model", types.SimpleNamespace(final_layer_norm=encoder.final_layer_norm))
 
 
 def _local_weights(path_text: str, what: str, spec: ModelSpec) -> Path:
@@ -173,7 +135,7 @@ def _local_weights(path_text: str, what: str, spec: ModelSpec) -> Path:
 
 def _load_lora(spec: ModelSpec, pipe: Any, lora: str) -> None:
     if not hasattr(pipe, "load_lora_weights"):
-        raise ModelError(f"LoRA weights are not supported for {FAMILY_NAMES[spec.family]} models")
+        raise ModelError(f"LoRA weights are not supported for {spec.rules.title} models")
     path = _local_weights(lora, "LoRA", spec)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if path.is_file():
@@ -220,32 +182,63 @@ def _load_vae(spec: ModelSpec, pipe: Any, vae: str, dtype: torch.dtype) -> Any:
 # --- memory knobs --------------------------------------------------------------------------------
 
 
-def apply_memory_knobs(pipe: Any, *, device: str, cpu_offload: bool, forward_chunking: bool,
-                       vae_slicing: bool) -> dict[str, bool]:
-    """Apply the low-VRAM knobs a preset asks for; return which ones actually took effect.
+def apply_memory_knobs(pipe: Any, *, device: str, cpu_offload: bool = False, forward_chunking: bool = False,
+                       vae_slicing: bool = False, group_offload: bool = False, vae_tiling: bool = False,
+                       fp8_storage: bool = False) -> dict[str, bool]:
+    """Apply the low-VRAM knobs a preset asks for (farm.presets.MemoryKnobs); return which took effect.
 
     A knob a pipeline or device does not support is reported False rather than raised, so one preset
     table serves every model family (SVD's temporal VAE has no slicing: decode_chunk_size does that job).
+    Offloading needs an accelerator: on a CPU both offloads report False. Group offload (leaf level,
+    on CUDA streams) wins over whole-model offload when a preset asks for both.
     """
-    applied = {"cpu_offload": False, "forward_chunking": False, "vae_slicing": False}
-
-    if cpu_offload and str(device).startswith("cuda"):
+    applied = dict.fromkeys(("cpu_offload", "forward_chunking", "vae_slicing", "group_offload", "vae_tiling",
+                             "fp8_storage"), False)
+    cuda = str(device).startswith("cuda")
+    denoisers = [m for m in (getattr(pipe, n, None) for n in ("unet", "transformer", "transformer_2")) if m is not None]
+    if fp8_storage:
+        # Before any offload hook is attached: the weights are stored in fp8 where they live.
+        applied["fp8_storage"] = _enable_fp8_storage(denoisers, pipe)
+    if group_offload and cuda:
+        try:
+            pipe.enable_group_offload(onload_device=device, offload_device="cpu", offload_type="leaf_level",
+                                      use_stream=True)
+            applied["group_offload"] = True
+        except (ValueError, ImportError, NotImplementedError, AttributeError, TypeError):
+            pass
+    if cpu_offload and cuda and not applied["group_offload"]:
         try:
             pipe.enable_model_cpu_offload(device=device)
             applied["cpu_offload"] = True
         except (ValueError, ImportError, NotImplementedError, AttributeError):
             pass
-    if not applied["cpu_offload"]:
+    if not (applied["cpu_offload"] or applied["group_offload"]):
         # load_pipeline leaves the pipeline on the CPU when offload was planned; without offload it
         # must sit on its device.
         _move(pipe, device)
-
     if forward_chunking:
-        applied["forward_chunking"] = _enable_forward_chunking(getattr(pipe, "unet", None))
-
+        applied["forward_chunking"] = any([_enable_forward_chunking(m) for m in denoisers])
     if vae_slicing:
-        applied["vae_slicing"] = _enable_vae_slicing(getattr(pipe, "vae", None))
+        applied["vae_slicing"] = _enable_vae(getattr(pipe, "vae", None), "slicing")
+    if vae_tiling:
+        applied["vae_tiling"] = _enable_vae(getattr(pipe, "vae", None), "tiling")
     return applied
+
+
+def _enable_fp8_storage(denoisers: list[Any], pipe: Any) -> bool:
+    """Layerwise casting: weights stored in float8_e4m3fn, each layer cast up to the pipeline's dtype
+    as it runs (diffusers 0.42 `enable_layerwise_casting`), about half the denoiser's bf16 memory."""
+    import torch
+
+    done = False
+    for module in denoisers:
+        if hasattr(module, "enable_layerwise_casting"):
+            try:
+                module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=pipe.dtype)
+                done = True
+            except (ValueError, NotImplementedError, RuntimeError, TypeError):
+                pass
+    return done
 
 
 def _move(pipe: Any, device: str) -> None:
@@ -277,13 +270,14 @@ def _enable_forward_chunking(unet: Any) -> bool:
     return bool(blocks)
 
 
-def _enable_vae_slicing(vae: Any) -> bool:
-    # diffusers 0.42 removed pipe.enable_vae_slicing(); the switch lives on the VAE, which raises
-    # NotImplementedError where it has no sliced path (AutoencoderKLTemporalDecoder).
-    if vae is None or not hasattr(vae, "enable_slicing") or not hasattr(vae, "use_slicing"):
+def _enable_vae(vae: Any, how: str) -> bool:
+    """VAE slicing or tiling. diffusers 0.42 moved the switches from the pipeline to the VAE, which
+    raises NotImplementedError where it has no such path (SVD's AutoencoderKLTemporalDecoder slices
+    nothing: its decode_chunk_size does that job)."""
+    if vae is None or not hasattr(vae, f"enable_{how}") or not hasattr(vae, f"use_{how}"):
         return False
     try:
-        vae.enable_slicing()
+        getattr(vae, f"enable_{how}")()
     except NotImplementedError:
         return False
-    return bool(vae.use_slicing)
+    return bool(getattr(vae, f"use_{how}"))

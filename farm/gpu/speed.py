@@ -23,10 +23,12 @@ class SpeedKnobs:
 
 
 def speed_knobs(device: str, capability: tuple[int, int] | None, cpu_offload: bool,
-                setting: CompileSetting = "auto") -> SpeedKnobs:
+                setting: CompileSetting = "auto", convolutional: bool = True) -> SpeedKnobs:
     """What pays on this device.
 
-    - channels-last on CUDA only: CPUs gain little from it and the tiny CPU models lose.
+    - channels-last on CUDA only, and only for families whose denoiser is a UNet of 2-D
+      convolutions (`convolutional`): CPUs gain little from it and the tiny CPU models lose; the
+      transformer families (FLUX, SD3, Wan, LTX) have no 2-D convolutions to speed up.
     - compile ("auto") on CUDA GPUs of compute capability 8.0+ (Ampere and newer, where Inductor's
       Triton kernels and bf16 do well) and not under CPU offload, whose hooks move weights between
       calls and break the graph. A worker is long-lived and renders the same shapes again and again,
@@ -39,7 +41,7 @@ def speed_knobs(device: str, capability: tuple[int, int] | None, cpu_offload: bo
         compile_unet = False
     else:
         compile_unet = cuda and capability is not None and capability >= (8, 0) and not cpu_offload
-    return SpeedKnobs(channels_last=cuda, compile=compile_unet)
+    return SpeedKnobs(channels_last=cuda and convolutional, compile=compile_unet)
 
 
 def apply_speed_knobs(pipe: Any, knobs: SpeedKnobs) -> dict[str, bool]:
@@ -54,7 +56,8 @@ def apply_speed_knobs(pipe: Any, knobs: SpeedKnobs) -> dict[str, bool]:
                 module.to(memory_format=torch.channels_last)
         applied["channels_last"] = True
     if knobs.compile:
-        applied["compiled"] = compile_unet(pipe.unet)
+        nets = [m for m in (getattr(pipe, n, None) for n in ("unet", "transformer", "transformer_2")) if m is not None]
+        applied["compiled"] = all([compile_unet(net) for net in nets]) and bool(nets)
     return applied
 
 

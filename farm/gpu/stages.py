@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import torch
 
 from farm.faults import StageCancelled
+from farm.gpu.families import gpu_family
 from farm.observed import Observed
 
 
@@ -42,12 +42,14 @@ class _Clock:
 
 @contextlib.contextmanager
 def observe(pipe: Any, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Observed]:
-    """Count scheduler steps, UNet calls and VAE decode batch sizes, and time steps and UNet calls, by
-    wrapping the pipeline's own objects for the duration of one call (the pipeline stays resident, so
-    the wrappers are removed). Between steps it checks `cancelled`, so a cancelled job stops
-    mid-stage, not at its end."""
+    """Count scheduler steps, denoiser calls (the UNet or transformer) and VAE decode batch sizes, and
+    time steps and denoiser calls, by wrapping the pipeline's own objects for the duration of one call
+    (the pipeline stays resident, so the wrappers are removed). Between steps it checks `cancelled`,
+    so a cancelled job stops mid-stage, not at its end."""
     seen = Observed()
-    scheduler, vae, unet = pipe.scheduler, pipe.vae, pipe.unet
+    scheduler, vae = pipe.scheduler, pipe.vae
+    denoisers = [m for m in (getattr(pipe, n, None) for n in ("unet", "transformer", "transformer_2"))
+                 if isinstance(m, torch.nn.Module)]
     step, decode = scheduler.step, vae.decode
     cuda = torch.cuda.is_available()
     clock = _Clock(cuda)
@@ -67,16 +69,16 @@ def observe(pipe: Any, cancelled: Callable[[], bool] = lambda: False) -> Iterato
         return decode(latents, *args, **kwargs)
 
     def unet_in(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        seen.unet_batches.append(int(sample.shape[0]))
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        seen.unet_batches.append(int(sample.shape[0]) if sample is not None else 0)
         unet_marks.append((clock.now(), None))
 
     def unet_out(_module: Any, _args: Any, _kwargs: Any, _output: Any) -> None:
         unet_marks[-1] = (unet_marks[-1][0], clock.now())
 
     scheduler.step, vae.decode = counting_step, recording_decode
-    hooks = [unet.register_forward_pre_hook(unet_in, with_kwargs=True),
-             unet.register_forward_hook(unet_out, with_kwargs=True)]
+    hooks = [hook for net in denoisers for hook in (net.register_forward_pre_hook(unet_in, with_kwargs=True),
+                                                    net.register_forward_hook(unet_out, with_kwargs=True))]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -112,45 +114,11 @@ def tensor_to_uint8(frames: torch.Tensor) -> np.ndarray:
     return out.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def run_keyframe(pipe: Any, params: Mapping[str, Any],
-                 cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, Observed]:
-    """Text-to-image: returns an HxWx3 uint8 image."""
-    with observe(pipe, cancelled) as seen:
-        out = pipe(
-            prompt=params["prompt"],
-            negative_prompt=params["negative_prompt"] or None,
-            width=params["width"],
-            height=params["height"],
-            num_inference_steps=params["num_inference_steps"],
-            guidance_scale=params["guidance_scale"],
-            guidance_rescale=params["guidance_rescale"],
-            generator=generator(params["seed"]),
-            output_type="pt",
-        )
-    return tensor_to_uint8(out.images[:1])[0], seen
-
-
-def run_video(pipe: Any, family: str, image: np.ndarray, params: Mapping[str, Any],
+def run_stage(pipe: Any, family: str, params: Mapping[str, Any], image: np.ndarray | None = None,
               cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, Observed]:
-    """Image-to-video: returns (num_frames, H, W, 3) uint8 frames starting from `image`."""
-    cond = PIL.Image.fromarray(image).resize((params["width"], params["height"]), PIL.Image.Resampling.LANCZOS)
-    common = {
-        "image": cond,
-        "width": params["width"],
-        "height": params["height"],
-        "num_frames": params["num_frames"],
-        "num_inference_steps": params["num_inference_steps"],
-        "decode_chunk_size": params["decode_chunk_size"],
-        "generator": generator(params["seed"]),
-        "output_type": "pt",
-    }
+    """One keyframe or video call of `family`'s pipeline with the parameters its pure half mapped.
+    Returns uint8 frames (N, H, W, 3): the keyframe's one image, or the video's frames starting from
+    `image`."""
     with observe(pipe, cancelled) as seen:
-        if family == "i2vgen":
-            out = pipe(prompt=params["prompt"], negative_prompt=params["negative_prompt"] or None,
-                       guidance_scale=params["guidance_scale"], target_fps=params["target_fps"], **common)
-        else:
-            out = pipe(fps=params["fps"], motion_bucket_id=params["motion_bucket_id"],
-                       noise_aug_strength=params["noise_aug_strength"],
-                       min_guidance_scale=params["min_guidance_scale"],
-                       max_guidance_scale=params["max_guidance_scale"], **common)
-    return tensor_to_uint8(out.frames[0]), seen
+        frames = gpu_family(family).call(pipe, params, image, generator(int(params["seed"])))
+    return tensor_to_uint8(frames), seen

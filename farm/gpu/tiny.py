@@ -5,9 +5,11 @@ once to the farm's state dir, so loading a tiny model goes through the same `fro
 folder path as a real one. Their output is noise; their purpose is that every line of the real
 render path runs in tests and the offline demo in a second or two on a laptop CPU.
 
-Shapes follow the real models where the pipelines depend on them (4 latent channels, a VAE that
-downsamples by 8, SDXL's two text encoders and micro-conditioning, SVD's 224x224 CLIP vision
-input) and are shrunk everywhere else.
+Each family's builder lives in its GPU half (farm/gpu/families/<family>.py); this module holds what
+they share: offline tokenizers (a byte-level CLIP BPE, a character-level T5), tiny text and vision
+encoders, a tiny image VAE, seeded construction, and the saved folder under the state dir. Shapes
+follow the real models where the pipelines depend on them (latent channels, the VAE's compression,
+text encoder layouts, SVD's 224x224 CLIP vision input) and are shrunk everywhere else.
 """
 
 from __future__ import annotations
@@ -16,19 +18,18 @@ import contextlib
 import json
 import os
 import shutil
+import string
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from farm.models import tiny_dir_name
 from farm.paths import state_dir
 
-if TYPE_CHECKING:  # the heavy imports stay lazy so `import farm.tiny` is cheap
-    from diffusers import I2VGenXLPipeline, StableDiffusionXLPipeline, StableVideoDiffusionPipeline
-    from transformers import CLIPTokenizer
+if TYPE_CHECKING:  # the heavy imports stay lazy so `import farm.gpu.tiny` is cheap
+    from transformers import CLIPTokenizer, T5Tokenizer
 
-FAMILIES = ("sdxl", "svd", "i2vgen")
 SEED = 0
 
 # Byte-level CLIP vocab: 256 byte symbols, their end-of-word forms, then the two specials, in the
@@ -84,7 +85,46 @@ def build_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
 
 
-def _text_config(**extra):
+T5_VOCAB_SIZE = 256  # embedding rows; the tokenizer uses the first 192 ids
+
+
+def build_t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
+    """A T5/UMT5 tokenizer without sentencepiece: a Unigram model over single ASCII characters, built
+    in memory (transformers 5's T5Tokenizer is backed by the `tokenizers` library). Layout as T5's:
+    <pad>=0, </s>=1, <unk>=2; other characters become <unk>."""
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def t5_encoder(d_model: int = 32, umt5: bool = False) -> Any:
+    """A tiny T5 v1.1 / UMT5 encoder (gated-gelu), in eval mode with no dropout: deterministic."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    kwargs: dict[str, Any] = {
+        "vocab_size": T5_VOCAB_SIZE, "d_model": d_model, "d_kv": 8, "d_ff": 37, "num_layers": 2, "num_heads": 4,
+        "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16,
+        "feed_forward_proj": "gated-gelu", "dropout_rate": 0.0, "pad_token_id": 0, "eos_token_id": 1,
+        "decoder_start_token_id": 0}
+    if umt5:
+        return UMT5EncoderModel(UMT5Config(**kwargs)).eval()
+    return T5EncoderModel(T5Config(**kwargs)).eval()
+
+
+def in_eval(pipe: Any) -> Any:
+    """eval() every sub-model, as from_pretrained returns them (fresh modules are in training mode)."""
+    import torch
+
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
+def text_config(**extra: Any) -> Any:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -105,7 +145,7 @@ def _text_config(**extra):
     )
 
 
-def _vision_encoder(projection_dim: int):
+def vision_encoder(projection_dim: int) -> Any:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     config = CLIPVisionConfig(
@@ -120,13 +160,13 @@ def _vision_encoder(projection_dim: int):
     return CLIPVisionModelWithProjection(config)
 
 
-def _feature_extractor():
+def feature_extractor() -> Any:
     from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor(crop_size=CLIP_IMAGE_SIZE, size=CLIP_IMAGE_SIZE)
 
 
-def _image_vae(scaling_factor: float):
+def image_vae(scaling_factor: float) -> Any:
     from diffusers import AutoencoderKL
 
     # Four levels so the latent is 1/8 of the image like the real VAEs; thin channels for speed.
@@ -144,8 +184,18 @@ def _image_vae(scaling_factor: float):
     )
 
 
+def flow_vae(scaling_factor: float, shift_factor: float) -> Any:
+    """A tiny 16-channel image VAE like FLUX's and SD3's (x8, no quant convs)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                         latent_channels=16, norm_num_groups=4, sample_size=64, use_quant_conv=False,
+                         use_post_quant_conv=False, scaling_factor=scaling_factor, shift_factor=shift_factor)
+
+
 @contextlib.contextmanager
-def _seeded():
+def seeded() -> Iterator[None]:
     """Fix the RNG for weight init without disturbing the caller's global RNG stream."""
     import torch
 
@@ -154,190 +204,28 @@ def _seeded():
         yield
 
 
-def build_tiny_sdxl() -> StableDiffusionXLPipeline:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    add_time_dim = 8
-    with _seeded():
-        unet = UNet2DConditionModel(
-            sample_size=SAMPLE_SIZE,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=add_time_dim,
-            # 6 micro-conditioning ids (original size, crop, target size) + text_encoder_2's pooled embeds
-            projection_class_embeddings_input_dim=6 * add_time_dim + TEXT_DIM,
-            # the two encoders' hidden states are concatenated
-            cross_attention_dim=2 * TEXT_DIM,
-            norm_num_groups=32,
-        )
-        vae = _image_vae(scaling_factor=0.13025)  # SDXL's VAE scale
-        text_encoder = CLIPTextModel(_text_config())
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(projection_dim=TEXT_DIM))
-    # SDXL base ships an Euler scheduler; load_pipeline swaps in DPM++ 2M Karras for real and tiny alike.
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        interpolation_type="linear",
-        num_train_timesteps=1000,
-        prediction_type="epsilon",
-        steps_offset=1,
-        timestep_spacing="leading",
-        use_karras_sigmas=False,
-    )
-    tokenizer = build_tokenizer()
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=build_tokenizer(),
-        unet=unet,
-        scheduler=scheduler,
-        add_watermarker=False,
-    )
-
-
-def svd_xt_scheduler():
-    """EulerDiscreteScheduler configured as in SVD-XT's scheduler_config.json."""
-    from diffusers import EulerDiscreteScheduler
-
-    return EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        interpolation_type="linear",
-        num_train_timesteps=1000,
-        prediction_type="v_prediction",
-        sigma_max=700.0,
-        sigma_min=0.002,
-        steps_offset=1,
-        timestep_spacing="leading",
-        timestep_type="continuous",
-        use_karras_sigmas=True,
-    )
-
-
-def build_tiny_svd() -> StableVideoDiffusionPipeline:
-    from diffusers import (
-        AutoencoderKLTemporalDecoder,
-        StableVideoDiffusionPipeline,
-        UNetSpatioTemporalConditionModel,
-    )
-
-    add_time_dim = 32
-    cross_dim = 32
-    with _seeded():
-        unet = UNetSpatioTemporalConditionModel(
-            sample_size=SAMPLE_SIZE,
-            in_channels=8,  # noisy latents + the conditioning image's latents
-            out_channels=4,
-            # the spatio-temporal blocks hard-code 32 norm groups, so channels are multiples of 32
-            # Attention only at the deepest (1/4) level: spatial self-attention is quadratic in pixels,
-            # and at full latent size it made a 1024x576 tiny render take minutes per segment.
-            block_out_channels=(32, 32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlockSpatioTemporal", "DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
-            up_block_types=("CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal", "UpBlockSpatioTemporal"),
-            cross_attention_dim=cross_dim,
-            num_attention_heads=(2, 2, 4),
-            addition_time_embed_dim=add_time_dim,
-            projection_class_embeddings_input_dim=3 * add_time_dim,  # fps, motion bucket, noise aug
-            num_frames=8,
-        )
-        # The temporal decoder also hard-codes 32 norm groups.
-        vae = AutoencoderKLTemporalDecoder(
-            block_out_channels=(32, 32, 32, 32),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            layers_per_block=1,
-            latent_channels=4,
-            sample_size=SAMPLE_SIZE * 8,
-        )
-        image_encoder = _vision_encoder(projection_dim=cross_dim)
-    return StableVideoDiffusionPipeline(
-        vae=vae,
-        image_encoder=image_encoder,
-        unet=unet,
-        scheduler=svd_xt_scheduler(),
-        feature_extractor=_feature_extractor(),
-    )
-
-
-def build_tiny_i2vgen() -> I2VGenXLPipeline:
-    from diffusers import DDIMScheduler, I2VGenXLPipeline, I2VGenXLUNet
-    from transformers import CLIPTextModel
-
-    cross_dim = TEXT_DIM  # text embeddings and the image embedding both feed cross-attention
-    with _seeded():
-        unet = I2VGenXLUNet(
-            sample_size=SAMPLE_SIZE,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 32, 64),  # attention only at the 1/4 level, as for tiny SVD
-            layers_per_block=1,
-            down_block_types=("DownBlock3D", "DownBlock3D", "CrossAttnDownBlock3D"),
-            up_block_types=("CrossAttnUpBlock3D", "UpBlock3D", "UpBlock3D"),
-            cross_attention_dim=cross_dim,
-            attention_head_dim=4,
-            norm_num_groups=32,
-        )
-        vae = _image_vae(scaling_factor=0.18215)
-        text_encoder = CLIPTextModel(_text_config())
-        image_encoder = _vision_encoder(projection_dim=cross_dim)
-    # I2VGen-XL samples with DDIM on a v-prediction, zero-terminal-SNR cosine schedule.
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="squaredcos_cap_v2",
-        prediction_type="v_prediction",
-        rescale_betas_zero_snr=True,
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=0,
-        timestep_spacing="leading",
-    )
-    return I2VGenXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=build_tokenizer(),
-        image_encoder=image_encoder,
-        feature_extractor=_feature_extractor(),
-        unet=unet,
-        scheduler=scheduler,
-    )
-
-
-BUILDERS: dict[str, Callable[[], Any]] = {"sdxl": build_tiny_sdxl, "svd": build_tiny_svd, "i2vgen": build_tiny_i2vgen}
-
-
 def _is_complete(path: Path) -> bool:
     return (path / "model_index.json").is_file()
 
 
-def tiny_dir(family: str) -> Path:
-    """The saved tiny model of `family`, built on first use under the state dir.
+def tiny_dir(family: str, variant: str | None = None) -> Path:
+    """The saved tiny model of `family` (and variant), built on first use under the state dir by the
+    family's GPU half (farm/gpu/families/<family>.py).
 
     The folder is written beside its final place and renamed in, so a reader never sees a half-saved
     model; when several processes race, the first rename wins and the others drop their copy.
     """
-    if family not in BUILDERS:
-        raise ValueError(f"unknown tiny model family {family!r}; expected one of {', '.join(FAMILIES)}")
-    final = state_dir() / "models" / tiny_dir_name(family)
+    from farm.gpu.families import gpu_family
+
+    gpu = gpu_family(family)
+    variant = variant or gpu.rules.default_variant
+    final = state_dir() / "models" / tiny_dir_name(family, variant)
     if _is_complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        BUILDERS[family]().save_pretrained(tmp)
+        gpu.build_tiny(variant).save_pretrained(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model folder
         try:
             os.rename(tmp, final)

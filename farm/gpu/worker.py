@@ -22,8 +22,8 @@ from farm.faults import OutOfMemory, fire
 from farm.gpu.loading import apply_memory_knobs, load_pipeline
 from farm.gpu.nvml import GpuInfo, gpus, resolve_tier
 from farm.gpu.speed import apply_speed_knobs, speed_knobs
-from farm.gpu.stages import run_keyframe, run_video
-from farm.models import ModelSpec
+from farm.gpu.stages import run_stage
+from farm.models import ModelSpec, missing
 from farm.presets import MemoryKnobs, Tier
 
 # (spec, device=, dtype=, lora=, vae=, cpu_offload=) -> pipeline; bench/gpu.py passes one that builds
@@ -90,7 +90,8 @@ class StageWorker:
             pipe.set_progress_bar_config(disable=True)  # the farm shows its own progress
             applied = apply_memory_knobs(pipe, device=self.device, **asdict(knobs))
             capability = torch.cuda.get_device_capability() if self.device == "cuda" else None
-            fast = speed_knobs(self.device, capability, applied["cpu_offload"], self.config.compile)
+            offloaded = applied["cpu_offload"] or applied["group_offload"]
+            fast = speed_knobs(self.device, capability, offloaded, self.config.compile, spec.rules.channels_last)
             applied |= apply_speed_knobs(pipe, fast)
         except torch.OutOfMemoryError as exc:  # a load that does not fit is an OOM of the stage like any other
             raise self._out_of_memory(exc) from None
@@ -111,6 +112,12 @@ class StageWorker:
 
     def loaded_models(self) -> list[str]:
         return sorted({key[0].source for key in self.pipelines})
+
+    def missing_models(self, specs: list[ModelSpec]) -> dict[str, str]:
+        """Which of `specs` this worker could not load without a download (role -> why): the director
+        asks before it accepts a job, so a missing model fails the submit, not the GPU work."""
+        return {spec.role: why for spec in specs
+                if (why := missing(spec, self.config.models.allow_download)) is not None}
 
     # --- faults and cancellation ----------------------------------------------------------------
 
@@ -152,12 +159,12 @@ class StageWorker:
             fire(self.faults, req.ident, torch.OutOfMemoryError)
             if req.kind == StageKind.KEYFRAME:
                 pipe, applied = self.pipeline(req.model, req.knobs, req.lora, req.vae)
-                image, seen = run_keyframe(pipe, req.params, is_cancelled)
-                hashes = cache.put_keyframe(req.output_key, image)
+                images, seen = run_stage(pipe, req.model.family, req.params, cancelled=is_cancelled)
+                hashes = cache.put_keyframe(req.output_key, images[0])
             else:
                 pipe, applied = self.pipeline(req.model, req.knobs)
                 first = cache.last_frame(req.input_key or "")
-                frames, seen = run_video(pipe, req.model.family, first, req.params, is_cancelled)
+                frames, seen = run_stage(pipe, req.model.family, req.params, first, is_cancelled)
                 hashes = cache.put_segment(req.output_key, first, frames, req.drop, req.kept)
         except torch.OutOfMemoryError as exc:
             raise self._out_of_memory(exc) from None

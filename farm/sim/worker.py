@@ -19,6 +19,7 @@ import numpy as np
 from farm.cache import ArtifactCache
 from farm.contract import StageKind, StageRequest, StageResult
 from farm.faults import OutOfMemory, StageCancelled, fire
+from farm.models import ModelSpec
 from farm.observed import Observed
 from farm.sim.costs import DEFAULT_COSTS, TierCost, keyframe_seconds, video_seconds
 
@@ -111,6 +112,9 @@ class SimWorker:
 
     def loaded_models(self) -> list[str]:
         return sorted(set(self.pipelines.values()))
+
+    def missing_models(self, specs: list[ModelSpec]) -> dict[str, str]:
+        return {}  # a simulated worker has every model
 
     def set_faults(self, faults: list[dict[str, Any]]) -> None:
         """As StageWorker.set_faults: [{"match": "*/video:a:*", "kind": "oom|error|crash", "times": 1}]."""

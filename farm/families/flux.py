@@ -1,0 +1,48 @@
+"""FLUX.1 (Black Forest Labs), text-to-image: schnell (4 steps, no guidance, Apache-2.0) and dev
+(guidance-distilled, about 50 steps at guidance 3.5, non-commercial licence).
+
+FLUX has no negative prompt (its guidance is distilled into the model); sides are multiples of 16
+(the VAE's 8 times the transformer's 2x2 patches).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from farm.families.base import Family, ShotInputs, Variant
+
+
+class Flux(Family):
+    name = "flux"
+    title = "FLUX.1 (text-to-image)"
+    role = "keyframe"
+    pipeline = "FluxPipeline"
+    classes = ("FluxPipeline",)
+    variants = {
+        "schnell": Variant(
+            "schnell", "FLUX.1 [schnell]", hub=(r"flux\.?1?-schnell", r"schnell"), licence="Apache-2.0",
+            commercial=True, size=(1024, 1024), multiple=16, steps={"balanced": 4}, guidance=0.0, distilled=True,
+            repo="black-forest-labs/FLUX.1-schnell", size_gb=34,
+            pipeline={"max_sequence_length": 256}),
+        "dev": Variant(
+            "dev", "FLUX.1 [dev]", hub=(r"flux",), licence="FLUX.1 [dev] Non-Commercial License", commercial=False,
+            size=(1024, 1024), multiple=16, steps={"high": 50, "balanced": 40, "fast": 28}, guidance=3.5,
+            repo="black-forest-labs/FLUX.1-dev", size_gb=34, note="accept the FLUX.1 [dev] licence on the hub first",
+            pipeline={"max_sequence_length": 512}),
+    }
+    default_variant = "schnell"
+    # 12B transformer + T5-XXL: a 24 GB card needs the models offloaded between calls; below that,
+    # leaf-level group offload and fp8 storage of the transformer.
+    tier_knobs = {"high": frozenset(), "mid": frozenset({"cpu_offload", "vae_tiling"}),
+                  "low": frozenset({"group_offload", "vae_tiling", "fp8_storage"}), "cpu": frozenset()}
+    ladder = (frozenset({"vae_tiling"}), frozenset({"cpu_offload"}), frozenset({"group_offload"}),
+              frozenset({"fp8_storage"}))
+
+    def call_params(self, inputs: ShotInputs, variant: str | None = None) -> dict[str, Any]:
+        v = self.variant(variant)
+        return {"prompt": inputs.prompt, "width": inputs.width, "height": inputs.height,
+                "num_inference_steps": inputs.steps,
+                "guidance_scale": self.guidance(inputs, variant), **v.pipeline, "seed": inputs.seed}
+
+
+FAMILY = Flux()
