@@ -18,6 +18,24 @@ PUBLISHED = {
 }
 
 
+# Nominal sizes the model cards publish for the transformer families' denoisers, and the T5-XXL encoder's
+# exact count; the real-size configs must land within 2% (FLUX.1 "12B", Wan2.2 TI2V "5B", LTX-Video "2B").
+NOMINAL = {("flux", "transformer"): 12e9, ("wan", "transformer"): 5e9, ("ltx", "transformer"): 1.92e9,
+           ("flux", "text_encoder_2"): 4_762_310_656, ("ltx", "text_encoder"): 4_762_310_656,
+           ("flux", "text_encoder"): 123_060_480}
+
+
+@pytest.mark.parametrize("family", ["flux", "wan", "ltx"])
+def test_realsize_transformer_families_have_the_published_sizes(family):
+    parts = realsize.components(family, "meta")
+    for (name_family, name), nominal in NOMINAL.items():
+        if name_family == family:
+            assert realsize.parameter_count(parts[name]) == pytest.approx(nominal, rel=0.02), name
+    pipe = realsize.build(family, "meta", torch.bfloat16)
+    assert type(pipe).__name__ == {"flux": "FluxPipeline", "wan": "WanImageToVideoPipeline",
+                                   "ltx": "LTXImageToVideoPipeline"}[family]
+
+
 @pytest.mark.parametrize("family", ["sdxl", "svd", "i2vgen"])
 def test_realsize_components_have_the_published_sizes(family):
     parts = realsize.components(family, "meta")  # shapes only: no memory
