@@ -128,11 +128,11 @@ def build(family: str, device: str | torch.device = "cpu", dtype: torch.dtype = 
     return prepare_pipeline(pipe, family)
 
 
-def loader(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | None = None, lora: str | None = None,
-           vae: str | None = None, cpu_offload: bool = False) -> Any:
+def loader(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | None = None,
+           loras: tuple[tuple[str, float], ...] = (), vae: str | None = None, cpu_offload: bool = False) -> Any:
     """A farm.gpu.worker Loader: builds the real-size pipeline where load_pipeline would have put it
     (on the host when it is to be offloaded)."""
-    if lora or vae:
+    if loras or vae:
         raise ValueError("real-size random models take no LoRA or VAE override")
     where = "cpu" if cpu_offload or not str(device).startswith("cuda") else device
     return build(spec.family, where, dtype or torch.float32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,18 @@ def model_identity(spec: ModelSpec) -> dict[str, Any]:
     return {"family": spec.family, "kind": spec.kind, "location": spec.location, "revision": model_revision(spec)}
 
 
-def keyframe_key(model: dict[str, Any], params: dict[str, Any], overrides: dict[str, Any]) -> str:
-    return content_hash({"stage": "keyframe", "model": model, "params": params, "overrides": overrides})
+def keyframe_key(model: dict[str, Any], params: Mapping[str, Any], options: Mapping[str, Any]) -> str:
+    """`options`: what changes the pipeline besides the model (LoRAs, VAE, sampler, step cache)."""
+    return content_hash({"stage": "keyframe", "model": model, "params": params, "overrides": options})
 
 
-def video_key(model: dict[str, Any], params: dict[str, Any], input_key: str, drop: int, kept: int) -> str:
+def video_key(model: dict[str, Any], params: Mapping[str, Any], input_key: str, drop: int, kept: int,
+              options: Mapping[str, Any] | None = None) -> str:
     outcome = {k: v for k, v in params.items() if k not in EXECUTION_ONLY}
-    return content_hash({"stage": "video", "model": model, "params": outcome, "input": input_key,
-                         "drop": drop, "kept": kept})
+    key = {"stage": "video", "model": model, "params": outcome, "input": input_key, "drop": drop, "kept": kept}
+    if options and any(options.values()):  # stays the old key where nothing changes the pipeline
+        key["options"] = dict(options)
+    return content_hash(key)
 
 
 def image_key(path: Path, size: tuple[int, int]) -> str:

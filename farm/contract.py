@@ -97,8 +97,10 @@ class StageRequest:
     input_key: str | None = None  # video: the stage whose last frame it starts from
     drop: int = 0  # video: leading frames that re-draw the conditioning frame
     kept: int = 0  # video: frames the clip keeps
-    lora: str | None = None
-    vae: str | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA files/folders and their scales (the user's, a draft's)
+    vae: str | None = None  # a VAE override
+    scheduler: str | None = None  # a sampler to swap in (LCM for an LCM-LoRA draft)
+    step_cache: float | None = None  # FirstBlockCache threshold, where the job asks for it
 
     @property
     def ident(self) -> str:

@@ -27,6 +27,7 @@ from farm.contract import (
     StageResult,
 )
 from farm.effective import keyframe_params, video_params
+from farm.families import Draft
 from farm.jobsetup import JobSetup
 from farm.paths import OutputLayout
 from farm.plan import ShotPlan, Stage
@@ -301,28 +302,37 @@ class JobBook:
         setup, stage = self.setup, self.plan.stages[stage_id]
         sp = self.shots[stage.shot or ""]
         if stage.kind == StageKind.KEYFRAME:
-            return keyframe_params(setup.manifest, sp, setup.specs["keyframe"], as_tier(tier))
+            return keyframe_params(setup.manifest, sp, setup.specs["keyframe"], as_tier(tier), self._draft("keyframe"))
         if stage.kind != StageKind.VIDEO or stage.segment is None or stage.seed is None:
             raise ValueError(f"{stage_id} is not a GPU stage")
         return video_params(setup.manifest, sp, stage.segment, stage.seed, setup.specs["video"],
-                            self.preset(stage, tier), setup.plan.film_fps)
+                            self.preset(stage, tier), setup.plan.film_fps, self._draft("video"))
+
+    def _draft(self, role: str) -> Draft | None:
+        """The family's distilled draft path where this job drafts with it."""
+        choice = self.setup.drafts.get(role)
+        return self.setup.specs[role].rules.draft if choice is not None and choice.distilled else None
 
     def request(self, stage_id: str, tier: str, cache_dir: str = "") -> StageRequest:
         """The worker request for a GPU stage on a worker of `tier`; its output_key is the cache key."""
         setup, stage = self.setup, self.plan.stages[stage_id]
         preset = self.preset(stage, tier)
         params = self.params(stage_id, tier)
+        role = str(stage.kind)
+        options = setup.pipeline_options(role)
+        common: dict[str, Any] = {"loras": setup.loras(role), "vae": options["vae"], "scheduler": options["scheduler"],
+                                  "step_cache": options["step_cache"]}
         if stage.kind == StageKind.KEYFRAME:
-            key = keys.keyframe_key(setup.identity["keyframe"], params, setup.overrides)
+            key = keys.keyframe_key(setup.identity["keyframe"], params, options)
             return StageRequest(self.id, stage.id, StageKind.KEYFRAME, setup.specs["keyframe"], params, preset.knobs,
-                                preset.label(), preset.tier, key, cache_dir, lora=setup.overrides["lora"],
-                                vae=setup.overrides["vae"])
+                                preset.label(), preset.tier, key, cache_dir, **common)
         assert stage.segment is not None  # params() refused anything but keyframe and video stages
         input_key = self.input_key(stage)
-        key = keys.video_key(setup.identity["video"], params, input_key, stage.segment.drop, stage.segment.kept)
+        key = keys.video_key(setup.identity["video"], params, input_key, stage.segment.drop, stage.segment.kept,
+                             options)
         return StageRequest(self.id, stage.id, StageKind.VIDEO, setup.specs["video"], params, preset.knobs,
                             preset.label(), preset.tier, key, cache_dir, input_key=input_key,
-                            drop=stage.segment.drop, kept=stage.segment.kept)
+                            drop=stage.segment.drop, kept=stage.segment.kept, **common)
 
     def input_key(self, stage: Stage) -> str:
         """The cache key of the frame a video stage starts from: its dependency's output, or the

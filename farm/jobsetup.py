@@ -6,7 +6,7 @@ simulator, so they all see a job the same way.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,53 @@ def merge_options(manifest: Manifest, fps: int) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class DraftChoice:
+    """What a draft render (--preview, quality: draft) of one role runs: the family's distilled path, or
+    a few undistilled steps, and why (the lockfile says so)."""
+
+    name: str
+    distilled: bool
+    note: str
+    lora: str | None = None  # a step-distillation LoRA, as an absolute path
+    scheduler: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+
+
+def choose_draft(role: str, spec: ModelSpec, manifest: Manifest, root: Path) -> tuple[ModelSpec, DraftChoice]:
+    """The draft path of `spec`'s family: its distilled checkpoint or LoRA where one is here (named in
+    the manifest's models.<role>_draft, or the farm config's models.paths["draft:<family>"]; a tiny
+    render's distilled variant is its tiny build), else today's undistilled draft."""
+    from farm.presets import PREVIEW_STEPS
+
+    fam, draft = spec.rules, spec.rules.draft
+    fallback = f"undistilled, {PREVIEW_STEPS} steps"
+    if draft is None:
+        return spec, DraftChoice(fallback, False, f"{fam.title} has no distilled path")
+    in_manifest = getattr(manifest.models, f"{role}_draft")
+    named = in_manifest or current().models.paths.get(fam.draft_key)
+    use = DraftChoice(draft.name, True, "", steps=draft.steps, guidance=draft.guidance, scheduler=draft.scheduler)
+    if draft.kind == "variant":
+        if spec.variant == draft.variant:
+            return spec, replace(use, note=f"{spec.source} is the distilled model")
+        if spec.is_tiny:
+            candidate = resolve_model(spec.role, f"tiny:{fam.name}:{draft.variant}")
+        else:
+            source = named or fam.variant(draft.variant).repo
+            candidate = resolve_model(spec.role, source, base_dir=root if in_manifest else None,
+                                      allow_pickle=manifest.models.allow_pickle)
+            why = missing(candidate, current().models.allow_download)
+            if candidate.family != fam.name or why is not None:
+                return spec, DraftChoice(fallback, False, why or f"{source} is not {fam.title}")
+        return candidate, replace(use, note=f"{candidate.source} instead of {spec.source}")
+    if not named:
+        return spec, DraftChoice(fallback, False, f"no {draft.name} here: name it in models.{role}_draft or in the "
+                                                  f"farm config's models.paths[\"{fam.draft_key}\"]")
+    path = inside_root(root, named) if in_manifest else Path(named)
+    return spec, replace(use, lora=str(path), note=f"LoRA {path}")
+
+
+@dataclass(frozen=True)
 class JobSetup:
     manifest: Manifest
     root: Path
@@ -76,6 +123,8 @@ class JobSetup:
     merge_options: dict[str, Any]
     overrides: dict[str, str | None]  # the keyframe model's LoRA and VAE, as absolute paths
     preview: bool = False
+    drafts: dict[str, DraftChoice] = field(default_factory=dict)  # role -> its draft path (previews only)
+    step_cache: dict[str, float] = field(default_factory=dict)  # role -> FirstBlockCache threshold
 
     @property
     def fps(self) -> int:
@@ -87,6 +136,23 @@ class JobSetup:
 
     def encode_identity(self) -> dict[str, Any]:
         return encode_identity(self.encode)
+
+    def loras(self, role: str) -> tuple[tuple[str, float], ...]:
+        """The LoRAs a role's pipeline loads, with their scales: the user's (keyframe), then a draft's."""
+        out = [(self.overrides["lora"], 1.0)] if role == "keyframe" and self.overrides["lora"] else []
+        draft = self.drafts.get(role)
+        if draft is not None and draft.lora:
+            out.append((draft.lora, 1.0))
+        return tuple(out)
+
+    def pipeline_options(self, role: str) -> dict[str, Any]:
+        """What changes a role's pipeline besides the model and its call: LoRAs, VAE, sampler, step
+        cache. It goes into the cache key (they change the pixels) and the worker's residency key."""
+        draft = self.drafts.get(role)
+        return {"loras": [list(x) for x in self.loras(role)],
+                "vae": self.overrides["vae"] if role == "keyframe" else None,
+                "scheduler": draft.scheduler if draft is not None else None,
+                "step_cache": self.step_cache.get(role)}
 
 
 def setup_job(manifest_data: dict[str, Any] | Manifest, root: Path | str, options: dict[str, Any] | None = None,
@@ -104,12 +170,20 @@ def setup_job(manifest_data: dict[str, Any] | Manifest, root: Path | str, option
     else:
         manifest = validate_data(manifest_data, root if check_files else None)
     specs = resolve_models(manifest, root, options.get("models"))
-    if options.get("preview"):
+    drafting = bool(options.get("preview")) or manifest.quality == "draft"
+    drafts: dict[str, DraftChoice] = {}
+    if drafting:
         manifest = preview(manifest, math.lcm(*(s.rules.variant(s.variant).multiple for s in specs.values())))
+        for role in list(specs):
+            specs[role], drafts[role] = choose_draft(role, specs[role], manifest, root)
+    # The step cache where the family takes it, never on top of a distilled draft.
+    step_cache = {role: manifest.speed.step_cache_threshold for role, spec in specs.items()
+                  if manifest.speed.step_cache and spec.rules.step_cache
+                  and not (role in drafts and drafts[role].distilled)}
     plan = build_plan(manifest, specs["video"])
     models = manifest.models
     overrides = {"lora": models.lora and str(inside_root(root, models.lora)),
                  "vae": models.vae and str(inside_root(root, models.vae))}
     return JobSetup(manifest, root, plan, specs, {role: model_identity(s) for role, s in specs.items()},
                     encode_settings(manifest), merge_options(manifest, plan.film_fps), overrides,
-                    preview=bool(options.get("preview")))
+                    preview=drafting, drafts=drafts, step_cache=step_cache)

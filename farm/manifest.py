@@ -54,6 +54,20 @@ class Models(Strict):
     lora: str | None = None  # applied to the keyframe model
     vae: str | None = None  # VAE override for the keyframe model
     allow_pickle: bool = False
+    # Drafts (--preview, quality: draft): the family's distilled path, where it is on disk: a
+    # step-distillation LoRA (SDXL's LCM-LoRA, a Wan LoRA) or a distilled model (FLUX.1 schnell, LTX
+    # distilled). Without one the farm config's models.paths["draft:<family>"] is used.
+    keyframe_draft: str | None = None
+    video_draft: str | None = None
+
+
+class Speed(Strict):
+    """Per-job speed options. `step_cache: first_block` reuses the denoiser's output while its first
+    block's changes stay under `step_cache_threshold` (diffusers' FirstBlockCache), on the families
+    whose denoiser takes it (FLUX, Wan, LTX); never combined with a distilled draft."""
+
+    step_cache: Literal["first_block"] | None = None
+    step_cache_threshold: Annotated[float, Field(gt=0, le=1)] = 0.05
 
 
 class Output(Strict):
@@ -130,6 +144,7 @@ class Manifest(Strict):
     models: Models = Models()
     output: Output = Output()
     defaults: Defaults = Defaults()
+    speed: Speed = Speed()
     webhook: str | None = None
     shots: Annotated[list[Shot], Field(min_length=1, max_length=10_000)]
 
@@ -190,7 +205,7 @@ def inside_root(root: Path, relative: str) -> Path:
 
 def _semantic_errors(manifest: Manifest, root: Path | None) -> list[FieldError]:
     """Checks that need the whole manifest or the filesystem."""
-    from farm.models import ModelError, resolve_model
+    from farm.models import ModelError, local_path, resolve_model
 
     errors: list[FieldError] = []
     seen: dict[str, int] = {}
@@ -204,10 +219,11 @@ def _semantic_errors(manifest: Manifest, root: Path | None) -> list[FieldError]:
         if shot.keyframe is not None:
             errors.extend(_keyframe_errors(shot.keyframe, root, ("shots", i, "keyframe")))
     width, height = manifest.output.size
+    specs = {}
     for role in ("keyframe", "video"):
         try:
-            spec = resolve_model(role, getattr(manifest.models, role), base_dir=root,
-                                 allow_pickle=manifest.models.allow_pickle)
+            spec = specs[role] = resolve_model(role, getattr(manifest.models, role), base_dir=root,
+                                               allow_pickle=manifest.models.allow_pickle)
         except ModelError as exc:
             errors.append(FieldError(("models", role), str(exc)))
             continue
@@ -219,6 +235,13 @@ def _semantic_errors(manifest: Manifest, root: Path | None) -> list[FieldError]:
         value = getattr(manifest.models, field)
         if value is not None:
             errors.extend(_weights_file_errors(value, root, manifest.models.allow_pickle, ("models", field)))
+    for role in ("keyframe", "video"):
+        draft = getattr(manifest.models, f"{role}_draft")
+        if draft is not None and local_path(draft, root) is not None:  # a LoRA or model on disk (else a hub id)
+            errors.extend(_weights_file_errors(draft, root, manifest.models.allow_pickle, ("models", f"{role}_draft")))
+    if manifest.speed.step_cache and not any(s.rules.step_cache for s in specs.values()):
+        errors.append(FieldError(("speed", "step_cache"), "none of the job's model families takes a step cache "
+                                 "(FLUX.1, Wan and LTX-Video do)"))
     fps = manifest.output.interpolate_fps
     if fps is not None and manifest.output.fps is not None and fps < manifest.output.fps:
         errors.append(FieldError(("output", "interpolate_fps"), "must not be below output.fps"))

@@ -86,7 +86,7 @@ def resolve_model(role: Role, source: str, *, base_dir: Path | None = None, allo
     if text.lower() == "tiny" or text.lower().startswith("tiny:"):
         return _resolve_tiny(role, source, text.lower())
 
-    path = _local_path(text, base_dir)
+    path = local_path(text, base_dir)
     if path is not None:
         return _resolve_local(role, source, path, allow_pickle)
 
@@ -157,7 +157,7 @@ def _hub_family(role: str, repo_id: str) -> Family:
                      f"{', '.join(f.title for f in for_role(role))} (e.g. {examples})")
 
 
-def _local_path(text: str, base_dir: Path | None) -> Path | None:
+def local_path(text: str, base_dir: Path | None) -> Path | None:
     """The absolute path `text` names if it is meant as a local path, else None (a hub id)."""
     path = Path(text).expanduser()
     if not path.is_absolute():

@@ -14,7 +14,7 @@ from typing import Any, Literal
 Tier = Literal["high", "mid", "low", "cpu"]
 TIERS: tuple[Tier, ...] = ("high", "mid", "low", "cpu")
 GPU_TIERS: tuple[Tier, ...] = ("high", "mid", "low")
-Quality = Literal["fast", "balanced", "high"]
+Quality = Literal["draft", "fast", "balanced", "high"]
 Scene = Literal["static", "dynamic", "smooth"]
 MotionLevel = Literal["low", "medium", "high"]
 
@@ -76,6 +76,9 @@ QUALITY_TEMPLATES: dict[Quality, QualityTemplate] = {
     "high": QualityTemplate("high", 50, 70, 15, 12, 2, 0.0004, 18, "slow"),
     "balanced": QualityTemplate("balanced", 40, 60, 15, 10, 2, 0.0004, 20, "medium"),
     "fast": QualityTemplate("fast", 30, 50, 12, 6, 2, 0.0003, 23, "fast"),
+    # Not a seed template: `quality: draft` is `--preview` written in the manifest (each family's
+    # distilled path where it has one, else a few undistilled steps; small; quick to encode).
+    "draft": QualityTemplate("draft", 4, 4, 15, 6, 2, 0.0003, 28, "veryfast"),
 }
 GUIDANCE_SCALE = 7.5
 GUIDANCE_RESCALE = 0.7
@@ -225,7 +228,7 @@ def tables() -> dict[str, Any]:
 # --- draft renders -----------------------------------------------------------------------------
 
 PREVIEW_LONG_SIDE = 256
-PREVIEW_STEPS = 4  # docs/sources.md section 3: distilled few-step sampling is the preview regime (4-8 steps)
+PREVIEW_STEPS = QUALITY_TEMPLATES["draft"].keyframe_steps  # docs/sources.md section 3: the 4-8 step regime
 
 
 def preview_size(width: int, height: int, long_side: int = PREVIEW_LONG_SIDE, multiple: int = 8) -> tuple[int, int]:

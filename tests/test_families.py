@@ -304,7 +304,8 @@ def test_no_code_outside_the_family_files_names_a_family():
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
-    pattern = re.compile(r"[\"'](%s)[\"']" % "|".join(map(re.escape, FAMILIES)))
+    names = "|".join(map(re.escape, FAMILIES))
+    pattern = re.compile(rf"[\"'](?:{names})[\"']")
     offenders = []
     for folder in ("farm", "actors", "deployments"):
         for path in (repo / folder).rglob("*.py"):
@@ -312,3 +313,74 @@ def test_no_code_outside_the_family_files_names_a_family():
                 continue
             offenders += [f"{path.relative_to(repo)}: {m.group(0)}" for m in pattern.finditer(path.read_text())]
     assert offenders == []
+
+
+# --- real fast drafts -------------------------------------------------------------------------------------
+
+
+def draft_setup(tmp_path, models, **over):
+    data = base_manifest(models=models, **over)
+    return setup_job(data, tmp_path, {"preview": True})
+
+
+def test_a_draft_takes_the_familys_distilled_checkpoint(tmp_path):
+    setup = draft_setup(tmp_path, {"keyframe": "tiny:flux:dev", "video": "tiny:ltx"})
+    assert (setup.specs["keyframe"].variant, setup.specs["video"].variant) == ("schnell", "distilled")
+    assert setup.drafts["keyframe"].distilled and setup.drafts["video"].name == "LTX-Video distilled"
+    book = JobBook("j", setup, "/out")
+    assert book.request("keyframe:a", "mid").params["num_inference_steps"] == 4
+    params = book.params("video:a:0", "mid")
+    assert (params["num_inference_steps"], params["guidance_scale"]) == (8, 1.0)
+
+
+def test_a_draft_without_its_lora_falls_back_and_says_so(tmp_path):
+    setup = draft_setup(tmp_path, {"keyframe": "tiny", "video": "tiny:wan"})
+    for role in ("keyframe", "video"):
+        choice = setup.drafts[role]
+        assert not choice.distilled and choice.name == "undistilled, 4 steps"
+    assert 'models.paths["draft:sdxl"]' in setup.drafts["keyframe"].note
+    assert "models.video_draft" in setup.drafts["video"].note
+    assert draft_setup(tmp_path, {"keyframe": "tiny", "video": "tiny"}).drafts["video"].note.endswith(
+        "has no distilled path")
+
+
+def test_a_draft_lora_from_the_manifest_or_the_config(tmp_path):
+    from farm.config import FarmConfig, ModelsConfig, install, load_config
+
+    (tmp_path / "lcm.safetensors").write_bytes(b"not read at setup")
+    setup = draft_setup(tmp_path, {"keyframe": "tiny", "video": "tiny:wan", "keyframe_draft": "lcm.safetensors"})
+    book = JobBook("j", setup, "/out")
+    req = book.request("keyframe:a", "mid")
+    assert req.loras == ((str(tmp_path / "lcm.safetensors"), 1.0),) and req.scheduler == "LCMScheduler"
+    assert (req.params["num_inference_steps"], req.params["guidance_scale"]) == (4, 1.5)
+    plain = JobBook("j", setup_job(base_manifest(models={"keyframe": "tiny", "video": "tiny:wan"}), tmp_path,
+                                   {"preview": True}), "/out")
+    assert plain.request("keyframe:a", "mid").output_key != req.output_key  # the LoRA changes the key
+    wan_lora = tmp_path / "wan-distill.safetensors"
+    wan_lora.write_bytes(b"x")
+    previous = load_config(env={})[0]
+    install(FarmConfig(models=ModelsConfig(paths={"draft:wan": str(wan_lora)})))
+    try:
+        setup = draft_setup(tmp_path, {"keyframe": "tiny", "video": "tiny:wan"})
+    finally:
+        install(previous)
+    choice = setup.drafts["video"]
+    assert choice.distilled and choice.lora == str(wan_lora) and setup.loras("video") == ((str(wan_lora), 1.0),)
+
+
+def test_quality_draft_is_a_preview(tmp_path):
+    setup = setup_job(base_manifest(quality="draft", models={"keyframe": "tiny:flux:dev", "video": "tiny"}), tmp_path)
+    assert setup.preview and setup.specs["keyframe"].variant == "schnell"
+
+
+def test_step_cache_where_the_family_takes_it_and_never_on_a_distilled_draft(tmp_path):
+    speed = {"step_cache": "first_block", "step_cache_threshold": 0.1}
+    setup = setup_job(base_manifest(speed=speed, models={"keyframe": "tiny", "video": "tiny:wan"}), tmp_path)
+    assert setup.step_cache == {"video": 0.1}  # SDXL's UNet takes no cache hooks
+    book = JobBook("j", setup, "/out")
+    assert book.request("keyframe:a", "mid").step_cache is None
+    drafted = setup_job(base_manifest(speed=speed, models={"keyframe": "tiny:flux:dev", "video": "tiny:ltx"}),
+                        tmp_path, {"preview": True})
+    assert drafted.step_cache == {}
+    with pytest.raises(ManifestError, match="speed.step_cache"):
+        validate_data(base_manifest(speed=speed))  # SDXL + SVD: neither takes it

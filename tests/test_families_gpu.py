@@ -74,3 +74,63 @@ def test_video_memory_knobs_on_the_cpu():
                                                   seed=5, frames=5), "ti2v-5b")
     frames, _ = run_stage(wan, "wan", params, np.full((64, 64, 3), 50, np.uint8))
     assert frames.shape == (5, 64, 64, 3)
+
+
+def tiny_sdxl_lora(folder):
+    """A LoRA for the tiny SDXL UNet, saved the way training scripts save them (stands in for LCM-LoRA)."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from farm.gpu.tiny import tiny_dir
+
+    donor = StableDiffusionXLPipeline.from_pretrained(tiny_dir("sdxl"))
+    torch.manual_seed(0)
+    donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for name, param in donor.unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # PEFT starts B at zero, which would be a no-op
+    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(donor.unet))
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_a_draft_lora_and_its_sampler_reach_the_worker(tmp_path):
+    from dataclasses import replace
+
+    from helpers import base_manifest, write_manifest
+
+    from farm.cache import ArtifactCache
+    from farm.gpu.worker import StageWorker
+    from farm.jobbook import JobBook
+    from farm.jobsetup import setup_job
+
+    lora = tiny_sdxl_lora(tmp_path / "lcm")
+    data = base_manifest(models={"keyframe": "tiny", "video": "tiny", "keyframe_draft": "lcm/" + lora.name})
+    write_manifest(tmp_path, data)
+    book = JobBook("j", setup_job(data, tmp_path, {"preview": True}), str(tmp_path / "out"))
+    req = book.request("keyframe:a", "cpu", str(tmp_path / "cache"))
+    worker = StageWorker("w", tier="cpu")
+    drafted = worker.run(req)
+    pipe = worker.pipelines[(req.model, req.loras, req.vae, req.scheduler, req.step_cache)][1]
+    assert type(pipe.scheduler).__name__ == "LCMScheduler" and "farm0" in pipe.get_active_adapters()
+    assert drafted.observed["steps"] == 4
+    undrafted = worker.run(replace(req, loras=(), scheduler=None, output_key="plain"))
+    cache = ArtifactCache(tmp_path / "cache")
+    assert not np.array_equal(cache.last_frame(req.output_key), cache.last_frame("plain"))
+    assert undrafted.observed["steps"] == 4
+
+
+def test_the_step_cache_reaches_the_video_denoiser(tmp_path):
+    from farm.cache import ArtifactCache
+    from farm.contract import StageKind, StageRequest
+    from farm.gpu.worker import StageWorker
+    from farm.presets import MemoryKnobs
+
+    ArtifactCache(tmp_path).put_arrays("in", last=np.full((64, 64, 3), 70, np.uint8))
+    params = family("wan").call_params(ShotInputs(prompt="waves", negative_prompt="", width=64, height=64, steps=3,
+                                                  seed=5, frames=5))
+    req = StageRequest("j", "video:a:0", StageKind.VIDEO, resolve_model("video", "tiny:wan"), params, MemoryKnobs(),
+                       "cpu", "cpu", "out", str(tmp_path), input_key="in", drop=0, kept=5, step_cache=0.2)
+    result = StageWorker("w", tier="cpu").run(req)
+    assert result.knobs["step_cache"] is True and result.observed["steps"] == 3

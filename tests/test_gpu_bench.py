@@ -61,7 +61,7 @@ def test_realsize_pipeline_is_prepared_like_a_loaded_one():
     assert pipe.unet.dtype == torch.bfloat16 and pipe.unet.config.sample_size == 128
     assert torch.get_default_dtype() == torch.float32  # the build's default dtype did not leak
     with pytest.raises(ValueError, match="LoRA"):
-        realsize.loader(realsize.spec("sdxl"), device="cpu", lora="x.safetensors")
+        realsize.loader(realsize.spec("sdxl"), device="cpu", loras=(("x.safetensors", 1.0),))
 
 
 @pytest.mark.parametrize(("name", "peak"), [

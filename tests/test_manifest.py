@@ -46,7 +46,7 @@ def test_example_storyboard_is_valid():
         (lambda d: d["shots"][0].update(duration=-2.5), "shots[0].duration: Input should be greater than 0"),
         (lambda d: d["output"].update(resolution="100x64"), "output.resolution: resolution 100x64: both sides"),
         (lambda d: d["output"].update(final_resolution="1920x1081"), "output.final_resolution:"),
-        (lambda d: d.update(quality="ultra"), "quality: Input should be 'fast', 'balanced' or 'high'"),
+        (lambda d: d.update(quality="ultra"), "quality: Input should be 'draft', 'fast', 'balanced' or 'high'"),
         (lambda d: d["shots"][0].update(motion="wild"), "shots[0].motion: Input should be 'low', 'medium'"),
         (lambda d: d["shots"][0].update(scene="chaos"), "shots[0].scene: Input should be 'static'"),
         (lambda d: d["shots"][0].update(motion_bucket_id=300), "shots[0].motion_bucket_id:"),

@@ -423,7 +423,7 @@ def test_lora_and_vae_overrides(tmp_path):
     # The VAE as one diffusers-format .safetensors file, plus a VAE folder.
     save_file(base.vae.state_dict(), tmp_path / "vae.safetensors")
     spec = resolve_model("keyframe", "tiny")
-    with_lora = load_pipeline(spec, lora=str(lora_file), vae=str(tmp_path / "vae.safetensors"))
+    with_lora = load_pipeline(spec, loras=((str(lora_file), 1.0),), vae=str(tmp_path / "vae.safetensors"))
     with_lora.set_progress_bar_config(disable=True)
     assert isinstance(with_lora.vae, AutoencoderKL) and with_lora.vae is not base.vae
     assert torch.equal(with_lora.vae.decoder.conv_out.weight, base.vae.decoder.conv_out.weight)
@@ -433,9 +433,9 @@ def test_lora_and_vae_overrides(tmp_path):
     assert isinstance(from_folder.vae, AutoencoderKL)
     with pytest.raises(ModelError, match="pickle"):
         (tmp_path / "lora.bin").write_bytes(b"x")
-        load_pipeline(spec, lora=str(tmp_path / "lora.bin"))
+        load_pipeline(spec, loras=((str(tmp_path / "lora.bin"), 1.0),))
     with pytest.raises(ModelError, match="not supported"):
-        load_pipeline(resolve_model("video", "tiny"), lora=str(lora_file))
+        load_pipeline(resolve_model("video", "tiny"), loras=((str(lora_file), 1.0),))
 
 
 def test_model_revision(tmp_path):

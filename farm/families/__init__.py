@@ -11,9 +11,9 @@ import importlib
 import pkgutil
 from collections.abc import Iterator
 
-from farm.families.base import Family, Role, ShotInputs, Variant
+from farm.families.base import Draft, Family, Role, ShotInputs, Variant
 
-__all__ = ["FAMILIES", "Family", "Role", "ShotInputs", "Variant", "by_class", "family", "for_role"]
+__all__ = ["FAMILIES", "Draft", "Family", "Role", "ShotInputs", "Variant", "by_class", "family", "for_role"]
 
 
 def _discover() -> Iterator[Family]:

@@ -52,6 +52,21 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Draft:
+    """A family's real fast draft (`--preview`, `quality: draft`): a distilled path instead of a few
+    undistilled steps. `lora`: a step-distillation LoRA on the same model (where it is on disk comes
+    from the manifest's `models.<role>_draft` or the farm config's `models.paths["draft:<family>"]`);
+    `variant`: the family's own distilled checkpoint."""
+
+    name: str
+    kind: Literal["lora", "variant"]
+    steps: int
+    guidance: float
+    variant: str | None = None
+    scheduler: str | None = None  # the sampler the distilled path needs (LCM-LoRA needs LCMScheduler)
+
+
+@dataclass(frozen=True)
 class ShotInputs:
     """What the farm decided for one stage, before any family maps it onto its pipeline call."""
 
@@ -94,12 +109,19 @@ class Family:
     shot_guidance: ClassVar[bool] = False  # video: a shot's guidance_scale drives this model too
     decode_chunk: ClassVar[bool] = False  # video: the VAE decodes in chunks of `decode_chunk_size` frames
     channels_last: ClassVar[bool] = False  # a UNet of 2-D convolutions, which NHWC speeds up
+    draft: ClassVar[Draft | None] = None  # its real fast draft, where it has one
+    step_cache: ClassVar[bool] = False  # its denoiser takes diffusers' cache hooks (FirstBlockCache)
     # Memory knobs each tier starts with; the OOM ladder turns on one rung after the other.
     tier_knobs: ClassVar[dict[Tier, frozenset[str]]] = {
         tier: frozenset(k for k in ("cpu_offload", "forward_chunking", "vae_slicing") if getattr(p, k))
         for tier, p in TIER_PRESETS.items()}
     ladder: ClassVar[tuple[frozenset[str], ...]] = (
         frozenset({"cpu_offload"}), frozenset({"vae_slicing"}), frozenset({"forward_chunking"}))
+
+    @property
+    def draft_key(self) -> str:
+        """The farm config's `models.paths` key of this family's draft (a LoRA or a checkpoint)."""
+        return f"draft:{self.name}"
 
     # --- recognising -------------------------------------------------------------------------
 
@@ -196,5 +218,10 @@ class Family:
                          for v in self.variants.values()},
             "frames": {"step": self.frame_step, "min": self.min_frames} if self.role == "video" else None,
             "tier_knobs": {t: sorted(k) for t, k in self.tier_knobs.items()},
+            "draft": None if self.draft is None else {"name": self.draft.name, "kind": self.draft.kind,
+                                                      "steps": self.draft.steps, "guidance": self.draft.guidance,
+                                                      "variant": self.draft.variant, "scheduler": self.draft.scheduler,
+                                                      "config_key": self.draft_key},
+            "step_cache": self.step_cache,
             "oom_ladder": [sorted(r) for r in self.ladder],
         }

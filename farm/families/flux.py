@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from farm.families.base import Family, ShotInputs, Variant
+from farm.families.base import Draft, Family, ShotInputs, Variant
 
 
 class Flux(Family):
@@ -31,6 +31,8 @@ class Flux(Family):
             pipeline={"max_sequence_length": 512}),
     }
     default_variant = "schnell"
+    draft = Draft("FLUX.1 [schnell]", "variant", steps=4, guidance=0.0, variant="schnell")
+    step_cache = True
     # 12B transformer + T5-XXL: a 24 GB card needs the models offloaded between calls; below that,
     # leaf-level group offload and fp8 storage of the transformer.
     tier_knobs = {"high": frozenset(), "mid": frozenset({"cpu_offload", "vae_tiling"}),

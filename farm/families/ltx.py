@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from farm.families.base import Family, ShotInputs, Variant
+from farm.families.base import Draft, Family, ShotInputs, Variant
 
 LICENCE = "LTX-Video open weights licence (OpenRAIL-M; commercial use allowed with use restrictions)"
 
@@ -36,6 +36,8 @@ class LTX(Family):
             guidance=3.0),
     }
     default_variant = "dev"
+    draft = Draft("LTX-Video distilled", "variant", steps=8, guidance=1.0, variant="distilled")
+    step_cache = True
     tier_knobs = {"high": frozenset(), "mid": frozenset({"vae_tiling"}),
                   "low": frozenset({"cpu_offload", "vae_tiling"}), "cpu": frozenset()}
     ladder = (frozenset({"vae_tiling", "vae_slicing"}), frozenset({"cpu_offload"}), frozenset({"fp8_storage"}))

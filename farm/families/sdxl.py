@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from farm.families.base import Family, ShotInputs, Variant
+from farm.families.base import Draft, Family, ShotInputs, Variant
 from farm.presets import GUIDANCE_SCALE, QUALITY_TEMPLATES
 
 
@@ -22,6 +22,10 @@ class SDXL(Family):
     single_file = "stabilityai/stable-diffusion-xl-base-1.0"
     default = True
     fallback = True
+    # docs/sources.md section 3: LCM-LoRA distils CFG into the model, 4-8 steps at CFG 1-2 (the LoRA:
+    # latent-consistency/lcm-lora-sdxl, named in the farm config as models.paths.lcm).
+    draft = Draft("LCM-LoRA (latent-consistency/lcm-lora-sdxl)", "lora", steps=4, guidance=1.5,
+                  scheduler="LCMScheduler")
     channels_last = True
     variants = {"base": Variant(
         "base", "SDXL base 1.0", hub=(r"xl", r"sdxl"), licence="CreativeML Open RAIL++-M", commercial=True,

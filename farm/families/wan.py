@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from farm.families.base import Family, ShotInputs, Variant
+from farm.families.base import Draft, Family, ShotInputs, Variant
 from farm.presets import Tier
 
 STEPS = {"high": 50, "balanced": 40, "fast": 30}
@@ -46,6 +46,9 @@ class Wan(Family):
             size=(832, 480), multiple=16, steps=STEPS, guidance=5.0),
     }
     default_variant = "ti2v-5b"
+    # A step-distillation LoRA (e.g. lightx2v's Wan step-distill LoRAs): 4 steps at CFG 1.
+    draft = Draft("Wan step-distillation LoRA", "lora", steps=4, guidance=1.0)
+    step_cache = True
     ladder = (frozenset({"vae_tiling", "vae_slicing"}), frozenset({"group_offload"}), frozenset({"fp8_storage"}))
 
     def variant_of_folder(self, index: Mapping[str, Any], path: Path) -> str | None:

@@ -35,7 +35,8 @@ def _not_found_offline(spec: ModelSpec, exc: BaseException) -> ModelError:
 
 
 def load_pipeline(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                  lora: str | None = None, vae: str | None = None, cpu_offload: bool = False) -> DiffusionPipeline:
+                  loras: tuple[tuple[str, float], ...] = (), vae: str | None = None,
+                  cpu_offload: bool = False) -> DiffusionPipeline:
     """Load the pipeline `spec` names, ready to call.
 
     With `cpu_offload` on a CUDA device the pipeline stays on the CPU, for `apply_memory_knobs` to
@@ -67,8 +68,8 @@ def load_pipeline(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | 
     pipe = prepare_pipeline(pipe, spec.family)
     if vae is not None:
         pipe.vae = _load_vae(spec, pipe, vae, dtype)
-    if lora is not None:
-        _load_lora(spec, pipe, lora)
+    if loras:
+        _load_loras(spec, pipe, loras)
     if not (cpu_offload and str(device).startswith("cuda")):
         pipe.to(device)
     return pipe
@@ -133,11 +134,21 @@ def _local_weights(path_text: str, what: str, spec: ModelSpec) -> Path:
     return path.resolve()
 
 
-def _load_lora(spec: ModelSpec, pipe: Any, lora: str) -> None:
+def _load_loras(spec: ModelSpec, pipe: Any, loras: tuple[tuple[str, float], ...]) -> None:
+    """Every LoRA under its own adapter name, then all of them active with their scales."""
     if not hasattr(pipe, "load_lora_weights"):
         raise ModelError(f"LoRA weights are not supported for {spec.rules.title} models")
+    names = []
+    for i, (lora, _scale) in enumerate(loras):
+        names.append(f"farm{i}")
+        _load_lora(spec, pipe, lora, names[-1])
+    if hasattr(pipe, "set_adapters"):
+        pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+
+
+def _load_lora(spec: ModelSpec, pipe: Any, lora: str, adapter: str) -> None:
     path = _local_weights(lora, "LoRA", spec)
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    kwargs: dict[str, Any] = {"local_files_only": True, "adapter_name": adapter}
     if path.is_file():
         kwargs["weight_name"] = path.name
         folder = str(path.parent)
@@ -177,6 +188,29 @@ def _load_vae(spec: ModelSpec, pipe: Any, vae: str, dtype: torch.dtype) -> Any:
             return vae_cls.from_single_file(str(path), config=config_dir, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load VAE {vae!r}: {exc}") from exc
+
+
+def use_sampler(pipe: Any, scheduler: str | None) -> Any:
+    """Swap in a sampler a draft needs (an LCM-LoRA samples with LCMScheduler), on the pipeline's
+    own scheduler config."""
+    if scheduler:
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    return pipe
+
+
+def use_step_cache(pipe: Any, threshold: float | None) -> bool:
+    """diffusers' FirstBlockCache on every denoiser that takes it: later blocks are skipped while the
+    first block's output changes less than `threshold` between steps."""
+    if threshold is None:
+        return False
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    nets = [m for m in (getattr(pipe, n, None) for n in ("transformer", "transformer_2")) if m is not None]
+    for net in nets:
+        net.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    return bool(nets)
 
 
 # --- memory knobs --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from farm.cache import ArtifactCache
 from farm.config import FarmConfig, current
 from farm.contract import StageKind, StageRequest, StageResult
 from farm.faults import OutOfMemory, fire
-from farm.gpu.loading import apply_memory_knobs, load_pipeline
+from farm.gpu.loading import apply_memory_knobs, load_pipeline, use_sampler, use_step_cache
 from farm.gpu.nvml import GpuInfo, gpus, resolve_tier
 from farm.gpu.speed import apply_speed_knobs, speed_knobs
 from farm.gpu.stages import run_stage
@@ -72,27 +72,31 @@ class StageWorker:
 
     # --- residency ---------------------------------------------------------------------------
 
-    def pipeline(self, spec: ModelSpec, knobs: MemoryKnobs, lora: str | None = None,
-                 vae: str | None = None) -> tuple[Any, dict[str, bool]]:
-        """The resident pipeline for (model, lora, vae) with these memory knobs; loads it on first use.
+    def pipeline(self, spec: ModelSpec, knobs: MemoryKnobs, loras: tuple[tuple[str, float], ...] = (),
+                 vae: str | None = None, scheduler: str | None = None,
+                 step_cache: float | None = None) -> tuple[Any, dict[str, bool]]:
+        """The resident pipeline for (model, LoRAs, VAE, sampler, step cache) with these memory knobs;
+        loads it on first use.
 
         Keyed on the knobs *asked for*: what a pipeline can honour differs (SVD's VAE has no slicing),
         and comparing with what was applied would reload it on every stage."""
-        key = (spec, lora, vae)
+        key = (spec, loras, vae, scheduler, step_cache)
         held = self.pipelines.get(key)
         if held is not None and held[0] == knobs:
             return held[1], held[2]
         if held is not None:  # the OOM ladder asked for other memory knobs: rebuild from scratch
             self.unload(key)
         try:
-            pipe = self.loader(spec, device=self.device, dtype=self.dtype, lora=lora, vae=vae,
-                               cpu_offload=knobs.cpu_offload)
+            pipe = self.loader(spec, device=self.device, dtype=self.dtype, loras=loras, vae=vae,
+                               cpu_offload=knobs.cpu_offload or knobs.group_offload)
             pipe.set_progress_bar_config(disable=True)  # the farm shows its own progress
+            use_sampler(pipe, scheduler)
             applied = apply_memory_knobs(pipe, device=self.device, **asdict(knobs))
             capability = torch.cuda.get_device_capability() if self.device == "cuda" else None
             offloaded = applied["cpu_offload"] or applied["group_offload"]
             fast = speed_knobs(self.device, capability, offloaded, self.config.compile, spec.rules.channels_last)
             applied |= apply_speed_knobs(pipe, fast)
+            applied["step_cache"] = use_step_cache(pipe, step_cache)
         except torch.OutOfMemoryError as exc:  # a load that does not fit is an OOM of the stage like any other
             raise self._out_of_memory(exc) from None
         self.pipelines[key] = (knobs, pipe, applied)
@@ -157,12 +161,11 @@ class StageWorker:
         is_cancelled = lambda: req.ident in self.cancelled  # noqa: E731
         try:
             fire(self.faults, req.ident, torch.OutOfMemoryError)
+            pipe, applied = self.pipeline(req.model, req.knobs, req.loras, req.vae, req.scheduler, req.step_cache)
             if req.kind == StageKind.KEYFRAME:
-                pipe, applied = self.pipeline(req.model, req.knobs, req.lora, req.vae)
                 images, seen = run_stage(pipe, req.model.family, req.params, cancelled=is_cancelled)
                 hashes = cache.put_keyframe(req.output_key, images[0])
             else:
-                pipe, applied = self.pipeline(req.model, req.knobs)
                 first = cache.last_frame(req.input_key or "")
                 frames, seen = run_stage(pipe, req.model.family, req.params, first, is_cancelled)
                 hashes = cache.put_segment(req.output_key, first, frames, req.drop, req.kept)

@@ -97,14 +97,14 @@ class SimWorker:
         self.cost = costs[tier]
         self.time_scale = time_scale
         self.device = "sim"
-        self.pipelines: dict[tuple[str, str | None, str | None], str] = {}  # resident key -> model name
+        self.pipelines: dict[tuple[Any, ...], str] = {}  # resident key -> model name
         self.stages_run = 0
         self.faults: list[dict[str, Any]] = []
         self.cancelled: set[str] = set()
 
     def pipeline(self, req: StageRequest) -> dict[str, bool]:
         """Make the model resident (paying load_s x time_scale once); returns the knobs applied."""
-        key = (req.model.key, req.lora, req.vae)
+        key = (req.model.key, req.loras, req.vae)
         if key not in self.pipelines:
             pause(self.cost.load_s * self.time_scale)
             self.pipelines[key] = req.model.source
