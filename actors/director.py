@@ -29,7 +29,7 @@ from farm import jobbook as jb
 from farm.artifacts import from_cache, ingest_images, write_outputs
 from farm.cache import ArtifactCache
 from farm.config import FarmConfig, PolicyConfig, current, install
-from farm.contract import ACTIVE_STATES, FailureKind, JobState, StageResult
+from farm.contract import ACTIVE_STATES, FailureKind, JobState
 from farm.jobbook import JobBook
 from farm.jobsetup import setup_job
 from farm.manifest import FieldError, ManifestError
@@ -91,7 +91,9 @@ class Director:
         row, _ = self.store.add_job(job_id, setup.manifest.title, manifest, root, out, priority=priority,
                                     options=options or {}, idempotency_key=idempotency_key,
                                     webhook=webhook or setup.manifest.webhook, director=self.name)
-        return self.status(row.id)
+        status = self.status(row.id)
+        status["warnings"] = [{"loc": list(w.loc), "msg": w.msg} for w in setup.warnings]  # before its book exists
+        return status
 
     def status(self, job_id: str) -> dict[str, Any]:
         with self.lock:
@@ -268,10 +270,7 @@ class Director:
                 self.pool.forgive(f"{job}/{stage_id}", now)
         else:
             self.pool.succeeded(wid)
-            if isinstance(result, StageResult):
-                book.on_success(stage_id, result, now)
-            else:
-                book.on_success(stage_id, None, now, frames=result.frames)
+            book.on_success(stage_id, result, now)
         self.effects.apply(book)
 
     def _finish_jobs(self) -> None:

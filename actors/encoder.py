@@ -37,9 +37,9 @@ class Encoder:
             encode_clip(frames, req.fps, Path(req.dest), req.settings)
             self.cache.put_file(req.output_key, Path(req.dest), "mp4")
             return EncodeResult(frames=int(frames.shape[0]))
-        merge_clips([Path(c) for c in req.inputs], Path(req.dest), req.settings, **req.options)
+        merged = merge_clips([Path(c) for c in req.inputs], Path(req.dest), req.settings, **req.options)
         self.cache.put_file(req.output_key, Path(req.dest), "mp4")
-        return EncodeResult()
+        return EncodeResult(note=merged.how)
 
 
 # Two ffmpeg processes at once keep a small machine's cores busy while the GPUs render.

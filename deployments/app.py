@@ -195,6 +195,16 @@ class FarmIngress:
         await self._status(job_id)
         return await self.director.cancel.remote(job_id)
 
+    @app.post("/v1/jobs/{job_id}/requeue", dependencies=[Depends(bearer)], response_model=JobStatus,
+              responses={**UNAUTHORIZED, **NOT_FOUND,
+                         409: {"model": Problem, "description": "the job is still active"}})
+    async def requeue(self, job_id: str) -> dict[str, Any]:
+        """Run a finished job again (failed, cancelled, or succeeded); finished stages come from the cache."""
+        status = await self._status(job_id)
+        if JobState(status["state"]) in ACTIVE_STATES:
+            raise HTTPException(status_code=409, detail=f"job is {status['state']}: cancel it or let it finish first")
+        return await self.director.requeue.remote(job_id)
+
     @app.get("/v1/jobs/{job_id}/events", dependencies=[Depends(bearer)],
              responses={200: {"content": {"text/event-stream": {}}}})
     async def events(self, job_id: str) -> StreamingResponse:

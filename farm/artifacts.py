@@ -12,6 +12,7 @@ import numpy as np
 import PIL.Image
 import PIL.PngImagePlugin
 
+from farm.frames import Fit, fit_image
 from farm.hashing import canonical_json
 from farm.paths import atomic_path, atomic_write_text
 from farm.store import LEDGER_COLUMNS
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from farm.cache import ArtifactCache
     from farm.jobbook import JobBook
     from farm.jobsetup import JobSetup
+    from farm.manifest import Shot
     from farm.plan import Stage
 
 
@@ -50,7 +52,7 @@ def write_ledger(path: Path, rows: list[dict[str, Any]]) -> Path:
         ("worker", pa.string()), ("tier", pa.string()), ("preset", pa.string()),
         ("start", pa.timestamp("us", tz="UTC")), ("end", pa.timestamp("us", tz="UTC")),
         ("seconds", pa.float64()), ("peak_vram_bytes", pa.int64()), ("outcome", pa.string()),
-        ("cache_hit", pa.bool_()), ("error", pa.string()),
+        ("cache_hit", pa.bool_()), ("error", pa.string()), ("note", pa.string()),
     ])
     table = pa.Table.from_pylist([{c: row.get(c) for c in LEDGER_COLUMNS} for row in rows], schema=schema)
     with atomic_path(path) as tmp:
@@ -58,10 +60,11 @@ def write_ledger(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """A user-supplied keyframe, converted to RGB at the generation size."""
+def load_image(path: Path, size: tuple[int, int], fit: Fit = "crop") -> np.ndarray:
+    """A user-supplied keyframe, converted to RGB at the generation size, never stretched: centre-cropped
+    (or padded) where its aspect ratio differs."""
     with PIL.Image.open(path) as img:
-        return np.asarray(img.convert("RGB").resize(size, PIL.Image.Resampling.LANCZOS))
+        return fit_image(np.asarray(img.convert("RGB")), size, fit)
 
 
 def user_images(setup: JobSetup) -> dict[str, tuple[Path, str]]:
@@ -74,18 +77,23 @@ def user_images(setup: JobSetup) -> dict[str, tuple[Path, str]]:
     for sp in setup.plan.shots:
         if sp.first_frame_from == "image" and sp.shot.keyframe is not None:
             path = inside_root(setup.root, sp.shot.keyframe)
-            out[sp.shot.id] = (path, image_key(path, setup.manifest.output.size))
+            out[sp.shot.id] = (path, image_key(path, setup.manifest.output.size, keyframe_fit(setup, sp.shot)))
     return out
 
 
 def ingest_images(setup: JobSetup, cache: ArtifactCache) -> dict[str, str]:
     """Read users' own first frames into the cache at the generation size, once: shot -> cache key."""
     out = {}
-    for shot, (path, key) in user_images(setup).items():
+    for shot_id, (path, key) in user_images(setup).items():
         if not cache.has(key, "npz"):
-            cache.put_arrays(key, last=load_image(path, setup.manifest.output.size))
-        out[shot] = key
+            shot = next(sp.shot for sp in setup.plan.shots if sp.shot.id == shot_id)
+            cache.put_arrays(key, last=load_image(path, setup.manifest.output.size, keyframe_fit(setup, shot)))
+        out[shot_id] = key
     return out
+
+
+def keyframe_fit(setup: JobSetup, shot: Shot) -> Fit:
+    return shot.keyframe_fit or setup.manifest.output.keyframe_fit
 
 
 def write_job_ledger(path: Path, attempts: list[dict[str, Any]]) -> Path:
@@ -104,7 +112,7 @@ def write_outputs(book: JobBook, attempts: list[dict[str, Any]]) -> None:
     setup = book.setup
     write_job_ledger(book.layout.ledger, attempts)
     encode = setup.encode_identity() | {k: v for k, v in setup.merge_options.items() if k != "fps"}
-    lock = build_lock(book.id, setup.manifest, setup.plan, setup.specs, book.records(), encode)
+    lock = build_lock(book.id, setup.manifest, setup.plan, setup.specs, book.records(), encode, setup.warnings)
     lock["preview"] = setup.preview
     # What a draft ran per role (a distilled path, or undistilled steps and why), and the step cache.
     lock["draft"] = {role: asdict(choice) for role, choice in setup.drafts.items()}

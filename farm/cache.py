@@ -44,8 +44,8 @@ def video_key(model: dict[str, Any], params: Mapping[str, Any], input_key: str, 
     return content_hash(key)
 
 
-def image_key(path: Path, size: tuple[int, int]) -> str:
-    return content_hash({"stage": "image", "file": file_hash(str(path)), "size": list(size)})
+def image_key(path: Path, size: tuple[int, int], fit: str = "crop") -> str:
+    return content_hash({"stage": "image", "file": file_hash(str(path)), "size": list(size), "fit": fit})
 
 
 def clip_key(segment_keys: list[str], fps: int, encode: dict[str, Any]) -> str:

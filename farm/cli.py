@@ -14,7 +14,7 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from farm.jobsetup import model_errors
+    from farm.jobsetup import model_errors, setup_job
     from farm.manifest import load
 
     try:
@@ -22,11 +22,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         errors = model_errors(manifest, Path(args.file).parent, args.models)
         if errors:
             raise ManifestError(errors)
+        warnings = setup_job(manifest, Path(args.file).parent, {"models": args.models}).warnings
     except ManifestError as exc:
         for error in exc.errors:
             print(error, file=sys.stdout)
         return EXIT_INVALID
-    print(f"ok: {args.file} ({len(manifest.shots)} shots)")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stdout)
+    print(f"ok: {args.file} ({len(manifest.shots)} shots" + (f", {len(warnings)} warnings)" if warnings else ")"))
     return EXIT_OK
 
 
@@ -141,6 +144,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     except (ModelError, RenderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    for shot in result.lock["shots"]:
+        for warning in shot["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {result.layout.final} ({len(result.lock['shots'])} shots) in {result.seconds:.1f} s")
     if result.lock["tiny_models"]:
         print("note: tiny random-weight models were used; the film is noise by design")
@@ -236,6 +242,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     client = _client(args)
     return _client_call(lambda: client.cancel(args.job))
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    client = _client(args)
+    return _client_call(lambda: client.requeue(args.job))
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -352,6 +363,9 @@ def parser() -> argparse.ArgumentParser:
     s = remote("cancel", "cancel a job: running stages stop, nothing more starts")
     s.add_argument("job")
     s.set_defaults(func=cmd_cancel)
+    s = remote("requeue", "run a failed, cancelled or finished job again; finished stages come from the cache")
+    s.add_argument("job")
+    s.set_defaults(func=cmd_requeue)
     s = remote("fetch", "download a finished job's film")
     s.add_argument("job")
     s.add_argument("-o", "--output", required=True)

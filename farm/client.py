@@ -58,6 +58,9 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._check(self.http.delete(f"/v1/jobs/{job_id}"))
 
+    def requeue(self, job_id: str) -> dict[str, Any]:
+        return self._check(self.http.post(f"/v1/jobs/{job_id}/requeue"))
+
     def workers(self) -> list[dict[str, Any]]:
         return self._check(self.http.get("/v1/workers"))
 

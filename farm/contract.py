@@ -99,8 +99,10 @@ class StageRequest:
     kept: int = 0  # video: frames the clip keeps
     loras: tuple[tuple[str, float], ...] = ()  # LoRA files/folders and their scales (the user's, a draft's)
     vae: str | None = None  # a VAE override
+    embeddings: tuple[tuple[str, str], ...] = ()  # textual-inversion files and their trigger tokens
     scheduler: str | None = None  # a sampler to swap in (LCM for an LCM-LoRA draft)
     step_cache: float | None = None  # FirstBlockCache threshold, where the job asks for it
+    frame_size: tuple[int, int] | None = None  # (w, h) the output must have, where the call draws another
 
     @property
     def ident(self) -> str:
@@ -174,3 +176,4 @@ class EncodeRequest:
 @dataclass(frozen=True)
 class EncodeResult:
     frames: int = 0
+    note: str | None = None  # how it ran (the merge: "stream copy", or what it re-encoded and why)

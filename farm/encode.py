@@ -14,6 +14,7 @@ import contextlib
 import re
 import shutil
 import struct
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,12 +31,38 @@ X264_PRESETS = (
     "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo",
 )  # fmt: skip
 TRANSITIONS = ("cut", "crossfade")
-_BITRATE = re.compile(r"\d+(\.\d+)?[kKmM]?")
+# A bitrate names its unit: `k` (kbit/s) or `M` (Mbit/s). ffmpeg reads a bare number as bit/s and a
+# lower-case `m` as milli, so `8m` and `8000` would both be tiny films: refused, not guessed.
+_BITRATE = re.compile(r"(?P<n>\d+(?:\.\d+)?)(?P<unit>[kM])")
+BITRATE_RANGE = (10_000, 500_000_000)  # bit/s: below is no picture at all, above no player streams
+
+
+def bitrate_bits(text: str) -> int:
+    """Bits per second of a bitrate like `10000k` or `10M`; ValueError saying why for anything else."""
+    match = _BITRATE.fullmatch(str(text).strip())
+    if match is None:
+        raise ValueError(f"bitrate {text!r} must be a number with its unit, k or M (e.g. 10000k or 10M); "
+                         "ffmpeg reads a bare number as bit/s and a lower-case m as milli")
+    bits = int(float(match["n"]) * (1_000 if match["unit"] == "k" else 1_000_000))
+    if not BITRATE_RANGE[0] <= bits <= BITRATE_RANGE[1]:
+        raise ValueError(f"bitrate {text!r} must be between 10k and 500M")
+    return bits
+
+
+def default_bitrate(width: int, height: int) -> str:
+    """docs/sources.md section 1's bitrate fallback: 10000k at 1080p, 5000-8000k at 720p (6500k, the
+    middle); other sizes in proportion to 720p's pixels, at least 1000k."""
+    lines = min(width, height)
+    if lines >= 1080:
+        return "10000k"
+    if lines >= 720:
+        return "6500k"
+    return f"{max(1000, round(6500 * width * height / (1280 * 720)))}k"
 # The stream line looks like `Video: h264 (High) (avc1 / 0x31637661), yuv420p(tv, progressive), 64x48,
 # ...`: the pix_fmt's parenthetical may hold commas, and the codec tag holds `0x...`, so anchor the
 # size right after the pix_fmt instead of searching for the first `NxM`.
 _VIDEO_STREAM = re.compile(
-    r"Stream #\d+:\d+.*?: Video: (?P<codec>\w+)[^,]*, (?P<pix_fmt>\w+)(?:\([^)]*\))?, "
+    r"Stream #\d+:\d+.*?: Video: (?P<codec>\w+)(?: \((?P<profile>[^)]*)\))?[^,]*, (?P<pix_fmt>\w+)(?:\([^)]*\))?, "
     r"(?P<w>\d+)x(?P<h>\d+)(?P<rest>.*)"
 )
 _RATE = re.compile(r"(?P<v>\d+(?:\.\d+)?)(?P<k>k?) (?:fps|tbr)\b")
@@ -64,8 +91,8 @@ class EncodeSettings:
             raise ValueError(f"crf must be in 0..51, got {self.crf}")
         if self.preset not in X264_PRESETS:
             raise ValueError(f"preset must be one of {', '.join(X264_PRESETS)}, got {self.preset!r}")
-        if self.bitrate is not None and not _BITRATE.fullmatch(self.bitrate):
-            raise ValueError(f"bitrate must look like '10000k' or '8M', got {self.bitrate!r}")
+        if self.bitrate is not None:
+            bitrate_bits(self.bitrate)
 
 
 @dataclass(frozen=True)
@@ -78,6 +105,7 @@ class VideoInfo:
     codec: str
     pix_fmt: str
     faststart: bool
+    profile: str = ""  # the codec profile (H.264: High, Constrained Baseline, ...)
 
 
 def ffmpeg_exe() -> str:
@@ -103,6 +131,12 @@ def encode_clip(frames: Sequence[np.ndarray] | np.ndarray, fps: float, out: Path
     return out
 
 
+@dataclass(frozen=True)
+class MergeResult:
+    path: Path
+    how: str  # "stream copy", "re-encoded k of n clips" (only around crossfades) or "re-encoded" (all)
+
+
 def merge_clips(
     clips: Sequence[Path],
     out: Path,
@@ -110,23 +144,31 @@ def merge_clips(
     *,
     fps: float,
     transition: str = "cut",
+    transitions: Sequence[str] | None = None,
     crossfade_seconds: float = 0.5,
     final_resolution: tuple[int, int] | None = None,
     interpolate_fps: float | None = None,
-) -> Path:
-    """Join per-shot clips into the film: concatenated ("cut") or chained `xfade`s ("crossfade").
+) -> MergeResult:
+    """Join per-shot clips into the film. `transitions` names each boundary ("cut" or "crossfade"; a
+    shot that continues the previous one is always a cut); without it every boundary is `transition`.
 
-    Every clip is first brought to `fps` and a zero start time, because concat and xfade both need
-    matching frame rates and timebases. Interpolation runs before scaling so the expensive motion
-    search works on the small generation-size frames.
+    Nothing is encoded twice that need not be: with the film's frame rate and no final scale or
+    interpolation, clips are joined with the concat demuxer by stream copy, and only the runs of clips
+    joined by crossfades are re-encoded. Otherwise every clip is brought to `fps` and a zero start time
+    (concat and xfade need matching rates and timebases) and the film is encoded once; interpolation
+    runs before scaling so the expensive motion search works on the small generation-size frames.
     """
     clips = [Path(c) for c in clips]
     if not clips:
         raise ValueError("merge_clips needs at least one clip")
-    if transition not in TRANSITIONS:
-        raise ValueError(f"transition must be one of {', '.join(TRANSITIONS)}, got {transition!r}")
+    bounds = list(transitions) if transitions is not None else [transition] * (len(clips) - 1)
+    if len(bounds) != len(clips) - 1:
+        raise ValueError(f"{len(clips)} clips need {len(clips) - 1} transitions, got {len(bounds)}")
+    for kind in bounds:
+        if kind not in TRANSITIONS:
+            raise ValueError(f"transition must be one of {', '.join(TRANSITIONS)}, got {kind!r}")
     _check_positive("fps", fps)
-    if transition == "crossfade":
+    if "crossfade" in bounds:
         _check_positive("crossfade_seconds", crossfade_seconds)
     if interpolate_fps is not None:
         _check_positive("interpolate_fps", interpolate_fps)
@@ -135,39 +177,97 @@ def merge_clips(
         if w <= 0 or h <= 0 or w % 2 or h % 2:
             raise ValueError(f"final_resolution must be positive and even (yuv420p), got {w}x{h}")
     infos = [probe(c) for c in clips]
+    for i, kind in enumerate(bounds):
+        if kind == "crossfade":
+            for j in (i, i + 1):
+                if infos[j].duration < crossfade_seconds:
+                    raise ValueError(f"clip {clips[j]} is {infos[j].duration:.3f}s long, shorter than the "
+                                     f"{crossfade_seconds}s crossfade")
+    out = Path(out)
+    copyable = (final_resolution is None and interpolate_fps is None
+                and all(abs(i.fps - fps) < 1e-3 and (i.width, i.height) == (infos[0].width, infos[0].height)
+                        and i.codec == "h264" and i.pix_fmt == "yuv420p" and i.profile == infos[0].profile
+                        for i in infos))
+    if copyable:
+        result = _merge_by_copy(clips, infos, bounds, out, settings, fps, crossfade_seconds)
+        if result is not None:
+            return result
+    _encode_joined(clips, infos, bounds, out, settings, fps, crossfade_seconds, final_resolution, interpolate_fps)
+    return MergeResult(out, "re-encoded")
+
+
+def film_seconds(durations: Sequence[float], transitions: Sequence[str], crossfade_seconds: float) -> float:
+    """The film's length: every clip, less each crossfade actually applied."""
+    return sum(durations) - sum(crossfade_seconds for kind in transitions if kind == "crossfade")
+
+
+def _merge_by_copy(clips: list[Path], infos: list[VideoInfo], bounds: list[str], out: Path,
+                   settings: EncodeSettings, fps: float, crossfade_seconds: float) -> MergeResult | None:
+    """Runs of clips joined by crossfades are encoded (once) into one piece each; everything is then
+    joined by stream copy. None where the joined film does not have the frames it must (the caller
+    re-encodes it whole)."""
+    runs: list[list[int]] = [[0]]
+    for i, kind in enumerate(bounds):
+        if kind == "crossfade":
+            runs[-1].append(i + 1)
+        else:
+            runs.append([i + 1])
+    with tempfile.TemporaryDirectory(prefix=".merge-", dir=out.parent) as tmp:
+        pieces, reencoded = [], 0
+        for n, run in enumerate(runs):
+            if len(run) == 1:
+                pieces.append(clips[run[0]])
+                continue
+            piece = Path(tmp) / f"run{n}.mp4"
+            _encode_joined([clips[i] for i in run], [infos[i] for i in run], ["crossfade"] * (len(run) - 1),
+                           piece, settings, fps, crossfade_seconds, None, None)
+            if probe(piece).profile != infos[0].profile:
+                return None  # the film's settings are not the clips': packets of both cannot share a stream
+            pieces.append(piece)
+            reencoded += len(run)
+        listing = Path(tmp) / "clips.txt"
+        listing.write_text("".join(f"file '{p.resolve()}'\n" for p in pieces), encoding="utf-8")
+        with atomic_path(out) as target:
+            stream = ffmpeg.output(ffmpeg.input(str(listing), format="concat", safe=0), str(target), c="copy",
+                                   movflags="+faststart").global_args("-nostdin", "-loglevel", "error")
+            _run(stream.overwrite_output())
+            expected = round(film_seconds([i.duration for i in infos], bounds, crossfade_seconds) * fps)
+            joined = probe(target)
+            if abs(joined.frames - expected) > 1 or abs(joined.fps - fps) > 1e-3:
+                return None  # not what a film of these clips must be: encode it whole instead
+    how = "stream copy" if not reencoded else f"stream copy; re-encoded {reencoded} of {len(clips)} clips"
+    return MergeResult(out, how + " (crossfades)" if reencoded else how)
+
+
+def _encode_joined(clips: list[Path], infos: list[VideoInfo], bounds: list[str], out: Path,
+                   settings: EncodeSettings, fps: float, crossfade_seconds: float,
+                   final_resolution: tuple[int, int] | None, interpolate_fps: float | None) -> None:
     first = infos[0]
     streams = []
     for clip, info in zip(clips, infos, strict=True):
-        s = ffmpeg.input(str(clip)).video.filter("fps", fps=_rate(fps)).filter("setpts", "PTS-STARTPTS")
+        s = (ffmpeg.input(str(clip)).video.filter("fps", fps=_rate(fps)).filter("setpts", "PTS-STARTPTS")
+             .filter("settb", f"1/{_rate(fps)}"))
         if (info.width, info.height) != (first.width, first.height):
             s = s.filter("scale", first.width, first.height, flags="lanczos")
         streams.append(s.filter("format", "yuv420p").filter("setsar", 1))
 
-    if len(streams) == 1:
-        video = streams[0]
-    elif transition == "cut":
-        video = ffmpeg.concat(*streams, v=1, a=0)
-    else:
-        for clip, info in zip(clips, infos, strict=True):
-            if info.duration < crossfade_seconds:
-                raise ValueError(
-                    f"clip {clip} is {info.duration:.3f}s long, shorter than the {crossfade_seconds}s crossfade"
-                )
-        video, elapsed = streams[0], infos[0].duration
-        for stream, info in zip(streams[1:], infos[1:], strict=True):
+    video, elapsed = streams[0], infos[0].duration
+    for stream, info, kind in zip(streams[1:], infos[1:], bounds, strict=True):
+        if kind == "crossfade":
             # xfade's offset is on the merged timeline so far, which each transition shortens.
             offset = elapsed - crossfade_seconds
-            video = ffmpeg.filter(
-                [video, stream], "xfade", transition="fade", duration=crossfade_seconds, offset=f"{offset:.6f}"
-            )
+            video = ffmpeg.filter([video, stream], "xfade", transition="fade", duration=crossfade_seconds,
+                                  offset=f"{offset:.6f}")
             elapsed = offset + info.duration
+        else:
+            # concat's output has its own timebase; xfade needs both inputs on one, so set it back
+            video = ffmpeg.concat(video, stream, v=1, a=0).filter("settb", f"1/{_rate(fps)}")
+            elapsed += info.duration
 
     if interpolate_fps is not None:
         # minterpolate stops short of the last source frame (about 3 frames lost at 15->30 fps), so
         # hold the end for two frames and then trim to the film's length at the new rate.
-        seconds = sum(i.duration for i in infos)
-        if transition == "crossfade":
-            seconds -= (len(infos) - 1) * crossfade_seconds
+        seconds = film_seconds([i.duration for i in infos], bounds, crossfade_seconds)
         video = (
             video.filter("tpad", stop_mode="clone", stop=2)
             .filter("minterpolate", fps=_rate(interpolate_fps))
@@ -182,12 +282,9 @@ def merge_clips(
             .filter("setsar", 1)
         )
     video = video.filter("format", "yuv420p")
-
-    out = Path(out)
     with atomic_path(out) as tmp:
         stream = ffmpeg.output(video, str(tmp), **_h264_args(settings)).global_args("-nostdin", "-loglevel", "error")
         _run(stream.overwrite_output())
-    return out
 
 
 def probe(path: Path) -> VideoInfo:
@@ -216,6 +313,7 @@ def probe(path: Path) -> VideoInfo:
         frames=frames,
         duration=frames / fps,
         codec=m["codec"],
+        profile=m["profile"] or "",
         pix_fmt=m["pix_fmt"],
         faststart=_moov_before_mdat(path),
     )

@@ -19,6 +19,7 @@ from typing import Any
 from farm import cache as keys
 from farm.contract import (
     EncodeRequest,
+    EncodeResult,
     FailureKind,
     JobState,
     Outcome,
@@ -319,20 +320,23 @@ class JobBook:
         preset = self.preset(stage, tier)
         params = self.params(stage_id, tier)
         role = str(stage.kind)
-        options = setup.pipeline_options(role)
+        options, key_options = setup.pipeline_options(role), setup.key_options(role)
         common: dict[str, Any] = {"loras": setup.loras(role), "vae": options["vae"], "scheduler": options["scheduler"],
-                                  "step_cache": options["step_cache"]}
+                                  "step_cache": options["step_cache"],
+                                  "embeddings": setup.overrides.embeddings if role == "keyframe" else ()}
         if stage.kind == StageKind.KEYFRAME:
-            key = keys.keyframe_key(setup.identity["keyframe"], params, options)
+            key = keys.keyframe_key(setup.identity["keyframe"], params, key_options)
             return StageRequest(self.id, stage.id, StageKind.KEYFRAME, setup.specs["keyframe"], params, preset.knobs,
-                                preset.label(), preset.tier, key, cache_dir, **common)
+                                preset.label(), preset.tier, key, cache_dir,
+                                frame_size=setup.manifest.output.keyframe_size, **common)
         assert stage.segment is not None  # params() refused anything but keyframe and video stages
         input_key = self.input_key(stage)
         key = keys.video_key(setup.identity["video"], params, input_key, stage.segment.drop, stage.segment.kept,
-                             options)
+                             key_options)
         return StageRequest(self.id, stage.id, StageKind.VIDEO, setup.specs["video"], params, preset.knobs,
                             preset.label(), preset.tier, key, cache_dir, input_key=input_key,
-                            drop=stage.segment.drop, kept=stage.segment.kept, **common)
+                            drop=stage.segment.drop, kept=stage.segment.kept,
+                            frame_size=setup.manifest.output.size, **common)
 
     def input_key(self, stage: Stage) -> str:
         """The cache key of the frame a video stage starts from: its dependency's output, or the
@@ -382,16 +386,18 @@ class JobBook:
         self._start()
         self._emit(now, "stage_started", stage=stage_id, kind=stage.kind, shot=stage.shot, worker=worker, tier=tier)
 
-    def on_success(self, stage_id: str, result: StageResult | None, now: float, *, frames: int = 0) -> None:
-        """A dispatched stage finished. GPU stages report a StageResult; CPU stages None (with the
-        frames a clip encoded). A result for a stage the book does not see running (it was requeued
-        meanwhile) is dropped."""
+    def on_success(self, stage_id: str, result: StageResult | EncodeResult, now: float) -> None:
+        """A dispatched stage finished: GPU stages report a StageResult, CPU stages an EncodeResult. A
+        result for a stage the book does not see running (it was requeued meanwhile) is dropped."""
         run = self.running.pop(stage_id, None)
         if run is None:
             return
         stage = self.plan.stages[stage_id]
-        if result is None:
-            record: dict[str, Any] = {"frames": frames} if stage.kind == StageKind.CLIP else {}
+        note = None
+        if isinstance(result, EncodeResult):
+            record: dict[str, Any] = {"frames": result.frames} if stage.kind == StageKind.CLIP else {}
+            if result.note:
+                record["note"] = note = result.note
             tier, preset, peak = "cpu", "encode", None
         else:
             record = {"tier": result.tier, "worker": result.worker, "preset": result.preset,
@@ -401,12 +407,12 @@ class JobBook:
             tier, preset, peak = result.tier, result.preset, result.peak_vram_bytes
         if not self.active:
             return  # a cancelled job's stage that finished anyway: its output is cached all the same
-        if result is not None:
+        if isinstance(result, StageResult):
             self.outbox.append(CacheRecord(run.key, record))
         kept = stage.segment.kept if stage.segment else 0
-        self._finish(stage, run.key, record, worker=run.worker if result is None else result.worker, tier=tier,
-                     preset=preset, started=run.started, now=now, attempt=run.attempt, cache_hit=False, peak=peak,
-                     frames=kept)
+        worker = result.worker if isinstance(result, StageResult) else run.worker
+        self._finish(stage, run.key, record, worker=worker, tier=tier, preset=preset, started=run.started, now=now,
+                     attempt=run.attempt, cache_hit=False, peak=peak, frames=kept, note=note)
 
     def on_cache_hit(self, stage_id: str, key: str, record: Mapping[str, Any], now: float) -> None:
         stage = self.plan.stages[stage_id]
@@ -499,9 +505,9 @@ class JobBook:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _scene(self, stage: Stage) -> Scene:
+    def _scene(self, stage: Stage) -> Scene | None:
         sp = self.shots.get(stage.shot or "")
-        return sp.shot.scene if sp is not None else "smooth"
+        return sp.shot.scene if sp is not None else None
 
     def _start(self) -> None:
         if self.state == JobState.QUEUED:
@@ -521,12 +527,12 @@ class JobBook:
 
     def _finish(self, stage: Stage, key: str, record: dict[str, Any], *, worker: str, tier: str | None,
                 preset: str | None, started: float, now: float, attempt: int, cache_hit: bool, peak: int | None,
-                frames: int) -> None:
+                frames: int, note: str | None = None) -> None:
         self.done[stage.id] = Done(key, record)
         self.not_before.pop(stage.id, None)
         self.outbox.append(SaveStage(stage.id, "succeeded", worker, tier, key, record))
         self.outbox.append(LedgerRow(self._row(stage, attempt, worker, tier, preset, started, now, Outcome.SUCCEEDED,
-                                               cache_hit=cache_hit, peak=peak, frames=frames)))
+                                               cache_hit=cache_hit, peak=peak, frames=frames, note=note)))
         if stage.kind == StageKind.KEYFRAME and stage.shot is not None:
             params = {**record.get("params", {}), "model": self.setup.specs["keyframe"].source}
             self.outbox.append(WriteKeyframe(stage.shot, key, params))
@@ -540,11 +546,11 @@ class JobBook:
 
     def _row(self, stage: Stage, attempt: int, worker: str | None, tier: str | None, preset: str | None,
              started: float, now: float, outcome: Outcome, *, cache_hit: bool = False, peak: int | None = None,
-             error: str | None = None, frames: int = 0) -> dict[str, Any]:
+             error: str | None = None, frames: int = 0, note: str | None = None) -> dict[str, Any]:
         return {"job": self.id, "shot": stage.shot, "stage": stage.id, "attempt": attempt, "worker": worker,
                 "tier": tier, "preset": preset, "start": started, "end": now, "seconds": now - started,
                 "peak_vram_bytes": peak, "outcome": outcome.value, "cache_hit": int(cache_hit), "error": error,
-                "frames": frames}
+                "frames": frames, "note": note}
 
     def _emit(self, now: float, event_type: str, **fields: Any) -> None:
         self.outbox.append(Emit({"job": self.id, "time": now, "type": event_type, **fields}))

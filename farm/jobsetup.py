@@ -12,9 +12,10 @@ from typing import Any
 
 from farm.cache import model_identity
 from farm.config import current
-from farm.encode import EncodeSettings
+from farm.encode import EncodeSettings, default_bitrate
+from farm.hashing import weights_digest
 from farm.manifest import FieldError, Manifest, inside_root, validate_data
-from farm.models import ModelSpec, missing, resolve_model, with_tiny
+from farm.models import ModelSpec, companion_vae, missing, resolve_model, with_tiny
 from farm.plan import Plan, build_plan
 from farm.presets import QUALITY_TEMPLATES
 
@@ -50,8 +51,11 @@ def model_errors(manifest: Manifest, root: Path | None, override: str | None = N
 def encode_settings(manifest: Manifest) -> EncodeSettings:
     template = QUALITY_TEMPLATES[manifest.quality]
     out = manifest.output
+    bitrate = out.bitrate
+    if bitrate == "auto":
+        bitrate = default_bitrate(*(out.final_size or out.size))
     return EncodeSettings(crf=out.crf if out.crf is not None else template.crf,
-                          preset=out.preset or template.x264_preset, bitrate=out.bitrate)
+                          preset=out.preset or template.x264_preset, bitrate=bitrate)
 
 
 def encode_identity(settings: EncodeSettings) -> dict[str, Any]:
@@ -60,8 +64,11 @@ def encode_identity(settings: EncodeSettings) -> dict[str, Any]:
 
 
 def merge_options(manifest: Manifest, fps: int) -> dict[str, Any]:
+    """How the clips become the film. Each boundary is the manifest's transition, except where a shot
+    continues the previous one: one continuous take is never crossfaded."""
     out = manifest.output
-    return {"fps": fps, "transition": out.transition, "crossfade_seconds": out.crossfade_seconds,
+    transitions = ["cut" if shot.continue_from == "previous" else out.transition for shot in manifest.shots[1:]]
+    return {"fps": fps, "transitions": transitions, "crossfade_seconds": out.crossfade_seconds,
             "final_resolution": out.final_size, "interpolate_fps": out.interpolate_fps}
 
 
@@ -121,10 +128,11 @@ class JobSetup:
     identity: dict[str, dict[str, Any]]  # role -> model identity (with its revision)
     encode: EncodeSettings
     merge_options: dict[str, Any]
-    overrides: dict[str, str | None]  # the keyframe model's LoRA and VAE, as absolute paths
+    overrides: KeyframeOverrides  # the keyframe model's LoRAs, VAE and embeddings, as absolute paths
     preview: bool = False
     drafts: dict[str, DraftChoice] = field(default_factory=dict)  # role -> its draft path (previews only)
     step_cache: dict[str, float] = field(default_factory=dict)  # role -> FirstBlockCache threshold
+    warnings: list[FieldError] = field(default_factory=list)  # what the job asks for that nothing will use
 
     @property
     def fps(self) -> int:
@@ -139,20 +147,32 @@ class JobSetup:
 
     def loras(self, role: str) -> tuple[tuple[str, float], ...]:
         """The LoRAs a role's pipeline loads, with their scales: the user's (keyframe), then a draft's."""
-        out = [(self.overrides["lora"], 1.0)] if role == "keyframe" and self.overrides["lora"] else []
+        out = list(self.overrides.loras) if role == "keyframe" else []
         draft = self.drafts.get(role)
         if draft is not None and draft.lora:
             out.append((draft.lora, 1.0))
         return tuple(out)
 
     def pipeline_options(self, role: str) -> dict[str, Any]:
-        """What changes a role's pipeline besides the model and its call: LoRAs, VAE, sampler, step
-        cache. It goes into the cache key (they change the pixels) and the worker's residency key."""
+        """What changes a role's pipeline besides the model and its call: LoRAs, VAE, embeddings,
+        sampler, step cache, by path (the worker's residency key and what it loads)."""
         draft = self.drafts.get(role)
+        keyframe = role == "keyframe"
         return {"loras": [list(x) for x in self.loras(role)],
-                "vae": self.overrides["vae"] if role == "keyframe" else None,
+                "vae": self.overrides.vae if keyframe else None,
+                "embeddings": [list(x) for x in self.overrides.embeddings] if keyframe else [],
                 "scheduler": draft.scheduler if draft is not None else None,
                 "step_cache": self.step_cache.get(role)}
+
+    def key_options(self, role: str) -> dict[str, Any]:
+        """`pipeline_options` as the cache key sees them: each weights file by its content, so a LoRA
+        retrained in place renders anew and a renamed one is still found."""
+        options = self.pipeline_options(role)
+        return options | {
+            "loras": [[weights_digest(path), scale] for path, scale in options["loras"]],
+            "vae": options["vae"] and weights_digest(options["vae"]),
+            "embeddings": [[weights_digest(path), token] for path, token in options["embeddings"]],
+        }
 
 
 def setup_job(manifest_data: dict[str, Any] | Manifest, root: Path | str, options: dict[str, Any] | None = None,
@@ -181,9 +201,60 @@ def setup_job(manifest_data: dict[str, Any] | Manifest, root: Path | str, option
                   if manifest.speed.step_cache and spec.rules.step_cache
                   and not (role in drafts and drafts[role].distilled)}
     plan = build_plan(manifest, specs["video"])
-    models = manifest.models
-    overrides = {"lora": models.lora and str(inside_root(root, models.lora)),
-                 "vae": models.vae and str(inside_root(root, models.vae))}
+    overrides = keyframe_overrides(manifest, root, specs["keyframe"])
     return JobSetup(manifest, root, plan, specs, {role: model_identity(s) for role, s in specs.items()},
                     encode_settings(manifest), merge_options(manifest, plan.film_fps), overrides,
-                    preview=drafting, drafts=drafts, step_cache=step_cache)
+                    preview=drafting, drafts=drafts, step_cache=step_cache,
+                    warnings=unused_input_warnings(manifest, plan, specs))
+
+
+@dataclass(frozen=True)
+class KeyframeOverrides:
+    """What the manifest changes in the keyframe model's pipeline, as absolute paths."""
+
+    loras: tuple[tuple[str, float], ...] = ()
+    vae: str | None = None
+    embeddings: tuple[tuple[str, str], ...] = ()  # (file, trigger token)
+
+
+def keyframe_overrides(manifest: Manifest, root: Path, keyframe: ModelSpec) -> KeyframeOverrides:
+    models = manifest.models
+    loras = ([(str(inside_root(root, models.lora)), 1.0)] if models.lora else []) + [
+        (str(inside_root(root, lora.path)), lora.scale) for lora in models.loras]
+    vae = str(inside_root(root, models.vae)) if models.vae else None
+    if vae is None and (beside := companion_vae(keyframe, models.allow_pickle)) is not None:
+        vae = str(beside)
+    embeddings = tuple((str(inside_root(root, e.path)), e.token) for e in models.embeddings)
+    return KeyframeOverrides(tuple(loras), vae, embeddings)
+
+
+def unused_input_warnings(manifest: Manifest, plan: Plan, specs: dict[str, ModelSpec]) -> list[FieldError]:
+    """Prompts no model will read: a shot that starts from the previous shot or from its own picture
+    draws no keyframe, so its prompt reaches a model only if the video family takes one (Wan, LTX and
+    I2VGen-XL do; SVD does not). Not errors (the render is still what was asked for), but a writer
+    should know their words went nowhere: `farm validate`, the job's status and the lockfile say so."""
+    video = specs["video"].rules
+    keyframe = specs["keyframe"].rules
+    out = []
+    for sp in plan.shots:
+        draws_keyframe = sp.first_frame_from == "keyframe"
+        start = {"previous": "continues the previous shot", "image": "starts from its own keyframe image",
+                 "keyframe": ""}[sp.first_frame_from]
+        if not draws_keyframe and not video.takes_prompt:
+            out.append(FieldError(("shots", sp.index, "prompt"),
+                                  f"not used: the shot {start} and {video.title} takes no prompt "
+                                  "(pick a video model that does, such as Wan or LTX-Video, "
+                                  "or give the shot a keyframe)"))
+        if sp.shot.negative_prompt is not None:
+            readers = ([keyframe] if draws_keyframe else []) + [video]
+            if not any(f.takes_negative_prompt for f in readers):
+                names = " and ".join(f.title for f in readers)
+                out.append(FieldError(("shots", sp.index, "negative_prompt"),
+                                      f"not used: {names} take{'s' if len(readers) == 1 else ''} no negative prompt"))
+    drawn = [sp.shot.prompt for sp in plan.shots if sp.first_frame_from == "keyframe"]
+    for i, emb in enumerate(manifest.models.embeddings):
+        if not any(emb.token in prompt for prompt in drawn):
+            out.append(FieldError(("models", "embeddings", i, "token"),
+                                  f"no prompt of a shot that draws a keyframe names {emb.token!r}: the embedding "
+                                  "is loaded and never used"))
+    return out

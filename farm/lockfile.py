@@ -12,7 +12,7 @@ from typing import Any
 
 from farm import __version__
 from farm.hashing import content_hash
-from farm.manifest import Manifest
+from farm.manifest import FieldError, Manifest
 from farm.models import ModelSpec, model_revision
 from farm.plan import Plan
 
@@ -59,8 +59,13 @@ def licence_note(models: dict[str, ModelSpec]) -> str:
 
 
 def build_lock(job_id: str, manifest: Manifest, plan: Plan, models: dict[str, ModelSpec],
-               records: dict[str, dict[str, Any]], encode: dict[str, Any]) -> dict[str, Any]:
+               records: dict[str, dict[str, Any]], encode: dict[str, Any],
+               warnings: list[FieldError] | None = None) -> dict[str, Any]:
     shots = []
+    said: dict[int, list[str]] = {}  # shot index -> what it asked for that no model used
+    for warning in warnings or []:
+        if warning.loc[:1] == ("shots",) and isinstance(warning.loc[1], int):
+            said.setdefault(warning.loc[1], []).append(str(warning))
     for sp in plan.shots:
         kf = records.get(f"keyframe:{sp.shot.id}")
         segments = [records[f"video:{sp.shot.id}:{seg.index}"] | {"index": seg.index, "frames": seg.frames,
@@ -75,6 +80,7 @@ def build_lock(job_id: str, manifest: Manifest, plan: Plan, models: dict[str, Mo
             "frames": sp.frames,
             "first_frame_from": sp.first_frame_from,
             "tier": tiers[0] if len(tiers) == 1 else "mixed:" + ",".join(tiers),
+            "warnings": said.get(sp.index, []),
             "keyframe": kf,
             "video": {
                 # The effective parameters every segment of the shot shares, then each segment's record.

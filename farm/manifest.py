@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from farm.presets import MotionLevel, Quality, Scene
 
 SHOT_ID = r"^[A-Za-z0-9_-]{1,64}$"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+# docs/sources.md section 1: keyframes at 1920x1080, video at 1024x576.
+KEYFRAME_SCALE = 1920 / 1024
 DEFAULT_KEYFRAME_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_VIDEO_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 
@@ -46,13 +47,29 @@ class Steps(Strict):
     video: Annotated[int, Field(ge=1, le=500)] | None = None
 
 
+class Lora(Strict):
+    path: Annotated[str, Field(min_length=1)]
+    scale: Annotated[float, Field(ge=-4.0, le=4.0)] = 1.0
+
+
+class Embedding(Strict):
+    """A textual-inversion embedding (safetensors only) and the token a prompt names it by."""
+
+    path: Annotated[str, Field(min_length=1)]
+    token: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^\S+$")]
+
+
 class Models(Strict):
     keyframe: str = DEFAULT_KEYFRAME_MODEL
     video: str = DEFAULT_VIDEO_MODEL
     keyframe_revision: str | None = None
     video_revision: str | None = None
-    lora: str | None = None  # applied to the keyframe model
-    vae: str | None = None  # VAE override for the keyframe model
+    lora: str | None = None  # one LoRA at scale 1 on the keyframe model (`loras` takes several, with scales)
+    loras: list[Lora] = []  # applied to the keyframe model, in order, each at its scale
+    embeddings: list[Embedding] = []  # textual inversions for the keyframe model (SDXL)
+    # VAE override for the keyframe model. Without one, a single-file keyframe checkpoint picks up a
+    # VAE saved beside it under its own name (`model.safetensors` + `model.vae.safetensors`, as in the WebUI).
+    vae: str | None = None
     allow_pickle: bool = False
     # Drafts (--preview, quality: draft): the family's distilled path, where it is on disk: a
     # step-distillation LoRA (SDXL's LCM-LoRA, a Wan LoRA) or a distilled model (FLUX.1 schnell, LTX
@@ -73,12 +90,19 @@ class Speed(Strict):
 class Output(Strict):
     fps: Annotated[int, Field(ge=1, le=120)] | None = None  # None: the quality template's fps
     resolution: str = "1024x576"
+    # The keyframes' own size; None: the seed's ratio (1920x1080 keyframes for 1024x576 video: 1.875x
+    # the video size), rounded to what the keyframe family can make. Written full size as PNGs, and
+    # resized to the video size for the video stage.
+    keyframe_resolution: str | None = None
+    keyframe_fit: Literal["crop", "pad"] = "crop"  # user keyframe images of another aspect ratio
     final_resolution: str | None = None
     crf: Annotated[int, Field(ge=0, le=51)] | None = None
     preset: Literal[
         "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"
     ] | None = None
-    bitrate: Annotated[str, Field(pattern=r"^\d+(\.\d+)?[kKmM]?$")] | None = None
+    # Bitrate mode instead of CRF: `10000k` or `10M` (the unit is required), or `auto` for the seed's
+    # fallback by size (10000k at 1080p, 6500k at 720p).
+    bitrate: Annotated[str, Field(max_length=16)] | None = None
     transition: Literal["cut", "crossfade"] = "cut"
     crossfade_seconds: Annotated[float, Field(gt=0, le=5)] = 0.5
     interpolate_fps: Annotated[int, Field(ge=1, le=120)] | None = None
@@ -89,11 +113,20 @@ class Output(Strict):
         parse_size(value, "resolution")
         return value
 
-    @field_validator("final_resolution")
+    @field_validator("bitrate")
     @classmethod
-    def _final_resolution(cls, value: str | None) -> str | None:
+    def _bitrate(cls, value: str | None) -> str | None:
+        from farm.encode import bitrate_bits
+
+        if value is not None and value != "auto":
+            bitrate_bits(value)
+        return value
+
+    @field_validator("final_resolution", "keyframe_resolution")
+    @classmethod
+    def _optional_size(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
-            parse_size(value, "final_resolution")
+            parse_size(value, str(info.field_name))
         return value
 
     @property
@@ -101,14 +134,28 @@ class Output(Strict):
         return parse_size(self.resolution, "resolution")
 
     @property
+    def keyframe_size(self) -> tuple[int, int]:
+        """What the keyframe is drawn at (before the family's rounding): as given, else the seed's ratio."""
+        if self.keyframe_resolution:
+            return parse_size(self.keyframe_resolution, "keyframe_resolution")
+        width, height = self.size
+        return round(width * KEYFRAME_SCALE / 8) * 8, round(height * KEYFRAME_SCALE / 8) * 8
+
+    @property
     def final_size(self) -> tuple[int, int] | None:
         return parse_size(self.final_resolution, "final_resolution") if self.final_resolution else None
 
 
+Guidance = Annotated[float, Field(ge=0, le=30)]
+VideoPreset = Annotated[str, Field(min_length=1, max_length=40)]
+
+
 class Defaults(Strict):
     negative_prompt: str = "blurry, distorted"
-    guidance_scale: Annotated[float, Field(ge=1, le=30)] = 7.5
+    guidance_scale: Guidance | None = None  # the keyframe model's CFG; None: the family's (SDXL 7.5)
     guidance_rescale: Annotated[float, Field(ge=0, le=1)] = 0.7
+    video_guidance_scale: Guidance | None = None  # the video model's; None: its preset, rule or default
+    video_preset: VideoPreset | None = None  # a preset of the video family (I2VGen-XL: preview, standard, ...)
 
 
 class Shot(Strict):
@@ -117,14 +164,18 @@ class Shot(Strict):
     duration: Annotated[float, Field(gt=0, le=600)]
     motion: MotionLevel | None = None
     motion_bucket_id: Annotated[int, Field(ge=1, le=255)] | None = None
-    scene: Scene = "smooth"
+    scene: Scene | None = None  # None: the quality template's motion and noise (see farm presets)
+    noise_aug_strength: Annotated[float, Field(ge=0, le=1)] | None = None  # SVD only
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
     keyframe: str | None = None
     continue_from: Literal["previous"] | None = None
     negative_prompt: str | None = None
-    guidance_scale: Annotated[float, Field(ge=1, le=30)] | None = None
+    guidance_scale: Guidance | None = None  # the keyframe's CFG (drives the keyframe model only)
+    video_guidance_scale: Guidance | None = None  # the video model's guidance
+    video_preset: VideoPreset | None = None
     subjects: Annotated[int, Field(ge=1, le=3)] = 1  # I2VGen-XL adaptive guidance
     steps: Steps | None = None
+    keyframe_fit: Literal["crop", "pad"] | None = None  # a user keyframe image of another aspect ratio
 
     @model_validator(mode="after")
     def _one_motion(self) -> Shot:
@@ -227,14 +278,42 @@ def _semantic_errors(manifest: Manifest, root: Path | None) -> list[FieldError]:
         except ModelError as exc:
             errors.append(FieldError(("models", role), str(exc)))
             continue
-        # What the model family can render (its pure half says): minimum side, multiples of 8/16/32.
-        problem = spec.rules.size_error(width, height, spec.variant)
+        # What the model family can render (its pure half says): minimum side, multiples of 8/16/32. The
+        # keyframe is drawn at its size rounded up to the family's multiple and cropped back.
+        if role == "keyframe":
+            field, size = "keyframe_resolution", spec.rules.render_size(*manifest.output.keyframe_size, spec.variant)
+        else:
+            field, size = "resolution", (width, height)
+        problem = spec.rules.size_error(*size, spec.variant)
         if problem is not None:
-            errors.append(FieldError(("output", "resolution"), f"{problem} (models.{role})"))
+            errors.append(FieldError(("output", field), f"{problem} (models.{role})"))
+    video_family = specs["video"].rules if "video" in specs else None
+    choices = sorted(video_family.presets) if video_family is not None else []
+    for loc, name in [(("defaults", "video_preset"), manifest.defaults.video_preset)] + [
+            (("shots", i, "video_preset"), shot.video_preset) for i, shot in enumerate(manifest.shots)]:
+        if name is not None and video_family is not None and name not in video_family.presets:
+            have = f"one of {', '.join(choices)}" if choices else "none: it has no presets"
+            errors.append(FieldError(loc, f"{video_family.title} has no preset {name!r} ({have})"))
     for field in ("lora", "vae"):
         value = getattr(manifest.models, field)
         if value is not None:
             errors.extend(_weights_file_errors(value, root, manifest.models.allow_pickle, ("models", field)))
+    for i, lora in enumerate(manifest.models.loras):
+        errors.extend(_weights_file_errors(lora.path, root, manifest.models.allow_pickle,
+                                           ("models", "loras", i, "path")))
+    keyframe_family = specs["keyframe"].rules if "keyframe" in specs else None
+    tokens: set[str] = set()
+    for i, emb in enumerate(manifest.models.embeddings):
+        at: tuple[str | int, ...] = ("models", "embeddings", i)
+        if not emb.path.lower().endswith(".safetensors"):
+            errors.append(FieldError((*at, "path"), "embeddings load from .safetensors files only"))
+        else:
+            errors.extend(_weights_file_errors(emb.path, root, False, (*at, "path")))
+        if emb.token in tokens:
+            errors.append(FieldError((*at, "token"), f"{emb.token!r} names two embeddings"))
+        tokens.add(emb.token)
+        if keyframe_family is not None and not keyframe_family.embeddings:
+            errors.append(FieldError(at, f"{keyframe_family.title} takes no textual-inversion embeddings (SDXL does)"))
     for role in ("keyframe", "video"):
         draft = getattr(manifest.models, f"{role}_draft")
         if draft is not None and local_path(draft, root) is not None:  # a LoRA or model on disk (else a hub id)
@@ -243,8 +322,12 @@ def _semantic_errors(manifest: Manifest, root: Path | None) -> list[FieldError]:
         errors.append(FieldError(("speed", "step_cache"), "none of the job's model families takes a step cache "
                                  "(FLUX.1, Wan and LTX-Video do)"))
     fps = manifest.output.interpolate_fps
-    if fps is not None and manifest.output.fps is not None and fps < manifest.output.fps:
-        errors.append(FieldError(("output", "interpolate_fps"), "must not be below output.fps"))
+    if fps is not None:
+        from farm.plan import output_fps  # the film's rate: output.fps, else the model's, else the template's
+
+        film = output_fps(manifest, specs.get("video"))
+        if fps < film:
+            errors.append(FieldError(("output", "interpolate_fps"), f"must not be below the film's rate ({film} fps)"))
     if manifest.output.transition == "crossfade":
         xfade = manifest.output.crossfade_seconds
         for i, shot in enumerate(manifest.shots):
@@ -277,7 +360,9 @@ def _keyframe_errors(value: str, root: Path | None, loc: tuple[str | int, ...]) 
 
 def _weights_file_errors(value: str, root: Path | None, allow_pickle: bool,
                          loc: tuple[str | int, ...]) -> list[FieldError]:
-    if value.lower().endswith(PICKLE_SUFFIXES) and not allow_pickle:
+    from farm.models import PICKLE_SUFFIXES  # one list of pickle formats, for models, LoRAs and VAEs alike
+
+    if value.lower().endswith(tuple(PICKLE_SUFFIXES)) and not allow_pickle:
         return [FieldError(loc, "pickle checkpoints can run code when loaded; use .safetensors "
                                 "or set models.allow_pickle: true")]
     path = _in_root(value, root, loc)

@@ -119,6 +119,20 @@ def _resolve_tiny(role: Role, source: str, text: str) -> ModelSpec:
     return ModelSpec(role, source, fam.name, "tiny", tiny_dir_name(fam.name, variant), frames, variant=variant)
 
 
+def companion_vae(spec: ModelSpec, allow_pickle: bool = False) -> Path | None:
+    """A VAE saved beside a single-file checkpoint under its name (`model.safetensors` and
+    `model.vae.safetensors`: the WebUI convention), which loads with it."""
+    if spec.kind != "file":
+        return None
+    checkpoint = Path(spec.location)
+    suffixes = [".safetensors"] + (sorted(PICKLE_SUFFIXES) if allow_pickle else [])
+    for suffix in suffixes:
+        candidate = checkpoint.with_name(checkpoint.stem + ".vae" + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def with_tiny(spec: ModelSpec) -> ModelSpec:
     """The tiny stand-in of the same family and variant (`--models tiny`): same pipeline class,
     random weights."""

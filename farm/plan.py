@@ -65,6 +65,11 @@ class Plan:
     fps: int = 15  # the rate frames are generated and clips encoded at
     film_fps: int = 15  # the film's rate (the merge brings every clip to it)
 
+    def call_lengths(self) -> set[int]:
+        """The distinct frame counts of the job's video calls: each is one compiled shape per worker
+        (with the size), so a job should have few (`Family.call_buckets`)."""
+        return {s.segment.frames for s in self.stages.values() if s.segment is not None}
+
     def add(self, stage: Stage) -> Stage:
         assert stage.id not in self.stages, stage.id
         self.stages[stage.id] = stage

@@ -58,6 +58,21 @@ def tier_for_vram(total_bytes: int) -> Tier:
     return "low"
 
 
+# A worker forced to a tier on a bigger card may use only this much of it (`--tier low` on an 80 GB card
+# must run out of memory where a real low card would, or the tier is a label and not a test). Each cap
+# classifies as its own tier under `tier_for_vram`; high is never capped.
+TIER_MEMORY_CAP: dict[Tier, int | None] = {"high": None, "mid": 24 * GIB, "low": 15 * GIB, "cpu": None}
+
+
+def memory_fraction(tier: Tier, total_bytes: int) -> float | None:
+    """The share of a card of `total_bytes` a worker running as `tier` may allocate
+    (`torch.cuda.set_per_process_memory_fraction`); None when the card is no bigger than the tier."""
+    cap = TIER_MEMORY_CAP[tier]
+    if cap is None or total_bytes <= cap:
+        return None
+    return cap / total_bytes
+
+
 @dataclass(frozen=True)
 class QualityTemplate:
     name: Quality
@@ -124,10 +139,57 @@ def keyframe_steps(quality: Quality, pinned: int | None) -> int:
     return pinned if pinned is not None else QUALITY_TEMPLATES[quality].keyframe_steps
 
 
-def decode_chunk_size(quality: Quality, scene: Scene, tier: Tier) -> int:
-    """The template's chunk, capped by the scene's range, then fitted into the tier's memory range."""
-    wanted = min(QUALITY_TEMPLATES[quality].decode_chunk, SCENE_PRESETS[scene].decode_chunk[1])
+def decode_chunk_size(quality: Quality, scene: Scene | None, tier: Tier) -> int:
+    """The template's chunk, capped by the scene's range (where the shot names a scene), then fitted
+    into the tier's memory range."""
+    wanted = QUALITY_TEMPLATES[quality].decode_chunk
+    if scene is not None:
+        wanted = min(wanted, SCENE_PRESETS[scene].decode_chunk[1])
     return clamp(wanted, TIER_PRESETS[tier].decode_chunk)
+
+
+LEVEL_NAMES: dict[int, MotionLevel] = {n: name for name, n in MOTION_LEVEL_NUMBER.items()}
+
+
+def motion_level(motion: MotionLevel | None, scene: Scene | None, quality: Quality) -> MotionLevel:
+    """A shot's motion level: its own, else its scene's, else the quality template's."""
+    if motion is not None:
+        return motion
+    if scene is not None:
+        return SCENE_PRESETS[scene].motion
+    return LEVEL_NAMES[QUALITY_TEMPLATES[quality].motion_level]
+
+
+def noise_aug_strength(explicit: float | None, scene: Scene | None, quality: Quality) -> float:
+    """SVD's conditioning noise on SVD-XT's scale: the shot's own, else its scene's, else the quality
+    template's (the family maps it onto the non-XT model's range)."""
+    if explicit is not None:
+        return explicit
+    if scene is not None:
+        return SCENE_PRESETS[scene].noise_aug_strength
+    return QUALITY_TEMPLATES[quality].noise_aug_strength
+
+
+# Where each parameter comes from, first match wins (`farm presets` prints this).
+PRECEDENCE: dict[str, list[str]] = {
+    "keyframe steps": ["shot steps.keyframe", "job steps.keyframe", "the family's draft path (drafts)",
+                       "quality template (SDXL) or the family's default for the quality"],
+    "video steps": ["shot steps.video", "job steps.video", "shot video_preset / job defaults.video_preset "
+                    "(I2VGen-XL)", "the family's draft path (drafts)", "quality template clamped into the "
+                    "worker tier's range (SVD, I2VGen-XL) or the family's default for the quality"],
+    "keyframe guidance": ["shot guidance_scale", "job defaults.guidance_scale", "the family's default"],
+    "video guidance": ["shot video_guidance_scale", "job defaults.video_guidance_scale",
+                       "video_preset's guidance (I2VGen-XL)", "adaptive rule by motion (I2VGen-XL) or the family's "
+                       "default"],
+    "motion": ["shot motion_bucket_id (SVD)", "shot motion", "shot scene's motion", "quality template's motion "
+               "level"],
+    "noise_aug_strength": ["shot noise_aug_strength", "shot scene's", "quality template's",
+                           "then mapped onto the model's range (SVD 0.015-0.025, SVD-XT as given)"],
+    "decode_chunk_size": ["OOM ladder rung", "quality template's, capped by the shot scene's range, clamped "
+                          "into the worker tier's range"],
+    "memory knobs": ["OOM ladder rung", "the family's knobs for the worker's tier (a forced tier caps the card "
+                     "to that tier's size)"],
+}
 
 
 @dataclass(frozen=True)
@@ -215,6 +277,7 @@ def tables() -> dict[str, Any]:
         "tiers": {k: asdict(v) for k, v in TIER_PRESETS.items()},
         "quality": {k: asdict(v) for k, v in QUALITY_TEMPLATES.items()},
         "scenes": {k: asdict(v) for k, v in SCENE_PRESETS.items()},
+        "precedence": PRECEDENCE,
         "keyframe": {"guidance_scale": GUIDANCE_SCALE, "guidance_rescale": GUIDANCE_RESCALE,
                      "scheduler": "DPM++ 2M Karras", "negative_prompt": NEGATIVE_PROMPT},
         "effective_video": {

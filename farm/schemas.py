@@ -26,6 +26,13 @@ class ShotStatus(_Body):
     tier: str | None = None
 
 
+class FieldProblem(_Body):
+    """One entry of a 422 body: where in the manifest, and what is wrong."""
+
+    loc: list[str | int]
+    msg: str
+
+
 class JobStatus(_Body):
     id: str
     title: str
@@ -38,6 +45,7 @@ class JobStatus(_Body):
     finished: float | None = None
     error: str | None = None
     out_dir: str
+    warnings: list[FieldProblem] = []  # what the manifest asks for that no model will use (unused prompts)
 
 
 class WorkerInfo(_Body):
@@ -50,6 +58,7 @@ class WorkerInfo(_Body):
     gpu: str | None = None
     vram_total: int | None = None
     vram_used: int | None = None
+    memory_cap: float | None = None  # share of the card a forced tier may use; None: all of it
     utilization: float | None = None
     loaded_models: list[str] = []
     stages_run: int = 0
@@ -62,13 +71,6 @@ class Health(_Body):
     version: str
 
 
-class FieldProblem(_Body):
-    """One entry of a 422 body: where in the manifest, and what is wrong."""
-
-    loc: list[str | int]
-    msg: str
-
-
 class Problem(_Body):
     detail: str
 
@@ -76,8 +78,10 @@ class Problem(_Body):
 def job_status(row: JobRow, book: JobBook | None, stage_rows: list[str] | None = None) -> JobStatus:
     """A job as the API shows it: from its live book when the director holds one, else from the
     store (`stage_rows`: the states of its stored stages)."""
+    warnings = []
     if book is not None:
         shots, progress = [ShotStatus(**s) for s in book.shot_states()], book.progress
+        warnings = [FieldProblem(loc=list(w.loc), msg=w.msg) for w in book.setup.warnings]
     else:
         rows = stage_rows or []
         shots, progress = [], sum(state == JobState.SUCCEEDED for state in rows) / max(len(rows), 1)
@@ -85,4 +89,4 @@ def job_status(row: JobRow, book: JobBook | None, stage_rows: list[str] | None =
         progress = 1.0
     return JobStatus(id=row.id, title=row.title, state=JobState(row.state), priority=row.priority,
                      progress=round(progress, 4), shots=shots, created=row.created, started=row.started,
-                     finished=row.finished, error=row.error, out_dir=row.out_dir)
+                     finished=row.finished, error=row.error, out_dir=row.out_dir, warnings=warnings)

@@ -20,8 +20,8 @@ from farm.paths import state_dir
 
 # One row per stage attempt: the attempts table and OUT/ledger.parquet (farm.artifacts) share these.
 LEDGER_COLUMNS = ("job", "shot", "stage", "attempt", "worker", "tier", "preset", "start", "end", "seconds",
-                  "peak_vram_bytes", "outcome", "cache_hit", "error")
-SCHEMA_VERSION = 2  # bump with a step in Store._migrate
+                  "peak_vram_bytes", "outcome", "cache_hit", "error", "note")
+SCHEMA_VERSION = 3  # bump with a step in Store._migrate
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 
@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS stages (
 CREATE TABLE IF NOT EXISTS attempts (
     job TEXT NOT NULL, shot TEXT, stage TEXT NOT NULL, attempt INTEGER NOT NULL, worker TEXT, tier TEXT,
     preset TEXT, start REAL NOT NULL, "end" REAL NOT NULL, seconds REAL NOT NULL, peak_vram_bytes INTEGER,
-    outcome TEXT NOT NULL, cache_hit INTEGER NOT NULL, error TEXT, frames INTEGER NOT NULL DEFAULT 0
+    outcome TEXT NOT NULL, cache_hit INTEGER NOT NULL, error TEXT, frames INTEGER NOT NULL DEFAULT 0,
+    note TEXT                        -- how it ran, where that matters (the merge: stream copy or re-encode)
 );
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts(job);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, priority);
@@ -110,6 +111,8 @@ class Store:
         job_columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
         if version < 2 and "director" not in job_columns:
             self._db.execute("ALTER TABLE jobs ADD COLUMN director TEXT NOT NULL DEFAULT ''")
+        if version < 3 and "note" not in columns:
+            self._db.execute("ALTER TABLE attempts ADD COLUMN note TEXT")
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager

@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def base_manifest(**over: Any) -> dict[str, Any]:
     data: dict[str, Any] = {

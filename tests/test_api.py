@@ -186,6 +186,22 @@ def test_cancel_stops_a_running_job(api):
     assert client.get(f"/v1/jobs/{job['id']}").json()["state"] == "cancelled"
     assert client.get(f"/v1/jobs/{job['id']}/output").status_code == 409
     assert client.get("/v1/jobs/nope").status_code == 404
+    assert client.post("/v1/jobs/nope/requeue").status_code == 404
+
+
+def test_requeue_while_the_cancelled_stage_still_runs_finishes_the_job(api):
+    _, client, _ = api
+    data = base_manifest(seed=204, shots=[{"id": "long", "prompt": "p", "duration": 0.5, "steps": {"video": 40}}])
+    job = post(client, data).json()
+    deadline = time.time() + 60
+    while client.get(f"/v1/jobs/{job['id']}").json()["state"] != "running":
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert client.post(f"/v1/jobs/{job['id']}/requeue").status_code == 409  # still active: refused, named
+    client.delete(f"/v1/jobs/{job['id']}")
+    response = client.post(f"/v1/jobs/{job['id']}/requeue")  # at once: the cancelled stage has not stopped yet
+    assert response.status_code == 200 and response.json()["state"] == "queued"
+    assert wait(client, job["id"])["state"] == "succeeded"
 
 
 def test_200_concurrent_submissions_none_lost_none_duplicated(api):
@@ -253,7 +269,7 @@ def test_webhook_is_signed_and_delivered(api):
 
 
 def test_cli_against_the_server(api, tmp_path):
-    url, _, _ = api
+    url, client, _ = api
     story = tmp_path / "story.yaml"
     story.write_text(yaml.safe_dump(base_manifest(seed=205)))
     env = {"FARM_API_TOKEN": TOKEN, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
@@ -268,6 +284,9 @@ def test_cli_against_the_server(api, tmp_path):
     assert job["state"] == "succeeded"
     assert json.loads(farm("status", job["id"]).stdout)["id"] == job["id"]
     assert farm("fetch", job["id"], "-o", str(tmp_path / "out.mp4")).returncode == 0
+    again = farm("requeue", job["id"])  # a succeeded job runs again, from the cache
+    assert again.returncode == 0 and json.loads(again.stdout)["state"] in ("queued", "running", "succeeded")
+    assert wait(client, job["id"])["state"] == "succeeded"
     assert probe(tmp_path / "out.mp4").frames == 12
     assert len(json.loads(farm("workers").stdout)) == 2
     bad = subprocess.run([sys.executable, "-m", "farm.cli", "status", job["id"], "--server", url],
@@ -279,8 +298,8 @@ def test_schemathesis_finds_no_server_errors(api):
     """Property-based requests generated from /openapi.json: no route answers 5xx."""
     url, client, _ = api
     schema = client.get("/openapi.json").json()
-    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/output",
-            "/v1/workers", "/healthz", "/metrics"} <= set(schema["paths"])
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/requeue",
+            "/v1/jobs/{job_id}/output", "/v1/workers", "/healthz", "/metrics"} <= set(schema["paths"])
     result = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
          "-H", f"Authorization: Bearer {TOKEN}", "--max-examples", "15", "--request-timeout", "30",

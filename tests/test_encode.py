@@ -106,7 +106,7 @@ def test_read_frames_round_trips_shape_colour_and_order(tmp_path: Path) -> None:
 
 def test_merge_cut_concatenates(clips: dict[str, Path], tmp_path: Path) -> None:
     short = encode_clip(solid(BLUE, 10), FPS, tmp_path / "short.mp4", EncodeSettings())
-    out = merge_clips([clips["red"], short], tmp_path / "final.mp4", EncodeSettings(), fps=FPS)
+    out = merge_clips([clips["red"], short], tmp_path / "final.mp4", EncodeSettings(), fps=FPS).path
     info = probe(out)
     assert info.frames == FPS + 10
     assert info.duration == pytest.approx(1.0 + 10 / FPS)
@@ -126,7 +126,7 @@ def test_merge_crossfade_overlaps_each_pair(clips: dict[str, Path], tmp_path: Pa
         fps=FPS,
         transition="crossfade",
         crossfade_seconds=xfade,
-    )
+    ).path
     info = probe(out)
     expected = 3 * 1.0 - 2 * xfade
     assert abs(info.duration - expected) <= 1 / FPS + 1e-9
@@ -140,17 +140,17 @@ def test_merge_crossfade_overlaps_each_pair(clips: dict[str, Path], tmp_path: Pa
 
 @pytest.mark.parametrize("transition", ["cut", "crossfade"])
 def test_merge_single_clip(clips: dict[str, Path], tmp_path: Path, transition: str) -> None:
-    out = merge_clips([clips["green"]], tmp_path / "one.mp4", EncodeSettings(), fps=FPS, transition=transition)
+    out = merge_clips([clips["green"]], tmp_path / "one.mp4", EncodeSettings(), fps=FPS, transition=transition).path
     assert probe(out).frames == FPS
     np.testing.assert_allclose(mean_rgb(read_frames(out)[FPS // 2]), GREEN, atol=8)
 
 
 def test_merge_final_resolution_scales_and_letterboxes(clips: dict[str, Path], tmp_path: Path) -> None:
     same_aspect = probe(
-        merge_clips([clips["red"]], tmp_path / "big.mp4", EncodeSettings(), fps=FPS, final_resolution=(128, 96))
+        merge_clips([clips["red"]], tmp_path / "big.mp4", EncodeSettings(), fps=FPS, final_resolution=(128, 96)).path
     )
     assert (same_aspect.width, same_aspect.height) == (128, 96)
-    square = merge_clips([clips["red"]], tmp_path / "sq.mp4", EncodeSettings(), fps=FPS, final_resolution=(96, 96))
+    square = merge_clips([clips["red"]], tmp_path / "sq.mp4", EncodeSettings(), fps=FPS, final_resolution=(96, 96)).path
     frame = read_frames(square)[0]
     assert frame.shape == (96, 96, 3)
     # 64x48 -> 96x72 keeps the aspect ratio; the 12-row bars above and below are black.
@@ -161,7 +161,7 @@ def test_merge_final_resolution_scales_and_letterboxes(clips: dict[str, Path], t
 def test_merge_interpolate_fps_keeps_duration_at_new_rate(clips: dict[str, Path], tmp_path: Path) -> None:
     out = merge_clips(
         [clips["red"], clips["blue"]], tmp_path / "smooth.mp4", EncodeSettings(), fps=FPS, interpolate_fps=30
-    )
+    ).path
     info = probe(out)
     assert info.fps == 30.0
     assert abs(info.frames - 60) <= 1  # 2 s at 30 fps; minterpolate alone would drop the tail
@@ -170,7 +170,7 @@ def test_merge_interpolate_fps_keeps_duration_at_new_rate(clips: dict[str, Path]
 
 def test_merge_brings_mismatched_clips_to_one_size_and_rate(clips: dict[str, Path], tmp_path: Path) -> None:
     other = encode_clip(solid(BLUE, 30, w=32, h=32), 30, tmp_path / "other.mp4", EncodeSettings())
-    info = probe(merge_clips([clips["red"], other], tmp_path / "m.mp4", EncodeSettings(), fps=FPS))
+    info = probe(merge_clips([clips["red"], other], tmp_path / "m.mp4", EncodeSettings(), fps=FPS).path)
     assert (info.width, info.height, info.fps) == (W, H, 15.0)
     assert info.frames == FPS + 15  # one second of 30 fps resampled to 15
 
@@ -238,3 +238,34 @@ def test_probe_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(EncodeError) as err:
         probe(junk)
     assert "junk.mp4" in err.value.stderr
+
+
+def test_cuts_are_joined_by_stream_copy_and_only_crossfaded_runs_re_encoded(clips, tmp_path):
+    """Clips at the film's rate are not encoded a second time: the concat demuxer copies their packets;
+    a crossfade re-encodes only the clips it joins."""
+    import hashlib
+
+    three = [clips["red"], clips["green"], clips["blue"]]
+    same = EncodeSettings(preset="ultrafast")  # the clips' own settings, as in a job
+    cut = merge_clips(three, tmp_path / "cut.mp4", same, fps=FPS)
+    assert cut.how == "stream copy"
+    original = read_frames(clips["green"])
+    assert np.array_equal(read_frames(cut.path)[FPS:2 * FPS], original)  # bit-identical pixels: never re-encoded
+    mixed = merge_clips(three, tmp_path / "mixed.mp4", same, fps=FPS, transitions=["cut", "crossfade"],
+                        crossfade_seconds=0.4)
+    assert mixed.how == "stream copy; re-encoded 2 of 3 clips (crossfades)"
+    info = probe(mixed.path)
+    assert abs(info.frames - round((3 - 0.4) * FPS)) <= 1 and info.faststart
+    assert np.array_equal(read_frames(mixed.path)[:FPS], read_frames(clips["red"]))  # the cut clip untouched
+    scaled = merge_clips(three, tmp_path / "scaled.mp4", same, fps=FPS, final_resolution=(96, 96))
+    assert scaled.how == "re-encoded"
+    whole = merge_clips(three, tmp_path / "whole.mp4", EncodeSettings(), fps=FPS, transitions=["cut", "crossfade"],
+                        crossfade_seconds=0.4)  # other settings than the clips': the film is encoded whole
+    assert whole.how == "re-encoded" and abs(probe(whole.path).frames - round(2.6 * FPS)) <= 1
+    assert hashlib.sha256(cut.path.read_bytes()).hexdigest() != hashlib.sha256(scaled.path.read_bytes()).hexdigest()
+
+
+def test_a_boundary_per_transition(clips, tmp_path):
+    with pytest.raises(ValueError, match="3 clips need 2 transitions"):
+        merge_clips([clips["red"], clips["green"], clips["blue"]], tmp_path / "x.mp4", EncodeSettings(), fps=FPS,
+                    transitions=["cut"])

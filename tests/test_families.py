@@ -86,9 +86,10 @@ def test_local_folders_are_recognised_by_their_pipeline_class(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "needed", "top", "made"), [
-    ("svd", 1, 25, 2), ("svd", 17, 25, 17), ("svd", 25, 25, 25),  # any count of at least 2
-    ("wan", 1, 81, 5), ("wan", 6, 81, 9), ("wan", 81, 81, 81), ("wan", 80, 81, 81),  # 4k+1, at least 5
-    ("ltx", 1, 121, 9), ("ltx", 10, 121, 17), ("ltx", 121, 121, 121),  # 8k+1, at least 9
+    # buckets of a half, three quarters and all of a call, rounded up to what the model makes
+    ("svd", 1, 25, 13), ("svd", 17, 25, 19), ("svd", 20, 25, 25), ("svd", 25, 25, 25),  # never 2 frames
+    ("wan", 1, 81, 41), ("wan", 42, 81, 61), ("wan", 81, 81, 81), ("wan", 80, 81, 81),  # 4k+1
+    ("ltx", 1, 121, 65), ("ltx", 66, 121, 97), ("ltx", 121, 121, 121),  # 8k+1
 ])
 def test_frame_count_rules(name, needed, top, made):
     fam = family(name)
@@ -101,6 +102,20 @@ def test_segments_follow_the_frame_rule_and_drop_what_they_need_not_show():
     segments = segments_for(30, 9, False, lambda n: wan.call_frames(n, 9))
     assert [(s.frames, s.drop, s.kept) for s in segments] == [(9, 0, 9), (9, 1, 8), (9, 1, 8), (9, 1, 5)]
     assert sum(s.kept for s in segments) == 30 and all(wan.valid_frames(s.frames) for s in segments)
+
+
+def test_a_job_of_many_shot_lengths_asks_for_few_call_shapes():
+    """Each distinct call length is a recompile of the denoiser per worker (issue 13.15): shots of
+    twelve lengths must not give twelve shapes, nor ask SVD-XT for a 2-frame call."""
+    shots = [{"id": f"s{i}", "prompt": "p", "duration": 0.4 + 0.37 * i} for i in range(12)]
+    xt = "stabilityai/stable-video-diffusion-img2vid-xt"
+    data = base_manifest(shots=shots, models={"keyframe": "tiny", "video": xt})
+    setup = setup_job(data, "/nonexistent", {"models": "tiny"})
+    lengths = setup.plan.call_lengths()
+    top = setup.specs["video"].frames_per_call
+    assert lengths <= set(family("svd").call_buckets(top)) and len(lengths) <= 3
+    assert min(lengths) >= top // 2
+    assert [sum(s.kept for s in sp.segments) for sp in setup.plan.shots] == [sp.frames for sp in setup.plan.shots]
 
 
 def test_wan_generates_at_its_own_rate_and_the_film_keeps_its_own():
@@ -152,7 +167,7 @@ def test_parameter_mapping_per_family():
     assert wan["num_frames"] == 9 and wan["guidance_scale_2"] == 3.5 and wan["prompt"] == "a lighthouse"
     ltx = family("ltx").call_params(inputs(), "distilled")
     assert ltx["frame_rate"] == 25 and ltx["guidance_scale"] == 1.0 and ltx["decode_timestep"] == 0.05
-    svd = family("svd").call_params(inputs(motion="high", decode_chunk_size=4))
+    svd = family("svd").call_params(inputs(motion="high", motion_level="high", decode_chunk_size=4))
     assert svd["motion_bucket_id"] == 200 and svd["fps"] == 12 and "prompt" not in svd
     assert family("i2vgen").call_params(inputs(prompt="a dog jumping"))["guidance_scale"] >= 11.0
 
@@ -195,7 +210,9 @@ def test_book_requests_carry_each_familys_parameters():
             kf = book.request("keyframe:a", "mid")
             expected = family(keyframe).call_params(inputs(), kf.model.variant)
             assert kf.model.family == keyframe and set(kf.params) == set(expected)
-            assert kf.params["prompt"] == "misty valley at dawn" and kf.params["width"] == 64
+            size = family(keyframe).render_size(120, 120, kf.model.variant)  # the seed's 1.875x of 64x64
+            assert kf.params["prompt"] == "misty valley at dawn" and (kf.params["width"], kf.params["height"]) == size
+            assert kf.frame_size == (120, 120)  # drawn at the family's multiple, cropped back
             book.dispatched("keyframe:a", "w", "mid", kf.preset, kf.output_key, 0)
             from farm.contract import StageResult
 
@@ -246,29 +263,44 @@ def test_farm_families_lists_roles_licences_and_downloads():
 
 
 def test_motion_levels_map_to_real_svd_buckets():
-    assert motion_bucket("low", None, "smooth") == 60
-    assert motion_bucket(None, None, "smooth") == 127  # SVD's own default bucket
-    assert motion_bucket(None, None, "dynamic") == 200
-    assert motion_bucket(None, 33, "dynamic") == 33
+    from farm.presets import motion_level
+
+    assert motion_bucket("low", None) == 60 and motion_bucket("medium", None) == 127  # SVD's own default
+    assert motion_bucket("high", 33) == 33  # an explicit bucket wins
+    # The level that applies: the shot's, else its scene's, else the quality template's (level 2).
+    assert motion_level("low", "dynamic", "balanced") == "low"
+    assert motion_level(None, "dynamic", "balanced") == "high"
+    assert motion_level(None, None, "balanced") == "medium"
 
 
-@pytest.mark.parametrize(("subjects", "level", "guidance"), [(1, 1, 7.0), (2, 1, 7.0), (1, 2, 7.0), (2, 2, 9.0),
-                                                            (3, 2, 9.0), (3, 3, 9.0)])
-def test_adaptive_guidance_rule(subjects, level, guidance):
-    # docs/sources.md's rule as written: the score is at most (3 + 3) / 2 = 3.0, so it alone never gives 11.0;
-    # the motion-type ranges are what take strong motion to 11-12 (next test).
+@pytest.mark.parametrize(("subjects", "level", "guidance"), [(1, 1, 7.0), (2, 1, 9.0), (1, 2, 9.0), (2, 2, 9.0),
+                                                            (3, 2, 9.0), (3, 3, 11.0)])
+def test_adaptive_guidance_rule_reads_its_thresholds_as_strict(subjects, level, guidance):
+    # docs/sources.md's rule as written (<= 1.5, <= 3.0, else) never reaches 11.0: the score is at most 3.0.
+    # Read strictly (< 1.5 -> 7.0, < 3.0 -> 9.0), the top score, three subjects in high motion, gives 11.0.
     assert adaptive_guidance(subjects, level) == guidance
 
 
 @pytest.mark.parametrize(("prompt", "motion", "subjects", "lo", "hi"), [
-    ("leaves gently swaying in the wind", "medium", 1, 7.0, 8.0),
-    ("a person turning her head", "low", 1, 9.0, 10.0),
-    ("a dog jumping over a fence", "low", 1, 11.0, 12.0),
-    ("camera zooming in slowly on a house", "low", 1, 10.0, 11.0),
-    ("waves crashing while the camera pans right", "low", 2, 11.0, 12.5),
+    ("leaves gently swaying in the wind", None, 1, 7.0, 8.0),  # micro motion, from the keywords
+    ("a person turning her head", None, 1, 9.0, 10.0),
+    ("a dog jumping over a fence", None, 1, 11.0, 12.0),
+    ("camera zooming in slowly on a house", None, 1, 10.0, 11.0),
+    ("waves crashing while the camera pans right", None, 2, 11.0, 12.5),
+    ("a dog jumping over a fence", "low", 1, 7.0, 7.0),  # an explicit motion always wins over keywords
 ])
 def test_i2vgen_guidance_follows_motion_type(prompt, motion, subjects, lo, hi):
     assert lo <= i2vgen_guidance(prompt, motion, subjects) <= hi
+
+
+@pytest.mark.parametrize(("prompt", "motion", "expected"), [
+    ("portrait of a brunette woman", "low", 7.0),  # "run" inside "brunette" is no keyword
+    ("a panoramic view of the bay", None, 9.0),  # "pan" inside "panoramic" is no camera move
+    ("breathtaking sunrise", "high", 11.0),  # "breath" inside "breathtaking" does not make it calm
+    ("she runs along the beach", None, 11.0),  # an inflection is still the keyword
+])
+def test_motion_keywords_are_whole_words_and_never_overrule_the_shot(prompt, motion, expected):
+    assert i2vgen_guidance(prompt, motion, 1) == expected
 
 
 def test_oom_ladder_walks_down_to_the_floor():
@@ -384,3 +416,98 @@ def test_step_cache_where_the_family_takes_it_and_never_on_a_distilled_draft(tmp
     assert drafted.step_cache == {}
     with pytest.raises(ManifestError, match="speed.step_cache"):
         validate_data(base_manifest(speed=speed))  # SDXL + SVD: neither takes it
+
+
+# --- prompts that reach no model are warned about (issue 13.7) ----------------------------------------
+
+def test_the_readme_examples_unread_prompts_are_warned_about():
+    import yaml
+    from helpers import REPO
+
+    data = yaml.safe_load((REPO / "examples" / "storyboard.yaml").read_text())
+    setup = setup_job(data, REPO / "examples", {"models": "tiny"})  # SVD-XT: takes no prompt
+    by_path = {w.path: w.msg for w in setup.warnings}
+    assert set(by_path) == {"shots[1].prompt", "shots[2].prompt"}  # s02 continues s01, s03 has its own picture
+    assert "continues the previous shot" in by_path["shots[1].prompt"]
+    assert "its own keyframe image" in by_path["shots[2].prompt"]
+    data["models"]["video"] = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"  # Wan reads every shot's prompt
+    data["output"]["resolution"] = "1024x576"
+    assert setup_job(data, REPO / "examples", {"models": "tiny"}).warnings == []
+
+
+def test_a_negative_prompt_no_model_reads_is_warned_about():
+    shots = [{"id": "a", "prompt": "p", "duration": 0.5, "negative_prompt": "rain"},
+             {"id": "b", "prompt": "p", "duration": 0.5, "continue_from": "previous", "negative_prompt": "rain"}]
+    data = base_manifest(shots=shots, models={"keyframe": "tiny:flux", "video": "tiny:svd"})
+    data["output"]["resolution"] = "64x64"
+    paths = [w.path for w in setup_job(data, "/nonexistent", {"models": "tiny"}).warnings]
+    assert "shots[0].negative_prompt" in paths and "shots[1].negative_prompt" in paths
+    data["models"]["keyframe"] = "tiny:sdxl"  # SDXL reads shot a's; nothing reads shot b's
+    paths = [w.path for w in setup_job(data, "/nonexistent", {"models": "tiny"}).warnings]
+    assert "shots[0].negative_prompt" not in paths and "shots[1].negative_prompt" in paths
+
+
+def test_farm_validate_prints_the_warnings(tmp_path):
+    shots = [{"id": "a", "prompt": "p", "duration": 0.5},
+             {"id": "b", "prompt": "the fog lifts", "duration": 0.5, "continue_from": "previous"}]
+    path = write_manifest(tmp_path, base_manifest(shots=shots))
+    result = subprocess.run([sys.executable, "-m", "farm.cli", "validate", str(path), "--models", "tiny"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "warning: shots[1].prompt: not used" in result.stdout and "1 warnings" in result.stdout
+
+
+# --- content keys and the seeds' model kinds (issue 13.5, 13.11) ----------------------------------------
+
+def keyframe_key_of(tmp_path, models):
+    data = base_manifest(models={"keyframe": "tiny", "video": "tiny", **models})
+    write_manifest(tmp_path, data)
+    return JobBook("j", setup_job(data, tmp_path), str(tmp_path / "out")).request("keyframe:a", "cpu").output_key
+
+
+def test_a_lora_retrained_in_place_changes_the_key_and_a_moved_one_does_not(tmp_path):
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"weights v1")
+    first = keyframe_key_of(tmp_path, {"lora": "style.safetensors"})
+    lora.write_bytes(b"weights v2")  # retrained, saved at the same path
+    os.utime(lora, ns=(1, 1))
+    retrained = keyframe_key_of(tmp_path, {"lora": "style.safetensors"})
+    assert retrained != first
+    lora.rename(tmp_path / "renamed.safetensors")
+    assert keyframe_key_of(tmp_path, {"lora": "renamed.safetensors"}) == retrained
+    scaled = keyframe_key_of(tmp_path, {"loras": [{"path": "renamed.safetensors", "scale": 0.5}]})
+    assert scaled != retrained  # the scale changes the pixels too
+
+
+def test_a_vae_saved_beside_a_single_file_checkpoint_loads_with_it(tmp_path):
+    from farm.jobsetup import keyframe_overrides
+    from farm.manifest import validate_data as validate
+
+    (tmp_path / "dreamy.safetensors").write_bytes(b"x")
+    spec = resolve_model("keyframe", str(tmp_path / "dreamy.safetensors"))
+    manifest = validate(base_manifest(), None)
+    assert keyframe_overrides(manifest, tmp_path, spec).vae is None
+    (tmp_path / "dreamy.vae.safetensors").write_bytes(b"v")
+    assert keyframe_overrides(manifest, tmp_path, spec).vae == str(tmp_path / "dreamy.vae.safetensors")
+    (tmp_path / "other.safetensors").write_bytes(b"v")
+    manifest = validate(base_manifest(models={"keyframe": "tiny", "video": "tiny", "vae": "other.safetensors"}),
+                        tmp_path)
+    assert keyframe_overrides(manifest, tmp_path, spec).vae == str(tmp_path / "other.safetensors")  # named wins
+
+
+@pytest.mark.parametrize(("models", "loc", "why"), [
+    ({"embeddings": [{"path": "hero.pt", "token": "<hero>"}]}, "models.embeddings[0].path", ".safetensors"),
+    ({"embeddings": [{"path": "missing.safetensors", "token": "<hero>"}]}, "models.embeddings[0].path", "not found"),
+    ({"embeddings": [{"path": "hero.safetensors", "token": "two words"}]}, "models.embeddings[0].token", "pattern"),
+    ({"keyframe": "tiny:flux", "embeddings": [{"path": "hero.safetensors", "token": "<hero>"}]},
+     "models.embeddings[0]", "takes no textual-inversion"),
+    ({"loras": [{"path": "style.pickle"}]}, "models.loras[0].path", "pickle"),
+    ({"loras": [{"path": "style.safetensors", "scale": 9}]}, "models.loras[0].scale", "less than or equal"),
+])
+def test_loras_and_embeddings_are_checked_naming_the_field(tmp_path, models, loc, why):
+    (tmp_path / "hero.safetensors").write_bytes(b"e")
+    (tmp_path / "style.safetensors").write_bytes(b"l")
+    data = base_manifest(models={"keyframe": "tiny", "video": "tiny", **models})
+    with pytest.raises(ManifestError) as err:
+        validate_data(data, tmp_path)
+    assert any(e.path == loc and why in e.msg for e in err.value.errors), err.value.errors

@@ -112,7 +112,7 @@ def test_a_draft_lora_and_its_sampler_reach_the_worker(tmp_path):
     req = book.request("keyframe:a", "cpu", str(tmp_path / "cache"))
     worker = StageWorker("w", tier="cpu")
     drafted = worker.run(req)
-    pipe = worker.pipelines[(req.model, req.loras, req.vae, req.scheduler, req.step_cache)][1]
+    pipe = worker.pipelines[(req.model, req.loras, req.vae, req.scheduler, req.step_cache, req.embeddings)][1]
     assert type(pipe.scheduler).__name__ == "LCMScheduler" and "farm0" in pipe.get_active_adapters()
     assert drafted.observed["steps"] == 4
     undrafted = worker.run(replace(req, loras=(), scheduler=None, output_key="plain"))
@@ -134,3 +134,48 @@ def test_the_step_cache_reaches_the_video_denoiser(tmp_path):
                        "cpu", "cpu", "out", str(tmp_path), input_key="in", drop=0, kept=5, step_cache=0.2)
     result = StageWorker("w", tier="cpu").run(req)
     assert result.knobs["step_cache"] is True and result.observed["steps"] == 3
+
+
+# --- the seeds' model kinds: several LoRAs, embeddings, a VAE beside its checkpoint (issue 13.11) -----
+
+def tiny_sdxl_embedding(path, pipe, seed=0):
+    """An SDXL textual inversion in the community format: one vector per text encoder."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    dims = {"clip_l": pipe.text_encoder.config.hidden_size, "clip_g": pipe.text_encoder_2.config.hidden_size}
+    save_file({name: torch.randn(1, dim, generator=gen) * 5 for name, dim in dims.items()}, str(path))
+    return path
+
+
+def test_several_loras_with_scales_and_an_embedding_reach_the_keyframe(tmp_path):
+    from helpers import base_manifest, write_manifest
+
+    from farm.cache import ArtifactCache
+    from farm.gpu.worker import StageWorker
+    from farm.jobbook import JobBook
+    from farm.jobsetup import setup_job
+
+    style = tiny_sdxl_lora(tmp_path / "style")
+    detail = tiny_sdxl_lora(tmp_path / "detail")
+    tiny_sdxl_embedding(tmp_path / "hero.safetensors", load_pipeline(resolve_model("keyframe", "tiny:sdxl")))
+    shots = [{"id": "a", "prompt": "a portrait of <hero> in the rain", "duration": 0.5}]
+    data = base_manifest(shots=shots, models={
+        "keyframe": "tiny", "video": "tiny",
+        "loras": [{"path": f"style/{style.name}", "scale": 0.8}, {"path": f"detail/{detail.name}", "scale": 0.3}],
+        "embeddings": [{"path": "hero.safetensors", "token": "<hero>"}]})
+    write_manifest(tmp_path, data)
+    setup = setup_job(data, tmp_path)
+    assert setup.warnings == []
+    req = JobBook("j", setup, str(tmp_path / "out")).request("keyframe:a", "cpu", str(tmp_path / "cache"))
+    assert [scale for _, scale in req.loras] == [0.8, 0.3] and req.embeddings[0][1] == "<hero>"
+    worker = StageWorker("w", tier="cpu")
+    worker.run(req)
+    pipe = worker.pipelines[(req.model, req.loras, req.vae, req.scheduler, req.step_cache, req.embeddings)][1]
+    assert pipe.get_active_adapters() == ["farm0", "farm1"]
+    assert "<hero>" in pipe.tokenizer.get_vocab() and "<hero>" in pipe.tokenizer_2.get_vocab()
+    from dataclasses import replace
+
+    worker.run(replace(req, embeddings=(), output_key="without"))  # the token is then just text
+    cache = ArtifactCache(tmp_path / "cache")
+    assert not np.array_equal(cache.last_frame(req.output_key), cache.last_frame("without"))

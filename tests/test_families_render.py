@@ -118,3 +118,17 @@ def test_out_of_memory_descends_the_video_familys_own_ladder(farm, renders):
                                            "high+vae_slicing+group_offload+vae_tiling"]
     for worker in ray.get(director.workers_info.remote()):
         ray.get(director.set_faults.remote(worker["id"], []))
+
+
+def test_a_model_no_worker_has_is_refused_at_submit(farm):
+    """Models are checked where they will load: the director asks a worker, before any GPU work."""
+    from farm.manifest import ManifestError
+
+    ray, director, root = farm
+    data = story("black-forest-labs/FLUX.1-dev", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", 450)
+    with pytest.raises(ManifestError) as info:
+        ray.get(director.submit.remote(data, str(root), str(root / "refused")))
+    paths = {e.path for e in info.value.errors}
+    assert paths == {"models.keyframe", "models.video"}
+    assert "accept the FLUX.1 [dev] licence on the hub first" in str(info.value)
+    assert not (root / "refused").exists()

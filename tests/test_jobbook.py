@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import base_manifest, write_png
 
-from farm.contract import FailureKind, JobState, StageKind, StageResult
+from farm.contract import EncodeResult, FailureKind, JobState, StageKind, StageResult
 from farm.jobbook import (
     CacheRecord,
     CancelStage,
@@ -248,11 +248,12 @@ def test_success_files_the_record_and_completes_the_job():
     clip = book.encode_request("clip:a")
     assert clip.inputs == (book.done["video:a:0"].key, book.done["video:a:1"].key)
     book.dispatched("clip:a", "encoder", "cpu", "encode", clip.output_key, 5.0)
-    book.on_success("clip:a", None, 6.0, frames=15)
+    book.on_success("clip:a", EncodeResult(frames=15), 6.0)
     merge = book.encode_request("merge")
     assert merge.inputs == ("/out/shots/a.mp4",) and merge.dest == "/out/final.mp4"
     book.dispatched("merge", "encoder", "cpu", "encode", merge.output_key, 6.0)
-    book.on_success("merge", None, 7.0)
+    book.on_success("merge", EncodeResult(note="stream copy"), 7.0)
+    assert kinds(book.drain(), LedgerRow)[-1].row["note"] == "stream copy"
     assert book.complete and book.active
     book.succeed(8.0)
     assert book.progress == 1.0 and book.state == JobState.SUCCEEDED

@@ -24,8 +24,8 @@ def test_minimal_manifest_gets_defaults():
     assert m.quality == "balanced"
     assert m.output.size == (1024, 576)
     assert m.models.video == mf.DEFAULT_VIDEO_MODEL
-    assert m.defaults.guidance_scale == 7.5 and m.defaults.guidance_rescale == 0.7
-    assert m.shots[0].scene == "smooth"
+    assert m.defaults.guidance_scale is None and m.defaults.guidance_rescale == 0.7  # None: the family's CFG
+    assert m.shots[0].scene is None  # the preset rules pick the scene (farm presets shows the precedence)
 
 
 def test_example_storyboard_is_valid():

@@ -90,3 +90,34 @@ def test_preview_keeps_shots_and_cuts_but_shrinks_cost():
     assert list(full_plan.stages) == list(draft_plan.stages)
     assert [sp.seed for sp in full_plan.shots] == [sp.seed for sp in draft_plan.shots]
     assert p.preview_size(1920, 1080) == (256, 144) and p.preview_size(200, 96) == (200, 96)
+
+
+# --- a forced tier caps the card (issue 13.14) ---------------------------------------------------------
+
+@pytest.mark.parametrize("tier,card_gib,fraction", [
+    ("low", 80, 15 / 80), ("mid", 80, 24 / 80), ("high", 80, None), ("cpu", 80, None),
+    ("low", 12, None),  # a real low card needs no cap
+    ("mid", 23.6, None),  # nor a real 24 GB card
+    ("low", 24, 15 / 24),
+])
+def test_a_forced_tier_caps_memory_to_what_that_tier_has(tier, card_gib, fraction):
+    got = p.memory_fraction(tier, int(card_gib * GIB))
+    assert got == pytest.approx(fraction) if fraction else got is None
+
+
+@pytest.mark.parametrize("tier", ["mid", "low"])
+def test_each_cap_is_a_card_of_its_own_tier(tier):
+    assert p.tier_for_vram(p.TIER_MEMORY_CAP[tier]) == tier
+
+
+def test_the_worker_applies_the_cap_only_when_the_tier_is_forced():
+    from farm.gpu.nvml import GpuInfo
+    from farm.gpu.worker import cap_memory
+
+    h200 = GpuInfo(0, "NVIDIA H200", int(139 * GIB), 0, 0.0)
+    applied: list[float] = []
+    assert cap_memory("low", "low", h200, applied.append) == pytest.approx(15 / 139)
+    assert applied == [pytest.approx(15 / 139)]
+    assert cap_memory("auto", "high", h200, applied.append) is None  # the card's own tier: all of it
+    assert cap_memory("low", "low", None, applied.append) is None  # no GPU (a CPU worker) has nothing to cap
+    assert len(applied) == 1

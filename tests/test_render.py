@@ -70,7 +70,10 @@ def test_final_film_duration_fps_resolution(two_renders):
     data, (out, _) = two_renders
     info = probe(out / "final.mp4")
     durations = [s["duration"] for s in data["shots"]]
-    expected = sum(durations) - (len(durations) - 1) * XFADE
+    # b continues a (one take: a cut, never a crossfade); c and d each start with one (issue 13.3)
+    crossfades = sum(1 for s in data["shots"][1:] if "continue_from" not in s)
+    assert crossfades == 2
+    expected = sum(durations) - crossfades * XFADE
     assert abs(info.duration - expected) <= 1.0 / FPS + 1e-6, (info.duration, expected)
     assert info.fps == FPS
     assert (info.width, info.height) == (96, 96)

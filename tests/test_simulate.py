@@ -123,13 +123,17 @@ def test_single_gpu_makespan_is_the_sum_of_its_stages():
 def test_stage_costs_follow_steps_frames_and_tier():
     book = book_of(manifest_of([{"id": "a", "prompt": "p", "duration": 1.0}], quality="balanced"))
     assert stage_seconds(book, "keyframe:a", "mid") == pytest.approx(40 * DEFAULT_COSTS["mid"].keyframe_step_s)
-    # balanced = 60 video steps on high and mid; low clamps to its 50.
-    assert stage_seconds(book, "video:a:0", "high") == pytest.approx(60 * 15 * DEFAULT_COSTS["high"].video_frame_step_s)
-    assert stage_seconds(book, "video:a:0", "low") == pytest.approx(50 * 15 * DEFAULT_COSTS["low"].video_frame_step_s)
+    # balanced = 60 video steps on high and mid; low clamps to its 50. The call makes its length
+    # bucket's frames (19 of SVD-XT's 25 for a 15-frame shot), and pays for all of them.
+    made = book.stage("video:a:0").segment.frames
+    assert made == 19
+    high, low = DEFAULT_COSTS["high"].video_frame_step_s, DEFAULT_COSTS["low"].video_frame_step_s
+    assert stage_seconds(book, "video:a:0", "high") == pytest.approx(60 * made * high)
+    assert stage_seconds(book, "video:a:0", "low") == pytest.approx(50 * made * low)
     assert stage_seconds(book, "clip:a", "high") == pytest.approx(15 * CLIP_FRAME_S)
     assert stage_seconds(book, "merge", "low") == pytest.approx(15 * MERGE_FRAME_S)
     pinned = book_of(manifest_of([{"id": "a", "prompt": "p", "duration": 1.0, "steps": {"video": 10}}]))
-    assert stage_seconds(pinned, "video:a:0", "low") == pytest.approx(10 * 15 * DEFAULT_COSTS["low"].video_frame_step_s)
+    assert stage_seconds(pinned, "video:a:0", "low") == pytest.approx(10 * made * low)
     assert DEFAULT_COSTS["high"].video_frame_step_s < DEFAULT_COSTS["mid"].video_frame_step_s \
         < DEFAULT_COSTS["low"].video_frame_step_s < DEFAULT_COSTS["cpu"].video_frame_step_s
 

@@ -81,9 +81,10 @@ class ShotInputs:
     frames: int = 1  # video: frames to generate in this call
     fps: int = 15  # video: the film's frame rate
     decode_chunk_size: int | None = None
-    motion: str | None = None  # low | medium | high
+    motion: str | None = None  # low | medium | high, as the shot names it
+    motion_level: str = "medium"  # the level that applies: the shot's, else its scene's or the template's
     motion_bucket_id: int | None = None
-    scene: str = "smooth"
+    noise_aug_strength: float = 0.0004  # on SVD-XT's scale (farm.presets.noise_aug_strength)
     subjects: int = 1
 
 
@@ -106,10 +107,12 @@ class Family:
     frame_step: ClassVar[int] = 1  # video: valid frame counts are frame_step * k + 1 (1: any count)
     min_frames: ClassVar[int] = 2
     takes_prompt: ClassVar[bool] = True  # video: the model reads the shot's prompt
-    shot_guidance: ClassVar[bool] = False  # video: a shot's guidance_scale drives this model too
+    takes_negative_prompt: ClassVar[bool] = True  # FLUX (distilled guidance) and SVD read none
+    embeddings: ClassVar[bool] = False  # keyframe: takes textual-inversion embeddings (CLIP text encoders)
     decode_chunk: ClassVar[bool] = False  # video: the VAE decodes in chunks of `decode_chunk_size` frames
     channels_last: ClassVar[bool] = False  # a UNet of 2-D convolutions, which NHWC speeds up
     draft: ClassVar[Draft | None] = None  # its real fast draft, where it has one
+    presets: ClassVar[dict[str, tuple[int, float]]] = {}  # named (steps, guidance) a shot may pick
     step_cache: ClassVar[bool] = False  # its denoiser takes diffusers' cache hooks (FirstBlockCache)
     # Memory knobs each tier starts with; the OOM ladder turns on one rung after the other.
     tier_knobs: ClassVar[dict[Tier, frozenset[str]]] = {
@@ -152,16 +155,41 @@ class Family:
             return f"{self.title} needs sides that are multiples of {multiple}, not {width}x{height}"
         return None
 
+    def render_size(self, width: int, height: int, variant: str | None = None) -> tuple[int, int]:
+        """The size to draw a picture of width x height at: rounded up to the family's multiple (FLUX and
+        SD3 draw 1920x1080 as 1920x1088), then cropped back (farm.frames)."""
+        m = self.variant(variant).multiple
+        return -(-width // m) * m, -(-height // m) * m
+
+    def tier_size(self, tier: Tier, width: int, height: int) -> tuple[int, int]:
+        """The size a worker of `tier` renders video at (frames are brought to the film's size after)."""
+        del tier
+        return width, height
+
     def valid_frames(self, frames: int) -> bool:
         return frames >= self.min_frames and (frames - 1) % self.frame_step == 0
 
-    def call_frames(self, needed: int, top: int) -> int:
-        """The frames a call makes to give at least `needed`: the smallest count the model can make
-        (Wan: 4k+1, LTX: 8k+1), never more than one call's worth (`top`)."""
-        frames = max(needed, self.min_frames)
+    def _makeable(self, frames: int, top: int) -> int:
+        """The smallest count the model can make that is at least `frames` (Wan: 4k+1, LTX: 8k+1)."""
+        frames = max(frames, self.min_frames)
         if self.frame_step > 1:
             frames = -(-(frames - 1) // self.frame_step) * self.frame_step + 1
         return min(frames, top)
+
+    def call_buckets(self, top: int) -> tuple[int, ...]:
+        """The only call lengths the farm asks for: a half, three quarters and all of one call's worth
+        (`top`), each rounded up to a count the model makes.
+
+        A compiled denoiser (`dynamic=False`) recompiles for every new frame count, about a minute per
+        worker, and shot lengths would otherwise give a new count per shot; very short calls (SVD-XT
+        asked for 2 frames) also move badly, since the models learnt on full-length clips. So a call
+        makes the smallest bucket that covers what it needs and the extra frames are dropped: at most
+        three compiled shapes per model and size, for at most a third more frames on a shot's last call."""
+        return tuple(sorted({self._makeable(-(-top * quarters // 4), top) for quarters in (2, 3, 4)}))
+
+    def call_frames(self, needed: int, top: int) -> int:
+        """The frames a call makes to give at least `needed`: the smallest bucket that covers it."""
+        return next((b for b in self.call_buckets(top) if b >= needed), top)
 
     def generation_fps(self, film_fps: int, variant: str | None = None) -> int:
         """The rate frames are generated at: the model's own where it has one (the merge then brings
@@ -170,15 +198,21 @@ class Family:
 
     # --- parameters --------------------------------------------------------------------------
 
-    def steps(self, quality: Quality, tier: Tier, pinned: int | None, variant: str | None = None) -> int:
+    def steps(self, quality: Quality, tier: Tier, pinned: int | None, variant: str | None = None,
+              preset: str | None = None) -> int:
         """Denoising steps: pinned steps win on every tier (shots look alike wherever they ran); a
-        distilled checkpoint always takes its own; else the variant's default for the quality."""
+        distilled checkpoint always takes its own; then a chosen preset's; else the variant's default
+        for the quality."""
         v = self.variant(variant)
         if v.distilled:
             return v.steps_for(quality)
-        return pinned if pinned is not None else v.steps_for(quality)
+        if pinned is not None:
+            return pinned
+        if preset is not None and preset in self.presets:
+            return self.presets[preset][0]
+        return v.steps_for(quality)
 
-    def decode_chunk_size(self, quality: Quality, scene: Scene, tier: Tier) -> int | None:
+    def decode_chunk_size(self, quality: Quality, scene: Scene | None, tier: Tier) -> int | None:
         """Frames per VAE decode call, for families that decode in chunks (the seed's rule)."""
         return decode_chunk_size(quality, scene, tier) if self.decode_chunk else None
 
@@ -197,12 +231,13 @@ class Family:
         on = self.tier_knobs[tier]
         return MemoryKnobs(**{name: name in on for name in MemoryKnobs.names()})
 
-    def preset(self, tier: Tier, quality: Quality, scene: Scene, variant: str | None = None) -> Preset:
+    def preset(self, tier: Tier, quality: Quality, scene: Scene | None, variant: str | None = None) -> Preset:
         """A worker of `tier`'s own preset for this family: its memory knobs and decode chunk."""
         chunk = self.decode_chunk_size(quality, scene, tier) if self.role == "video" else None
         return Preset(tier, chunk, self.knobs(tier, variant))
 
-    def next_preset(self, preset: Preset, quality: Quality, scene: Scene, variant: str | None = None) -> Preset | None:
+    def next_preset(self, preset: Preset, quality: Quality, scene: Scene | None,
+                    variant: str | None = None) -> Preset | None:
         """One rung down this family's OOM ladder (farm.presets.next_lower_preset)."""
         return next_lower_preset(preset, self.ladder, lambda t: self.preset(t, quality, scene, variant))
 
@@ -223,5 +258,6 @@ class Family:
                                                       "variant": self.draft.variant, "scheduler": self.draft.scheduler,
                                                       "config_key": self.draft_key},
             "step_cache": self.step_cache,
+            "presets": {k: {"steps": s, "guidance": g} for k, (s, g) in self.presets.items()},
             "oom_ladder": [sorted(r) for r in self.ladder],
         }

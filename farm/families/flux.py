@@ -18,6 +18,7 @@ class Flux(Family):
     role = "keyframe"
     pipeline = "FluxPipeline"
     classes = ("FluxPipeline",)
+    takes_negative_prompt = False
     variants = {
         "schnell": Variant(
             "schnell", "FLUX.1 [schnell]", hub=(r"flux\.?1?-schnell", r"schnell"), licence="Apache-2.0",

@@ -12,17 +12,31 @@ from __future__ import annotations
 from typing import Any
 
 from farm.families.base import Family, ShotInputs, Variant
-from farm.presets import SCENE_PRESETS, MotionLevel, Quality, Scene, Tier, video_steps
+from farm.presets import MotionLevel, Quality, Tier, video_steps
 
 LICENCE = "Stability AI Community License (commercial use free under USD 1M annual revenue; check it)"
 MOTION_BUCKETS: dict[MotionLevel, int] = {"low": 60, "medium": 127, "high": 200}
 
 
-def motion_bucket(level: str | None, bucket_id: int | None, scene: str) -> int:
-    """An explicit bucket wins; else the shot's motion level, else its scene's."""
+# docs/sources.md section 1: noise_aug_strength 0.0002-0.0005 for SVD-XT, 0.015-0.025 for SVD.
+XT_NOISE, BASE_NOISE = (0.0002, 0.0005), (0.015, 0.025)
+
+
+def motion_bucket(level: str, bucket_id: int | None) -> int:
+    """An explicit bucket wins; else the motion level that applies (farm.presets.motion_level)."""
     if bucket_id is not None:
         return bucket_id
-    return MOTION_BUCKETS[level or SCENE_PRESETS[scene].motion]  # type: ignore[index]
+    return MOTION_BUCKETS[level]  # type: ignore[index]
+
+
+def noise_for(variant: str, strength: float) -> float:
+    """The farm's noise (on SVD-XT's scale) for `variant`: as is for XT; for SVD, the same place in its
+    own range (0.0004, the middle of XT's, becomes 0.0217)."""
+    if variant == "xt":
+        return strength
+    lo, hi = XT_NOISE
+    share = min(max((strength - lo) / (hi - lo), 0.0), 1.0)
+    return round(BASE_NOISE[0] + share * (BASE_NOISE[1] - BASE_NOISE[0]), 6)
 
 
 class SVD(Family):
@@ -32,6 +46,7 @@ class SVD(Family):
     pipeline = "StableVideoDiffusionPipeline"
     classes = ("StableVideoDiffusionPipeline",)
     takes_prompt = False
+    takes_negative_prompt = False
     default = True
     decode_chunk = True
     channels_last = True
@@ -48,19 +63,21 @@ class SVD(Family):
     }
     default_variant = "xt"
 
-    def steps(self, quality: Quality, tier: Tier, pinned: int | None, variant: str | None = None) -> int:
-        return video_steps(quality, tier, pinned)
+    def steps(self, quality: Quality, tier: Tier, pinned: int | None, variant: str | None = None,
+              preset: str | None = None) -> int:
+        return video_steps(quality, tier, pinned)  # the seed's tier table
 
     def call_params(self, inputs: ShotInputs, variant: str | None = None) -> dict[str, Any]:
-        scene: Scene = inputs.scene  # type: ignore[assignment]
         return {"width": inputs.width, "height": inputs.height, "num_frames": inputs.frames,
                 "num_inference_steps": inputs.steps, "decode_chunk_size": inputs.decode_chunk_size,
-                "seed": inputs.seed, "motion_bucket_id": motion_bucket(inputs.motion, inputs.motion_bucket_id, scene),
-                "noise_aug_strength": SCENE_PRESETS[scene].noise_aug_strength, "fps": inputs.fps,
+                "seed": inputs.seed, "motion_bucket_id": motion_bucket(inputs.motion_level, inputs.motion_bucket_id),
+                "noise_aug_strength": noise_for(self.variant(variant).name, inputs.noise_aug_strength),
+                "fps": inputs.fps,
                 "min_guidance_scale": 1.0, "max_guidance_scale": 3.0}
 
     def tables(self) -> dict[str, Any]:
-        return super().tables() | {"motion_buckets": dict(MOTION_BUCKETS)}
+        return super().tables() | {"motion_buckets": dict(MOTION_BUCKETS),
+                                   "noise_aug_strength": {"xt": list(XT_NOISE), "base": list(BASE_NOISE)}}
 
 
 FAMILY = SVD()

@@ -36,7 +36,7 @@ def _not_found_offline(spec: ModelSpec, exc: BaseException) -> ModelError:
 
 def load_pipeline(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | None = None,
                   loras: tuple[tuple[str, float], ...] = (), vae: str | None = None,
-                  cpu_offload: bool = False) -> DiffusionPipeline:
+                  cpu_offload: bool = False, embeddings: tuple[tuple[str, str], ...] = ()) -> DiffusionPipeline:
     """Load the pipeline `spec` names, ready to call.
 
     With `cpu_offload` on a CUDA device the pipeline stays on the CPU, for `apply_memory_knobs` to
@@ -70,6 +70,8 @@ def load_pipeline(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | 
         pipe.vae = _load_vae(spec, pipe, vae, dtype)
     if loras:
         _load_loras(spec, pipe, loras)
+    for path, token in embeddings:
+        _load_embedding(spec, pipe, path, token)
     if not (cpu_offload and str(device).startswith("cuda")):
         pipe.to(device)
     return pipe
@@ -160,6 +162,28 @@ def _load_lora(spec: ModelSpec, pipe: Any, lora: str, adapter: str) -> None:
         pipe.load_lora_weights(folder, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load LoRA {lora!r} into the {spec.family} pipeline: {exc}") from exc
+
+
+def _load_embedding(spec: ModelSpec, pipe: Any, path: str, token: str) -> None:
+    """A textual inversion under its trigger token. SDXL's files hold one vector set per text
+    encoder (`clip_l` for the first, `clip_g` for the second); a one-encoder file goes to the first."""
+    from safetensors.torch import load_file
+
+    if not hasattr(pipe, "load_textual_inversion"):
+        raise ModelError(f"textual-inversion embeddings are not supported for {spec.rules.title} models")
+    try:
+        tensors = load_file(path)
+        pairs = [("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2")]
+        if any(name in tensors for name, _, _ in pairs):
+            for name, encoder, tokenizer in pairs:
+                if name in tensors and getattr(pipe, encoder, None) is not None:
+                    pipe.load_textual_inversion(tensors[name], token=token, text_encoder=getattr(pipe, encoder),
+                                                tokenizer=getattr(pipe, tokenizer))
+        else:
+            vectors = next(iter(tensors.values()))
+            pipe.load_textual_inversion(vectors, token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    except (OSError, ValueError, KeyError, StopIteration, RuntimeError) as exc:
+        raise ModelError(f"cannot load embedding {path!r} ({token}) into the {spec.family} pipeline: {exc}") from exc
 
 
 @contextlib.contextmanager

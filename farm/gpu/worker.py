@@ -19,14 +19,15 @@ from farm.cache import ArtifactCache
 from farm.config import FarmConfig, current
 from farm.contract import StageKind, StageRequest, StageResult
 from farm.faults import OutOfMemory, fire
+from farm.frames import fit_frames
 from farm.gpu.loading import apply_memory_knobs, load_pipeline, use_sampler, use_step_cache
 from farm.gpu.nvml import GpuInfo, gpus, resolve_tier
 from farm.gpu.speed import apply_speed_knobs, speed_knobs
 from farm.gpu.stages import run_stage
 from farm.models import ModelSpec, missing
-from farm.presets import MemoryKnobs, Tier
+from farm.presets import MemoryKnobs, Tier, memory_fraction
 
-# (spec, device=, dtype=, lora=, vae=, cpu_offload=) -> pipeline; bench/gpu.py passes one that builds
+# (spec, device=, dtype=, loras=, vae=, cpu_offload=[, embeddings=]) -> pipeline; bench/gpu.py passes one that builds
 # real-size models with random weights, so it measures this worker's own code.
 Loader = Callable[..., Any]
 
@@ -41,6 +42,18 @@ def visible_gpu() -> GpuInfo | None:
     if first.isdigit() and int(first) < len(cards):
         return cards[int(first)]
     return cards[0] if cards else None
+
+
+def cap_memory(setting: str, tier: Tier, gpu: GpuInfo | None,
+               set_fraction: Callable[[float], None]) -> float | None:
+    """A tier forced on a bigger card caps this process's share of it, so it runs out of memory where a
+    real card of that tier would. `auto` reads the card and needs no cap. Returns the fraction set."""
+    if setting == "auto" or gpu is None:
+        return None
+    fraction = memory_fraction(tier, gpu.memory_total)
+    if fraction is not None:
+        set_fraction(fraction)
+    return fraction
 
 
 class StageWorker:
@@ -59,6 +72,8 @@ class StageWorker:
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
             self.dtype = torch.float32
+        self.memory_cap = cap_memory(tier, self.tier, self.gpu if self.device == "cuda" else None,
+                                     torch.cuda.set_per_process_memory_fraction)
         self.pipelines: dict[tuple[Any, ...], tuple[MemoryKnobs, Any, dict[str, bool]]] = {}
         self.stages_run = 0
         self.faults: list[dict[str, Any]] = []
@@ -74,21 +89,23 @@ class StageWorker:
 
     def pipeline(self, spec: ModelSpec, knobs: MemoryKnobs, loras: tuple[tuple[str, float], ...] = (),
                  vae: str | None = None, scheduler: str | None = None,
-                 step_cache: float | None = None) -> tuple[Any, dict[str, bool]]:
+                 step_cache: float | None = None,
+                 embeddings: tuple[tuple[str, str], ...] = ()) -> tuple[Any, dict[str, bool]]:
         """The resident pipeline for (model, LoRAs, VAE, sampler, step cache) with these memory knobs;
         loads it on first use.
 
         Keyed on the knobs *asked for*: what a pipeline can honour differs (SVD's VAE has no slicing),
         and comparing with what was applied would reload it on every stage."""
-        key = (spec, loras, vae, scheduler, step_cache)
+        key = (spec, loras, vae, scheduler, step_cache, embeddings)
         held = self.pipelines.get(key)
         if held is not None and held[0] == knobs:
             return held[1], held[2]
         if held is not None:  # the OOM ladder asked for other memory knobs: rebuild from scratch
             self.unload(key)
         try:
+            extra = {"embeddings": embeddings} if embeddings else {}  # bench/gpu.py's loader takes none
             pipe = self.loader(spec, device=self.device, dtype=self.dtype, loras=loras, vae=vae,
-                               cpu_offload=knobs.cpu_offload or knobs.group_offload)
+                               cpu_offload=knobs.cpu_offload or knobs.group_offload, **extra)
             pipe.set_progress_bar_config(disable=True)  # the farm shows its own progress
             use_sampler(pipe, scheduler)
             applied = apply_memory_knobs(pipe, device=self.device, **asdict(knobs))
@@ -142,6 +159,7 @@ class StageWorker:
             "id": self.worker_id,
             "node": platform.node(),
             "tier": self.tier,
+            "memory_cap": self.memory_cap,  # share of the card a forced tier may use (None: all of it)
             "device": self.device,
             "gpu": gpu.name if gpu else None,
             "vram_total": gpu.memory_total if gpu else None,
@@ -161,13 +179,16 @@ class StageWorker:
         is_cancelled = lambda: req.ident in self.cancelled  # noqa: E731
         try:
             fire(self.faults, req.ident, torch.OutOfMemoryError)
-            pipe, applied = self.pipeline(req.model, req.knobs, req.loras, req.vae, req.scheduler, req.step_cache)
+            pipe, applied = self.pipeline(req.model, req.knobs, req.loras, req.vae, req.scheduler, req.step_cache,
+                                          req.embeddings)
             if req.kind == StageKind.KEYFRAME:
                 images, seen = run_stage(pipe, req.model.family, req.params, cancelled=is_cancelled)
-                hashes = cache.put_keyframe(req.output_key, images[0])
+                # drawn at the family's multiple (1920x1088 for 1920x1080): cropped back to the keyframe size
+                hashes = cache.put_keyframe(req.output_key, fit_frames(images, req.frame_size)[0])
             else:
                 first = cache.last_frame(req.input_key or "")
                 frames, seen = run_stage(pipe, req.model.family, req.params, first, is_cancelled)
+                frames = fit_frames(frames, req.frame_size)  # a tier that renders smaller (I2VGen-XL below 16 GB)
                 hashes = cache.put_segment(req.output_key, first, frames, req.drop, req.kept)
         except torch.OutOfMemoryError as exc:
             raise self._out_of_memory(exc) from None

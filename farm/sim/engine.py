@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from farm.contract import FailureKind, StageResult
+from farm.contract import EncodeResult, FailureKind, StageResult
 from farm.jobbook import FailJob, JobBook, LedgerRow
 from farm.pool import PoolPolicy, WorkerBook
 from farm.presets import TIERS
@@ -213,7 +213,7 @@ def simulate(jobs: JobBook | Sequence[JobBook], cluster: Mapping[str, int], *,
                 run = book.running[sid]
                 sim = StageResult(worker, gpus[worker].tier if worker in gpus else "cpu", "sim", run.preset, {}, {},
                                   now - run.started, output_sha="sim")
-                book.on_success(sid, sim if worker in gpus else None, now)
+                book.on_success(sid, sim if worker in gpus else EncodeResult(), now)
             else:
                 kind = FailureKind(failure)
                 ident = f"{job}/{sid}"

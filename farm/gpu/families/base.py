@@ -11,6 +11,7 @@ import PIL.Image
 import torch
 
 from farm.families import Family, family
+from farm.frames import fit_image
 
 
 class GpuFamily:
@@ -46,9 +47,8 @@ class GpuFamily:
         kwargs = {k: v for k, v in params.items() if k != "seed"}
         if "negative_prompt" in kwargs:
             kwargs["negative_prompt"] = kwargs["negative_prompt"] or None
-        if image is not None:
-            kwargs["image"] = PIL.Image.fromarray(image).resize((int(params["width"]), int(params["height"])),
-                                                                PIL.Image.Resampling.LANCZOS)
+        if image is not None:  # the keyframe (drawn larger) or the last frame, at the call's size, not stretched
+            kwargs["image"] = PIL.Image.fromarray(fit_image(image, (int(params["width"]), int(params["height"]))))
         # Some pipelines also draw from the global RNG (I2VGen-XL samples its image latents without the
         # generator): seeded and forked here, so a stage renders the same frames on every run.
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
