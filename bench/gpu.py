@@ -41,7 +41,7 @@ from torch.utils import flop_counter
 from bench import realsize
 from bench.report import table, write_section
 from farm.cache import ArtifactCache, model_identity
-from farm.contract import FailureKind
+from farm.contract import FailureKind, StageResult
 from farm.families import family as family_rules
 from farm.faults import OutOfMemory
 from farm.gpu.families import gpu_family
@@ -214,8 +214,9 @@ class Outcome:
     load_s: float = 0.0
     first_s: float = 0.0  # the warm-up stage: compile and first-call costs
     syncs_per_step: float | None = None  # host-GPU synchronisations the denoising loop adds per step
-    stage_s: float = 0.0
+    stage_s: float = 0.0  # video: the denoising stage and its decode stage
     call_s: float = 0.0
+    decode_s: float = 0.0
     step_s: float | None = None
     unet_s: float | None = None
     unet_calls: int = 0
@@ -250,6 +251,25 @@ def bench_book(case: Case, spec: ModelSpec, cache: ArtifactCache) -> JobBook:
     setup = replace(setup, specs=specs, plan=plan, identity={r: model_identity(s) for r, s in specs.items()})
     cache.put_arrays("bench-input", last=image)
     return JobBook("bench", setup, str(root / "out"), image_keys={"bench": "bench-input"})
+
+
+def decode_stage(book: JobBook, worker: StageWorker, denoised: StageResult, result: Outcome, case: Case,
+                 cache: ArtifactCache) -> None:
+    """The video call's decode, a stage of its own in the farm: its time and memory join the call's, so
+    the figures compare with a whole pipeline call (the published anchors include the decode)."""
+    video, stage = "video:bench:0", "decode:bench:0"
+    book.dispatched(video, worker.worker_id, case.tier, result.preset, book.request(video, case.tier).output_key, 0.0)
+    book.on_success(video, denoised, 0.0)
+    try:
+        decoded = worker.run(replace(book.request(stage, case.tier, str(cache.root)), stage=stage))
+    except OutOfMemory:
+        result.ok, result.error = False, "out of memory in the decode"
+        return
+    result.decode_s = decoded.observed["seconds"]
+    result.call_s += result.decode_s
+    result.stage_s += decoded.wall_seconds
+    peaks = [p for p in (result.peak_vram, decoded.observed["peak_vram_bytes"]) if p is not None]
+    result.peak_vram = max(peaks) if peaks else None
 
 
 def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: ArtifactCache) -> Outcome:
@@ -313,6 +333,8 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
             if result.unet_s:
                 result.unet_util = utilisation(result.flops_per_call, result.unet_s, peak_tflops)
             break
+        if result.ok and stage.startswith("video:"):
+            decode_stage(book, worker, report, result, case, cache)
     finally:
         worker.pipelines.clear()
         if cuda:
@@ -373,6 +395,7 @@ def rows(outcomes: list[Outcome]) -> list[dict[str, Any]]:
             "size": size, "steps": c.steps, "ran as": o.preset if o.ok else "",
             "OOM rungs": " > ".join(o.rungs) or "-", "s/step": f"{o.step_s:.3f}" if o.step_s else "",
             "s/stage": f"{o.stage_s:.2f}" if o.ok else o.error,
+            "decode s": f"{o.decode_s:.2f}" if o.ok and o.decode_s else "",
             "load s": f"{o.load_s:.1f}" if o.ok else "", "warm-up stage s": f"{o.first_s:.1f}" if o.ok else "",
             "UNet GFLOP/call": f"{o.flops_per_call / 1e9:.2f}",
             "MFU": _pct(o.mfu), "UNet util": _pct(o.unet_util), "peak VRAM GiB": _gb(o.peak_vram),

@@ -89,7 +89,8 @@ def farm_call_seconds(lock: dict) -> float:
     for shot in lock["shots"]:
         if shot["keyframe"]:
             total += shot["keyframe"]["observed"]["seconds"]
-        total += sum(seg["observed"]["seconds"] for seg in shot["video"]["segments"])
+        total += sum(seg["observed"]["seconds"] + seg["decode"]["observed"]["seconds"]
+                     for seg in shot["video"]["segments"])
     return total
 
 

@@ -114,6 +114,7 @@ def write_outputs(book: JobBook, attempts: list[dict[str, Any]]) -> None:
     encode = setup.encode_identity() | {k: v for k, v in setup.merge_options.items() if k != "fps"}
     lock = build_lock(book.id, setup.manifest, setup.plan, setup.specs, book.records(), encode, setup.warnings)
     lock["preview"] = setup.preview
+    lock["tier_dependent"] = book.tier_dependence()
     # What a draft ran per role (a distilled path, or undistilled steps and why), and the step cache.
     lock["draft"] = {role: asdict(choice) for role, choice in setup.drafts.items()}
     lock["step_cache"] = {role: {"kind": "first_block", "threshold": t} for role, t in setup.step_cache.items()}

@@ -1,10 +1,12 @@
 """Content-addressed stage outputs.
 
 A stage's key hashes everything that determines its output: model identity, effective parameters,
-seed and the keys of its inputs. Execution details that do not change the pictures (the worker,
-its tier's decode chunk and memory knobs) stay out of the key, so a shot rendered on a mid-tier
-card is reused on a low-tier one. Finished outputs live under the state dir; a restarted director
-or an edited storyboard finds them by key and skips the work.
+seed, the content of every weights file it loads and the keys of its inputs. What does not change the
+pixels (the worker, its memory knobs) stays out of the key. A video call is two stages with two keys:
+its latents (what the denoising made) and their decode (which the decode chunk and tiling change: the
+temporal VAE's output depends on both), so another tier or an OOM retry with a smaller chunk decodes the
+same latents anew instead of passing off other pixels as the same. Finished outputs live under the
+state dir; a restarted director or an edited storyboard finds them by key and skips the work.
 """
 
 from __future__ import annotations
@@ -21,9 +23,6 @@ from farm.hashing import array_hash, content_hash, file_hash
 from farm.models import ModelSpec, model_revision
 from farm.paths import atomic_path
 
-# Parameters that change how a stage runs, not what it produces.
-EXECUTION_ONLY = ("decode_chunk_size",)
-
 
 def model_identity(spec: ModelSpec) -> dict[str, Any]:
     """What of a model determines its pictures (the revision is read cheaply, never by hashing weights)."""
@@ -35,13 +34,20 @@ def keyframe_key(model: dict[str, Any], params: Mapping[str, Any], options: Mapp
     return content_hash({"stage": "keyframe", "model": model, "params": params, "overrides": options})
 
 
-def video_key(model: dict[str, Any], params: Mapping[str, Any], input_key: str, drop: int, kept: int,
-              options: Mapping[str, Any] | None = None) -> str:
-    outcome = {k: v for k, v in params.items() if k not in EXECUTION_ONLY}
-    key = {"stage": "video", "model": model, "params": outcome, "input": input_key, "drop": drop, "kept": kept}
-    if options and any(options.values()):  # stays the old key where nothing changes the pipeline
+def latents_key(model: dict[str, Any], params: Mapping[str, Any], input_key: str,
+                options: Mapping[str, Any] | None = None) -> str:
+    """A video call's final latents: the denoising parameters (no decode ones) and its first frame."""
+    key = {"stage": "latents", "model": model, "params": dict(params), "input": input_key}
+    if options and any(options.values()):
         key["options"] = dict(options)
     return content_hash(key)
+
+
+def decode_key(latents: str, params: Mapping[str, Any], vae_tiling: bool, drop: int, kept: int) -> str:
+    """Frames decoded from `latents`: the decode parameters (chunk, LTX's decode noise) and tiling
+    change the pixels; `drop`/`kept` which of them the clip shows."""
+    return content_hash({"stage": "decode", "latents": latents, "params": dict(params), "vae_tiling": vae_tiling,
+                         "drop": drop, "kept": kept})
 
 
 def image_key(path: Path, size: tuple[int, int], fit: str = "crop") -> str:
@@ -94,13 +100,21 @@ class ArtifactCache:
         self.put_arrays(key, last=image)
         return {"output_sha": array_hash(image)}
 
-    def put_segment(self, key: str, first: np.ndarray, frames: np.ndarray, drop: int, kept: int) -> dict[str, str]:
-        """Store a video segment started from `first`: the frames the clip keeps, and the last of them
-        (where the next segment starts; a model's frame rule may have made more than are kept)."""
+    def put_segment(self, key: str, frames: np.ndarray, drop: int, kept: int) -> dict[str, str]:
+        """Store a decoded video segment: the frames the clip keeps, and the last of them (where the
+        next segment starts; a call may have made more than are kept)."""
         last = frames[drop + kept - 1]
         self.put_arrays(key, frames=frames[drop:drop + kept], last=last)
         # Input and output hashes make chains checkable: a segment's input is its predecessor's output.
-        return {"input_sha": array_hash(first), "output_sha": array_hash(last)}
+        return {"output_sha": array_hash(last)}
+
+    def put_latents(self, key: str, latents: np.ndarray) -> dict[str, str]:
+        """A video call's final latents (float32: bf16 and fp16 round-trip exactly), for its decode."""
+        self.put_arrays(key, latents=latents)
+        return {"output_sha": array_hash(latents)}
+
+    def latents(self, key: str) -> np.ndarray:
+        return self.get_arrays(key)["latents"]
 
     def put_json(self, key: str, value: Any) -> Path:
         path = self.path(key, "json")

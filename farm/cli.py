@@ -52,6 +52,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
         if name == "families":
             continue
         print(f"\n== {name}")
+        if name == "precedence":  # first wins: one line per rung, so the order reads at a glance
+            for param, rungs in table.items():
+                print(f"{param}:\n" + "".join(f"  {i}. {rung}\n" for i, rung in enumerate(rungs, 1)), end="")
+            continue
         _print_mapping(table)
     for name, fam in data["families"].items():
         print(f"\n== family {name}: {fam['title']}")

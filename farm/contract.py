@@ -40,7 +40,8 @@ FINISHED_STATES: frozenset[JobState] = frozenset(set(JobState) - ACTIVE_STATES)
 
 class StageKind(StrEnum):
     KEYFRAME = "keyframe"  # text-to-image, GPU
-    VIDEO = "video"  # one image-to-video call, GPU
+    VIDEO = "video"  # one image-to-video call's denoising, up to its final latents, GPU
+    DECODE = "decode"  # those latents through the VAE to frames, GPU (an OOM here redoes only this)
     CLIP = "clip"  # a shot's frames -> mp4, CPU (encoder)
     MERGE = "merge"  # every clip -> the film, CPU (encoder)
 
@@ -48,8 +49,15 @@ class StageKind(StrEnum):
     def gpu(self) -> bool:
         return self in GPU_KINDS
 
+    @property
+    def role(self) -> str:
+        """The model a GPU stage runs: a decode runs the video model's VAE."""
+        if self not in GPU_KINDS:
+            raise ValueError(f"a {self} stage runs no model")
+        return "keyframe" if self == StageKind.KEYFRAME else "video"
 
-GPU_KINDS: frozenset[StageKind] = frozenset({StageKind.KEYFRAME, StageKind.VIDEO})
+
+GPU_KINDS: frozenset[StageKind] = frozenset({StageKind.KEYFRAME, StageKind.VIDEO, StageKind.DECODE})
 
 
 class Outcome(StrEnum):
@@ -94,9 +102,9 @@ class StageRequest:
     tier: str  # the tier whose presets the params came from
     output_key: str
     cache_dir: str
-    input_key: str | None = None  # video: the stage whose last frame it starts from
-    drop: int = 0  # video: leading frames that re-draw the conditioning frame
-    kept: int = 0  # video: frames the clip keeps
+    input_key: str | None = None  # video: the stage whose last frame it starts from; decode: its latents
+    drop: int = 0  # decode: leading frames that re-draw the conditioning frame
+    kept: int = 0  # decode: frames the clip keeps
     loras: tuple[tuple[str, float], ...] = ()  # LoRA files/folders and their scales (the user's, a draft's)
     vae: str | None = None  # a VAE override
     embeddings: tuple[tuple[str, str], ...] = ()  # textual-inversion files and their trigger tokens

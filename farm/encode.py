@@ -58,6 +58,8 @@ def default_bitrate(width: int, height: int) -> str:
     if lines >= 720:
         return "6500k"
     return f"{max(1000, round(6500 * width * height / (1280 * 720)))}k"
+
+
 # The stream line looks like `Video: h264 (High) (avc1 / 0x31637661), yuv420p(tv, progressive), 64x48,
 # ...`: the pix_fmt's parenthetical may hold commas, and the codec tag holds `0x...`, so anchor the
 # size right after the pix_fmt instead of searching for the first `NxM`.

@@ -32,7 +32,7 @@ from farm.families import Draft
 from farm.jobsetup import JobSetup
 from farm.paths import OutputLayout
 from farm.plan import ShotPlan, Stage
-from farm.presets import Preset, Scene, as_tier
+from farm.presets import TIERS, Preset, Scene, as_tier
 from farm.schedule import ReadyStage
 
 # --- what the book tells its caller --------------------------------------------------------------
@@ -238,7 +238,7 @@ class JobBook:
                    if s.gpu and s.id not in self.done and s.id not in self.running)
 
     def model_key(self, stage: Stage) -> str:
-        return self.setup.specs[stage.kind].key
+        return self.setup.specs[StageKind(stage.kind).role].key
 
     def ready_stage(self, stage: Stage) -> ReadyStage:
         """The stage as the dispatch policy sees it (`farm.schedule.assign`)."""
@@ -295,8 +295,10 @@ class JobBook:
         held = self.ladder.get(stage.id)
         if held is not None:
             return held
-        spec = self.setup.specs[stage.kind]
-        return spec.rules.preset(as_tier(tier), self.setup.manifest.quality, self._scene(stage), spec.variant)
+        spec = self.setup.specs[StageKind(stage.kind).role]
+        preset = spec.rules.preset(as_tier(tier), self.setup.manifest.quality, self._scene(stage), spec.variant)
+        # The decode chunk is the decode's: the denoising has none (its OOM ladder starts at the knobs).
+        return replace(preset, decode_chunk_size=None) if stage.kind == StageKind.VIDEO else preset
 
     def params(self, stage_id: str, tier: str) -> dict[str, Any]:
         """A GPU stage's effective parameters on a worker of `tier` (what the pipeline is called with)."""
@@ -304,10 +306,32 @@ class JobBook:
         sp = self.shots[stage.shot or ""]
         if stage.kind == StageKind.KEYFRAME:
             return keyframe_params(setup.manifest, sp, setup.specs["keyframe"], as_tier(tier), self._draft("keyframe"))
-        if stage.kind != StageKind.VIDEO or stage.segment is None or stage.seed is None:
+        if stage.kind not in (StageKind.VIDEO, StageKind.DECODE) or stage.segment is None or stage.seed is None:
             raise ValueError(f"{stage_id} is not a GPU stage")
-        return video_params(setup.manifest, sp, stage.segment, stage.seed, setup.specs["video"],
-                            self.preset(stage, tier), setup.plan.film_fps, self._draft("video"))
+        spec = setup.specs["video"]
+        call = video_params(setup.manifest, sp, stage.segment, stage.seed, spec, self.preset(stage, tier),
+                            setup.plan.film_fps, self._draft("video"))
+        denoise, decode = spec.rules.split_params(call)
+        return denoise if stage.kind == StageKind.VIDEO else decode
+
+    def tier_dependence(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per shot, the call parameters that would not be the same on every tier (tier -> value), for
+        the lockfile: pinned steps make a shot alike on any tier except for what this names (each
+        tier's decode chunk, its own steps where none are pinned, a smaller size on a low tier)."""
+        setup, spec = self.setup, self.setup.specs["video"]
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for sp in self.plan.shots:
+            stage = self.plan.stages[f"video:{sp.shot.id}:0"]
+            assert stage.segment is not None and stage.seed is not None
+            calls = {tier: video_params(setup.manifest, sp, stage.segment, stage.seed, spec,
+                                        spec.rules.preset(tier, setup.manifest.quality, sp.shot.scene, spec.variant),
+                                        setup.plan.film_fps, self._draft("video")) for tier in TIERS}
+            names = sorted({name for call in calls.values() for name in call})
+            differ = {name: {str(tier): call.get(name) for tier, call in calls.items()} for name in names
+                      if len({repr(call.get(name)) for call in calls.values()}) > 1}
+            if differ:
+                out[sp.shot.id] = differ
+        return out
 
     def _draft(self, role: str) -> Draft | None:
         """The family's distilled draft path where this job drafts with it."""
@@ -319,7 +343,7 @@ class JobBook:
         setup, stage = self.setup, self.plan.stages[stage_id]
         preset = self.preset(stage, tier)
         params = self.params(stage_id, tier)
-        role = str(stage.kind)
+        role = StageKind(stage.kind).role
         options, key_options = setup.pipeline_options(role), setup.key_options(role)
         common: dict[str, Any] = {"loras": setup.loras(role), "vae": options["vae"], "scheduler": options["scheduler"],
                                   "step_cache": options["step_cache"],
@@ -329,18 +353,21 @@ class JobBook:
             return StageRequest(self.id, stage.id, StageKind.KEYFRAME, setup.specs["keyframe"], params, preset.knobs,
                                 preset.label(), preset.tier, key, cache_dir,
                                 frame_size=setup.manifest.output.keyframe_size, **common)
-        assert stage.segment is not None  # params() refused anything but keyframe and video stages
+        assert stage.segment is not None  # params() refused anything but keyframe, video and decode stages
         input_key = self.input_key(stage)
-        key = keys.video_key(setup.identity["video"], params, input_key, stage.segment.drop, stage.segment.kept,
-                             key_options)
-        return StageRequest(self.id, stage.id, StageKind.VIDEO, setup.specs["video"], params, preset.knobs,
-                            preset.label(), preset.tier, key, cache_dir, input_key=input_key,
-                            drop=stage.segment.drop, kept=stage.segment.kept,
+        if stage.kind == StageKind.VIDEO:
+            key = keys.latents_key(setup.identity["video"], params, input_key, key_options)
+            return StageRequest(self.id, stage.id, StageKind.VIDEO, setup.specs["video"], params, preset.knobs,
+                                preset.label(), preset.tier, key, cache_dir, input_key=input_key, **common)
+        drop, kept = stage.segment.drop, stage.segment.kept
+        key = keys.decode_key(input_key, params, preset.knobs.vae_tiling, drop, kept)
+        return StageRequest(self.id, stage.id, StageKind.DECODE, setup.specs["video"], params, preset.knobs,
+                            preset.label(), preset.tier, key, cache_dir, input_key=input_key, drop=drop, kept=kept,
                             frame_size=setup.manifest.output.size, **common)
 
     def input_key(self, stage: Stage) -> str:
-        """The cache key of the frame a video stage starts from: its dependency's output, or the
-        user's own image."""
+        """The cache key of what a stage starts from: a video stage's first frame (its dependency's
+        output, or the user's own image), a decode's latents."""
         if stage.deps:
             return self.done[stage.deps[0]].key
         return self.image_keys[stage.shot or ""]
@@ -409,7 +436,7 @@ class JobBook:
             return  # a cancelled job's stage that finished anyway: its output is cached all the same
         if isinstance(result, StageResult):
             self.outbox.append(CacheRecord(run.key, record))
-        kept = stage.segment.kept if stage.segment else 0
+        kept = stage.segment.kept if stage.segment and stage.kind == StageKind.DECODE else 0
         worker = result.worker if isinstance(result, StageResult) else run.worker
         self._finish(stage, run.key, record, worker=worker, tier=tier, preset=preset, started=run.started, now=now,
                      attempt=run.attempt, cache_hit=False, peak=peak, frames=kept, note=note)
@@ -443,9 +470,11 @@ class JobBook:
             return Requeue(f"worker {run.worker} was lost")
         if kind == FailureKind.OOM:
             self._emit(now, "stage_oom", stage=stage_id, preset=run.preset)
-            spec = self.setup.specs[stage.kind]
+            spec = self.setup.specs[StageKind(stage.kind).role]
             lower = spec.rules.next_preset(self.preset(stage, run.tier), self.setup.manifest.quality,
                                            self._scene(stage), spec.variant)
+            if lower is not None and stage.kind == StageKind.VIDEO:
+                lower = replace(lower, decode_chunk_size=None)  # the decode's, not the denoising's
             if lower is None:
                 return self._fail(f"stage {stage_id} ran out of GPU memory on the lowest preset ({run.preset})", now)
             self.ladder[stage_id] = lower
@@ -536,7 +565,7 @@ class JobBook:
         if stage.kind == StageKind.KEYFRAME and stage.shot is not None:
             params = {**record.get("params", {}), "model": self.setup.specs["keyframe"].source}
             self.outbox.append(WriteKeyframe(stage.shot, key, params))
-        shown = stage.segment.kept if stage.segment else 0
+        shown = stage.segment.kept if stage.segment and stage.kind == StageKind.DECODE else 0
         self._emit(now, "stage_finished", stage=stage.id, kind=stage.kind, shot=stage.shot, worker=worker, tier=tier,
                    seconds=now - started, cache_hit=cache_hit, frames=shown)
 

@@ -11,7 +11,7 @@ from functools import cache
 from typing import Any
 
 from farm import __version__
-from farm.hashing import content_hash
+from farm.hashing import canonical_json, content_hash
 from farm.manifest import FieldError, Manifest
 from farm.models import ModelSpec, model_revision
 from farm.plan import Plan
@@ -68,11 +68,12 @@ def build_lock(job_id: str, manifest: Manifest, plan: Plan, models: dict[str, Mo
             said.setdefault(warning.loc[1], []).append(str(warning))
     for sp in plan.shots:
         kf = records.get(f"keyframe:{sp.shot.id}")
-        segments = [records[f"video:{sp.shot.id}:{seg.index}"] | {"index": seg.index, "frames": seg.frames,
-                                                                   "drop": seg.drop, "kept": seg.kept}
-                    for seg in sp.segments]
-        first = segments[0]["params"]
-        tiers = sorted({s["tier"] for s in segments})
+        segments = [records[f"video:{sp.shot.id}:{seg.index}"] | {
+            "index": seg.index, "frames": seg.frames, "drop": seg.drop, "kept": seg.kept,
+            "decode": records[f"decode:{sp.shot.id}:{seg.index}"]} for seg in sp.segments]
+        calls = [s["params"] | s["decode"]["params"] for s in segments]  # each call's parameters, whole
+        first = calls[0]
+        tiers = sorted({s["tier"] for s in segments} | {s["decode"]["tier"] for s in segments})
         shots.append({
             "id": sp.shot.id,
             "seed": sp.seed,
@@ -81,6 +82,10 @@ def build_lock(job_id: str, manifest: Manifest, plan: Plan, models: dict[str, Mo
             "first_frame_from": sp.first_frame_from,
             "tier": tiers[0] if len(tiers) == 1 else "mixed:" + ",".join(tiers),
             "warnings": said.get(sp.index, []),
+            # What was not the same for every call of the shot (a segment on another tier, an OOM retry).
+            "differs": {name: sorted({canonical_json(c.get(name)) for c in calls})
+                        for name in sorted({n for c in calls for n in c} - {"num_frames", "seed"})
+                        if len({canonical_json(c.get(name)) for c in calls}) > 1},
             "keyframe": kf,
             "video": {
                 # The effective parameters every segment of the shot shares, then each segment's record.

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from farm.store import Store
 
 STAGE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-STAGES = ("keyframe", "video", "clip", "merge")
+STAGES = ("keyframe", "video", "decode", "clip", "merge")
 
 
 class _Snapshot:
@@ -46,7 +46,7 @@ class _Snapshot:
             by_stage[(row["kind"], row["outcome"])] = by_stage.get((row["kind"], row["outcome"]), 0) + row["n"]
             if row["cache_hit"]:
                 by_hit[row["kind"]] = by_hit.get(row["kind"], 0) + row["n"]
-            elif row["kind"] == "video" and row["outcome"] == "succeeded":
+            elif row["kind"] == "decode" and row["outcome"] == "succeeded":  # the frames a clip keeps
                 generated += row["frames"] or 0
             if row["outcome"] == "oom":
                 by_oom[row["tier"] or "unknown"] = by_oom.get(row["tier"] or "unknown", 0) + row["n"]

@@ -68,7 +68,7 @@ class Plan:
     def call_lengths(self) -> set[int]:
         """The distinct frame counts of the job's video calls: each is one compiled shape per worker
         (with the size), so a job should have few (`Family.call_buckets`)."""
-        return {s.segment.frames for s in self.stages.values() if s.segment is not None}
+        return {s.segment.frames for s in self.stages.values() if s.segment is not None and s.kind == StageKind.VIDEO}
 
     def add(self, stage: Stage) -> Stage:
         assert stage.id not in self.stages, stage.id
@@ -158,8 +158,9 @@ def segments_for(frames: int, frames_per_call: int, starts_from_shown_frame: boo
     return tuple(out)
 
 
-def stage_ids(shot_id: str) -> tuple[str, str, str]:
-    return f"keyframe:{shot_id}", f"video:{shot_id}:", f"clip:{shot_id}"
+def decode_id(video_stage_id: str) -> str:
+    """The decode stage of a video stage: `video:a:0` -> `decode:a:0`."""
+    return "decode:" + video_stage_id.split(":", 1)[1]
 
 
 def build_plan(manifest: Manifest, video: ModelSpec | int) -> Plan:
@@ -183,7 +184,7 @@ def build_plan(manifest: Manifest, video: ModelSpec | int) -> Plan:
     for index, shot in enumerate(manifest.shots):
         seed = shot_seed(manifest, shot)
         frames = shot_frames(shot.duration, fps)
-        keyframe_id, video_prefix, clip_id = stage_ids(shot.id)
+        keyframe_id, clip_id = f"keyframe:{shot.id}", f"clip:{shot.id}"
         first_from: Literal["keyframe", "image", "previous"]
         if shot.continue_from == "previous":
             first_from, start_dep = "previous", previous_last
@@ -194,15 +195,18 @@ def build_plan(manifest: Manifest, video: ModelSpec | int) -> Plan:
             start_dep = plan.add(Stage(keyframe_id, StageKind.KEYFRAME, shot.id, (), seed=seed)).id
         segments = segments_for(frames, frames_per_call, first_from == "previous", call_frames)
         dep = start_dep
-        video_ids = []
+        decoded = []
         for segment in segments:
-            stage = plan.add(Stage(f"{video_prefix}{segment.index}", StageKind.VIDEO, shot.id,
-                                   (dep,) if dep else (), segment,
-                                   seed=derive_seed(seed, "video", segment.index)))
-            video_ids.append(stage.id)
-            dep = stage.id
-        previous_last = video_ids[-1]
-        clips.append(plan.add(Stage(clip_id, StageKind.CLIP, shot.id, tuple(video_ids))).id)
+            # Denoise to latents, then decode them as a stage of its own: the latents are cached, so a
+            # decode that runs out of memory is retried alone (smaller chunk, tiling), not the denoising.
+            segment_seed = derive_seed(seed, "video", segment.index)
+            video_id = f"video:{shot.id}:{segment.index}"
+            plan.add(Stage(video_id, StageKind.VIDEO, shot.id, (dep,) if dep else (), segment, seed=segment_seed))
+            dep = plan.add(Stage(decode_id(video_id), StageKind.DECODE, shot.id, (video_id,), segment,
+                                 seed=segment_seed)).id
+            decoded.append(dep)
+        previous_last = decoded[-1]
+        clips.append(plan.add(Stage(clip_id, StageKind.CLIP, shot.id, tuple(decoded))).id)
         plan.shots.append(ShotPlan(shot, index, seed, frames, segments, first_from))
     plan.add(Stage("merge", StageKind.MERGE, None, tuple(clips)))
     return plan

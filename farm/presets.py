@@ -185,8 +185,9 @@ PRECEDENCE: dict[str, list[str]] = {
                "level"],
     "noise_aug_strength": ["shot noise_aug_strength", "shot scene's", "quality template's",
                            "then mapped onto the model's range (SVD 0.015-0.025, SVD-XT as given)"],
-    "decode_chunk_size": ["OOM ladder rung", "quality template's, capped by the shot scene's range, clamped "
-                          "into the worker tier's range"],
+    "decode_chunk_size": ["the decode stage's OOM ladder rung (halved down to the tier's floor)",
+                          "quality template's, capped by the shot scene's range, clamped into the decoding "
+                          "worker tier's range (SVD, I2VGen-XL; Wan and LTX decode whole, tiling on the ladder)"],
     "memory knobs": ["OOM ladder rung", "the family's knobs for the worker's tier (a forced tier caps the card "
                      "to that tier's size)"],
 }
@@ -278,6 +279,7 @@ def tables() -> dict[str, Any]:
         "quality": {k: asdict(v) for k, v in QUALITY_TEMPLATES.items()},
         "scenes": {k: asdict(v) for k, v in SCENE_PRESETS.items()},
         "precedence": PRECEDENCE,
+        "tier_memory_cap_gib": {t: (cap / GIB if cap else None) for t, cap in TIER_MEMORY_CAP.items()},
         "keyframe": {"guidance_scale": GUIDANCE_SCALE, "guidance_rescale": GUIDANCE_RESCALE,
                      "scheduler": "DPM++ 2M Karras", "negative_prompt": NEGATIVE_PROMPT},
         "effective_video": {

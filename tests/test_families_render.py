@@ -87,7 +87,7 @@ def test_every_pairing_renders_a_film(renders, pair):
         clip = probe(out / "shots" / f"{shot}.mp4")
         assert clip.frames == entry["frames"] and clip.fps == lock["generation_fps"]
     # b continues a: its first segment starts from a's last kept frame
-    a_last = next(s for s in lock["shots"] if s["id"] == "a")["video"]["segments"][-1]["output_sha"]
+    a_last = next(s for s in lock["shots"] if s["id"] == "a")["video"]["segments"][-1]["decode"]["output_sha"]
     assert next(s for s in lock["shots"] if s["id"] == "b")["video"]["segments"][0]["input_sha"] == a_last
     film = probe(out / "final.mp4")
     assert film.fps == lock["fps"] and abs(film.duration - 1.5) <= 1.0 / lock["fps"] + 1e-6

@@ -89,9 +89,10 @@ def test_rerender_after_prompt_edit_runs_only_that_shot(farm):
     job2, out2 = submit(farm, data, "edit2")
     assert wait_state(ray, director, job2["id"])["state"] == "succeeded"
     rows = ledger(out2)
-    assert executed(rows) == {"keyframe:c", "video:c:0", "clip:c", "merge"}
+    assert executed(rows) == {"keyframe:c", "video:c:0", "decode:c:0", "clip:c", "merge"}
     hits = {r["stage"] for r in rows if r["cache_hit"]}
-    assert hits == {"keyframe:a", "video:a:0", "video:a:1", "video:b:0", "clip:a", "clip:b"}
+    assert hits == {"keyframe:a", "video:a:0", "decode:a:0", "video:a:1", "decode:a:1", "video:b:0", "decode:b:0",
+                    "clip:a", "clip:b"}
     # a cached clip is byte-identical to the first render's
     assert (out2 / "shots" / "a.mp4").read_bytes() == (out / "shots" / "a.mp4").read_bytes()
 
@@ -154,15 +155,17 @@ def test_error_is_retried_with_backoff_on_another_worker(farm):
 def test_oom_walks_down_the_preset_ladder(farm):
     ray, director, _ = farm
     for w in ray.get(director.workers_info.remote()):
-        ray.get(director.set_faults.remote(w["id"], [{"match": "*/video:c:0", "kind": "oom", "times": 2}]))
+        ray.get(director.set_faults.remote(w["id"], [{"match": "*/decode:c:0", "kind": "oom", "times": 2}]))
     job, out = submit(farm, story(seed=104), "oom")
     assert wait_state(ray, director, job["id"])["state"] == "succeeded"
-    rows = [r for r in ledger(out) if r["stage"] == "video:c:0"]
+    rows = [r for r in ledger(out) if r["stage"] == "decode:c:0"]
     assert [r["outcome"] for r in rows][-1] == "succeeded"
     ooms = [r for r in rows if r["outcome"] == "oom"]
     assert len(ooms) == 2
     presets = [r["preset"] for r in rows]
     assert presets[0] == "cpu/chunk10" and len(set(presets)) == 3, presets  # each retry one rung lower
+    # the decode ran out of memory, after the denoising: that ran once, its latents were decoded again
+    assert [r["outcome"] for r in ledger(out) if r["stage"] == "video:c:0"] == ["succeeded"]
     for w in ray.get(director.workers_info.remote()):
         ray.get(director.set_faults.remote(w["id"], []))
 

@@ -82,9 +82,17 @@ def test_request_carries_the_effective_params_and_chains_cache_keys():
     finish(book, "keyframe:a")
     video = book.request("video:a:0", "mid")
     assert video.input_key == kf.output_key and video.kind == StageKind.VIDEO
-    assert (video.drop, video.kept) == (0, 8) and video.params["num_frames"] == 8
+    assert video.params["num_frames"] == 8 and "decode_chunk_size" not in video.params  # the decode's
     assert book.request("video:a:0", "mid") == video  # pure: asking again changes nothing
     assert book.request("video:a:0", "low").preset != video.preset  # the tier's preset
+    finish(book, "video:a:0")
+    decode = book.request("decode:a:0", "mid")
+    assert decode.kind == StageKind.DECODE and decode.input_key == video.output_key  # the latents
+    assert (decode.drop, decode.kept) == (0, 8) and decode.params["decode_chunk_size"] == 10
+    # the chunk changes the temporal VAE's pixels, so it keys the decode (issue 13.5)
+    assert book.request("decode:a:0", "low").output_key != decode.output_key
+    finish(book, "decode:a:0")
+    assert book.request("video:a:1", "mid").input_key == book.done["decode:a:0"].key  # the next starts from it
 
 
 def test_users_own_first_frame_feeds_the_first_segment(tmp_path):
@@ -134,13 +142,15 @@ def test_no_usable_worker_left_fails_the_job_instead_of_waiting_forever():
 
 
 @pytest.mark.parametrize("stage, first, second", [
-    ("video:a:0", "mid/chunk10+vae_slicing", "mid/chunk8+vae_slicing"),  # halve the chunk to the floor first
+    ("decode:a:0", "mid/chunk10+vae_slicing", "mid/chunk8+vae_slicing"),  # halve the chunk to the floor first
+    ("video:a:0", "mid+vae_slicing", "mid+cpu_offload+forward_chunking+vae_slicing"),  # no chunk to halve
     ("keyframe:a", "mid+vae_slicing", "mid+cpu_offload+vae_slicing"),
 ])
 def test_out_of_memory_descends_the_stage_ladder(stage, first, second):
     book = book_of(ONE_SHOT)
-    if stage.startswith("video"):
-        finish(book, "keyframe:a")
+    for before in ("keyframe:a", "video:a:0"):
+        if book.plan.topological().index(before) < book.plan.topological().index(stage):
+            finish(book, before)
     req = run(book, stage)
     assert req.preset == first
     decision = book.on_failure(stage, FailureKind.OOM, "CUDA out of memory", 2.0, workers=["w1"])
@@ -148,6 +158,21 @@ def test_out_of_memory_descends_the_stage_ladder(stage, first, second):
     assert book.request(stage, "mid").preset == second  # the next attempt runs one rung lower, on any tier
     assert book.errors.get(stage, 0) == 0  # an OOM spends no attempt
     assert kinds(book.drain(), Emit)[-1].event["type"] == "stage_oom"
+
+
+def test_an_oom_in_the_decode_retries_the_decode_alone_from_the_cached_latents():
+    """Hours lost to a decode OOM after all the denoising steps (issue 13.17): the retry is the decode."""
+    book = book_of(ONE_SHOT)
+    finish(book, "keyframe:a")
+    finish(book, "video:a:0")
+    latents = book.done["video:a:0"].key
+    first = run(book, "decode:a:0")
+    decision = book.on_failure("decode:a:0", FailureKind.OOM, "CUDA out of memory", 2.0, workers=["w1"])
+    assert isinstance(decision, Descend)
+    assert "video:a:0" in book.done and [s.id for s in book.ready(2.0)] == ["decode:a:0"]  # only the decode
+    retry = book.request("decode:a:0", "mid")
+    assert retry.input_key == latents and retry.params["decode_chunk_size"] < first.params["decode_chunk_size"]
+    assert retry.output_key != first.output_key  # other pixels, another key
 
 
 def test_out_of_memory_on_the_lowest_rung_fails_the_job():
@@ -238,15 +263,15 @@ def test_cache_hits_are_probed_once_and_finish_the_stage():
 
 def test_success_files_the_record_and_completes_the_job():
     book = book_of(ONE_SHOT)
-    for stage in ("keyframe:a", "video:a:0", "video:a:1"):
+    for stage in ("keyframe:a", "video:a:0", "decode:a:0", "video:a:1", "decode:a:1"):
         finish(book, stage)
     effects = book.drain()
     record = kinds(effects, CacheRecord)[0].record
     assert record["params"]["prompt"] == "valley" and record["output_sha"] == "sha"
     assert kinds(effects, SaveStage)[0].record == record
-    assert book.progress == pytest.approx(3 / 5) and not book.complete
+    assert book.progress == pytest.approx(5 / 7) and not book.complete
     clip = book.encode_request("clip:a")
-    assert clip.inputs == (book.done["video:a:0"].key, book.done["video:a:1"].key)
+    assert clip.inputs == (book.done["decode:a:0"].key, book.done["decode:a:1"].key)
     book.dispatched("clip:a", "encoder", "cpu", "encode", clip.output_key, 5.0)
     book.on_success("clip:a", EncodeResult(frames=15), 6.0)
     merge = book.encode_request("merge")
@@ -278,7 +303,8 @@ def test_remaining_dag_shows_running_stages_with_their_expected_end():
     pending = {p.id: p for p in book.remaining()}
     assert "keyframe:a" not in pending
     assert pending["video:a:0"].worker == "w1" and pending["video:a:0"].expected_end == 14.0
-    assert pending["video:a:1"].deps == ("video:a:0",) and pending["video:a:1"].expected_end is None
+    assert pending["decode:a:0"].deps == ("video:a:0",) and pending["decode:a:0"].expected_end is None
+    assert pending["video:a:1"].deps == ("decode:a:0",)
 
 
 def test_stages_added_while_running_and_rewired_dependencies():

@@ -17,9 +17,10 @@ def plan_for(shots, tmp_path=None, fpc=8, fps=8):
 
 def test_simple_shot_is_keyframe_video_clip_merge():
     plan = plan_for([{"id": "a", "prompt": "p", "duration": 0.5}])
-    assert list(plan.stages) == ["keyframe:a", "video:a:0", "clip:a", "merge"]
+    assert list(plan.stages) == ["keyframe:a", "video:a:0", "decode:a:0", "clip:a", "merge"]
     assert plan.stages["video:a:0"].deps == ("keyframe:a",)
-    assert plan.stages["clip:a"].deps == ("video:a:0",)
+    assert plan.stages["decode:a:0"].deps == ("video:a:0",)  # the latents' decode is a stage of its own
+    assert plan.stages["clip:a"].deps == ("decode:a:0",)
     assert plan.stages["merge"].deps == ("clip:a",)
 
 
@@ -28,10 +29,11 @@ def test_long_shot_is_chained_segments_covering_every_frame():
     video = [s for s in plan.stages.values() if s.kind == "video"]
     assert [s.id for s in video] == ["video:a:0", "video:a:1", "video:a:2", "video:a:3"]
     for prev, nxt in zip(video, video[1:], strict=False):
-        assert nxt.deps == (prev.id,)  # each segment starts from the previous one's last frame
+        # each segment starts from the previous one's last decoded frame
+        assert nxt.deps == ("decode:" + prev.id.split(":", 1)[1],)
     assert sum(s.segment.kept for s in video) == 24
     assert video[0].segment.drop == 0 and all(s.segment.drop == 1 for s in video[1:])
-    assert plan.stages["clip:a"].deps == tuple(s.id for s in video)
+    assert plan.stages["clip:a"].deps == tuple(f"decode:a:{i}" for i in range(4))
     assert len({s.seed for s in video}) == 4
 
 
@@ -45,7 +47,7 @@ def test_continue_from_chains_to_previous_shots_last_segment():
     plan = plan_for([{"id": "a", "prompt": "p", "duration": 1.5},
                      {"id": "b", "prompt": "q", "duration": 0.5, "continue_from": "previous"}])
     assert "keyframe:b" not in plan.stages
-    assert plan.stages["video:b:0"].deps == ("video:a:1",)
+    assert plan.stages["video:b:0"].deps == ("decode:a:1",)
     assert plan.stages["video:b:0"].segment.drop == 1  # its first frame would repeat a's last frame
     assert plan.shots[1].first_frame_from == "previous"
 
@@ -81,4 +83,4 @@ def test_critical_path_and_tails():
     assert tails["merge"] == 1.0
     # 16 frames, 8 per call, each later call re-draws one frame: 8 + 7 + 1 kept -> 3 segments
     assert len(plan.shots[0].segments) == 3
-    assert tails["keyframe:a"] == plan.critical_path(cost) == 6.0  # kf, 3 segments, clip, merge
+    assert tails["keyframe:a"] == plan.critical_path(cost) == 9.0  # kf, 3 x (denoise, decode), clip, merge

@@ -72,6 +72,13 @@ def test_cli_presets_prints_every_table():
     text = subprocess.run([sys.executable, "-m", "farm.cli", "presets"], capture_output=True, text=True, timeout=60)
     assert "16-24 GB" in text.stdout and "DPM++ 2M Karras" in text.stdout
     assert "== family wan: Wan 2.x (image-to-video)" in text.stdout and "Apache-2.0" in text.stdout
+    # every parameter's precedence: shot, job, template, scene, tier and model, first wins (issue 13.6)
+    assert set(data["precedence"]) >= {"video steps", "keyframe guidance", "video guidance", "motion",
+                                       "noise_aug_strength", "decode_chunk_size", "memory knobs"}
+    assert "== precedence" in text.stdout and "quality template" in text.stdout
+    noise = data["precedence"]["noise_aug_strength"]
+    assert noise.index("shot noise_aug_strength") < noise.index("shot scene's") < noise.index("quality template's")
+    assert data["tier_memory_cap_gib"] == {"high": None, "mid": 24.0, "low": 15.0, "cpu": None}
 
 
 def test_preview_keeps_shots_and_cuts_but_shrinks_cost():

@@ -110,6 +110,7 @@ class Family:
     takes_negative_prompt: ClassVar[bool] = True  # FLUX (distilled guidance) and SVD read none
     embeddings: ClassVar[bool] = False  # keyframe: takes textual-inversion embeddings (CLIP text encoders)
     decode_chunk: ClassVar[bool] = False  # video: the VAE decodes in chunks of `decode_chunk_size` frames
+    decode_only: ClassVar[tuple[str, ...]] = ()  # video: call parameters only the decode reads
     channels_last: ClassVar[bool] = False  # a UNet of 2-D convolutions, which NHWC speeds up
     draft: ClassVar[Draft | None] = None  # its real fast draft, where it has one
     presets: ClassVar[dict[str, tuple[int, float]]] = {}  # named (steps, guidance) a shot may pick
@@ -226,6 +227,13 @@ class Family:
         """The pipeline call's arguments (image and generator aside) plus `seed`: what the worker passes,
         what the cache key hashes and what the lockfile shows."""
         raise NotImplementedError
+
+    def split_params(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A video call's parameters as its two stages take them: the denoising's (which key the
+        latents) and the decode's (its own, plus the frame count, size and seed it needs)."""
+        denoise = {k: v for k, v in params.items() if k not in self.decode_only}
+        decode = {k: params[k] for k in (*self.decode_only, "num_frames", "width", "height", "seed") if k in params}
+        return denoise, decode
 
     def knobs(self, tier: Tier, variant: str | None = None) -> MemoryKnobs:
         on = self.tier_knobs[tier]

@@ -98,6 +98,7 @@ class I2VGen(Family):
     pipeline = "I2VGenXLPipeline"
     classes = ("I2VGenXLPipeline",)
     decode_chunk = True
+    decode_only = ("decode_chunk_size",)
     ladder = (frozenset({"cpu_offload", "forward_chunking", "vae_slicing"}),)
     variants = {"base": Variant(
         "base", "I2VGen-XL", hub=(r"i2vgen",), licence="MIT", commercial=True, frames_per_call=16, size=(1280, 704),

@@ -24,6 +24,7 @@ class LTX(Family):
     frame_step = 8
     min_frames = 9
     tiny_frames = 9
+    decode_only = ("decode_timestep", "decode_noise_scale")  # the timestep-conditioned VAE's decode noise
     variants = {
         "distilled": Variant(
             "distilled", "LTX-Video 0.9.x distilled", hub=(r"ltx.*distilled",), licence=LICENCE, commercial=True,

@@ -49,6 +49,7 @@ class SVD(Family):
     takes_negative_prompt = False
     default = True
     decode_chunk = True
+    decode_only = ("decode_chunk_size",)
     channels_last = True
     ladder = (frozenset({"cpu_offload", "forward_chunking", "vae_slicing"}),)
     variants = {

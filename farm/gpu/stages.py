@@ -116,9 +116,26 @@ def tensor_to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 def run_stage(pipe: Any, family: str, params: Mapping[str, Any], image: np.ndarray | None = None,
               cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, Observed]:
-    """One keyframe or video call of `family`'s pipeline with the parameters its pure half mapped.
-    Returns uint8 frames (N, H, W, 3): the keyframe's one image, or the video's frames starting from
-    `image`."""
+    """One whole keyframe or video call of `family`'s pipeline with the parameters its pure half
+    mapped. Returns uint8 frames (N, H, W, 3): the keyframe's one image, or the video's frames starting
+    from `image`."""
     with observe(pipe, cancelled) as seen:
         frames = gpu_family(family).call(pipe, params, image, generator(int(params["seed"])))
+    return tensor_to_uint8(frames), seen
+
+
+def run_denoise(pipe: Any, family: str, params: Mapping[str, Any], image: np.ndarray,
+                cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, Observed]:
+    """A video stage: the call up to its final latents, returned as float32 on the host (bf16 and fp16
+    round-trip through float32 exactly) for the cache and the decode stage."""
+    with observe(pipe, cancelled) as seen:
+        latents = gpu_family(family).denoise(pipe, params, image, generator(int(params["seed"])))
+    return latents.float().cpu().numpy(), seen
+
+
+def run_decode(pipe: Any, family: str, params: Mapping[str, Any],
+               latents: np.ndarray) -> tuple[np.ndarray, Observed]:
+    """A decode stage: cached latents through the family's VAE to uint8 frames (N, H, W, 3)."""
+    with observe(pipe) as seen, torch.no_grad():
+        frames = gpu_family(family).decode(pipe, torch.from_numpy(latents), params, generator(int(params["seed"])))
     return tensor_to_uint8(frames), seen

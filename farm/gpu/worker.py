@@ -23,7 +23,8 @@ from farm.frames import fit_frames
 from farm.gpu.loading import apply_memory_knobs, load_pipeline, use_sampler, use_step_cache
 from farm.gpu.nvml import GpuInfo, gpus, resolve_tier
 from farm.gpu.speed import apply_speed_knobs, speed_knobs
-from farm.gpu.stages import run_stage
+from farm.gpu.stages import run_decode, run_denoise, run_stage
+from farm.hashing import array_hash
 from farm.models import ModelSpec, missing
 from farm.presets import MemoryKnobs, Tier, memory_fraction
 
@@ -171,8 +172,9 @@ class StageWorker:
         }
 
     def run(self, req: StageRequest) -> StageResult:
-        """Run one keyframe or video stage. Inputs and outputs go through the artifact cache by key,
-        so a stage's result survives this process and is found again by whoever needs it next."""
+        """Run one keyframe, video (denoise to latents) or decode stage. Inputs and outputs go through
+        the artifact cache by key, so a stage's result survives this process and is found again by
+        whoever needs it next; a decode that runs out of memory leaves the latents where they were."""
         started = time.perf_counter()
         self._use_threads()
         cache = ArtifactCache(req.cache_dir)
@@ -185,11 +187,16 @@ class StageWorker:
                 images, seen = run_stage(pipe, req.model.family, req.params, cancelled=is_cancelled)
                 # drawn at the family's multiple (1920x1088 for 1920x1080): cropped back to the keyframe size
                 hashes = cache.put_keyframe(req.output_key, fit_frames(images, req.frame_size)[0])
-            else:
+            elif req.kind == StageKind.VIDEO:
                 first = cache.last_frame(req.input_key or "")
-                frames, seen = run_stage(pipe, req.model.family, req.params, first, is_cancelled)
+                latents, seen = run_denoise(pipe, req.model.family, req.params, first, is_cancelled)
+                hashes = cache.put_latents(req.output_key, latents) | {"input_sha": array_hash(first)}
+            else:
+                latents = cache.latents(req.input_key or "")
+                frames, seen = run_decode(pipe, req.model.family, req.params, latents)
                 frames = fit_frames(frames, req.frame_size)  # a tier that renders smaller (I2VGen-XL below 16 GB)
-                hashes = cache.put_segment(req.output_key, first, frames, req.drop, req.kept)
+                hashes = cache.put_segment(req.output_key, frames, req.drop, req.kept) | {
+                    "input_sha": array_hash(latents)}
         except torch.OutOfMemoryError as exc:
             raise self._out_of_memory(exc) from None
         finally:

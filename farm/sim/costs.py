@@ -22,11 +22,12 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class TierCost:
     """Seconds one worker of a tier spends: per keyframe denoising step, per frame per video
-    denoising step, and per model load (first use of a model on a worker)."""
+    denoising step, per model load (first use of a model on a worker) and per frame of VAE decode."""
 
     keyframe_step_s: float
     video_frame_step_s: float
     load_s: float
+    decode_frame_s: float = 0.1
 
 
 # ASSUMED placeholder figures, not measurements: a 1024x576 SDXL step and one frame of a 1024x576
@@ -34,11 +35,12 @@ class TierCost:
 # low as ~0.6x, cpu as ~30x slower than mid. Loads assume weights on local disk; lower tiers are
 # usually in slower hosts. Replace them with `calibrate` over a real ledger before trusting a makespan.
 # The figures are per step at 1024x576 and are not rescaled for other resolutions.
+# The decode figures are ASSUMED the same way: about one denoising step's worth per frame.
 DEFAULT_COSTS: dict[str, TierCost] = {
-    "high": TierCost(keyframe_step_s=0.06, video_frame_step_s=0.08, load_s=20.0),
-    "mid": TierCost(keyframe_step_s=0.12, video_frame_step_s=0.16, load_s=30.0),
-    "low": TierCost(keyframe_step_s=0.20, video_frame_step_s=0.27, load_s=45.0),
-    "cpu": TierCost(keyframe_step_s=3.6, video_frame_step_s=4.8, load_s=60.0),
+    "high": TierCost(keyframe_step_s=0.06, video_frame_step_s=0.08, load_s=20.0, decode_frame_s=0.05),
+    "mid": TierCost(keyframe_step_s=0.12, video_frame_step_s=0.16, load_s=30.0, decode_frame_s=0.1),
+    "low": TierCost(keyframe_step_s=0.20, video_frame_step_s=0.27, load_s=45.0, decode_frame_s=0.18),
+    "cpu": TierCost(keyframe_step_s=3.6, video_frame_step_s=4.8, load_s=60.0, decode_frame_s=3.0),
 }
 
 # CPU stages run on the encoder pool, never on a GPU. ASSUMED: libx264 at ~50 frames/s for a shot's
@@ -57,8 +59,14 @@ def video_seconds(steps: int, frames: int, cost: TierCost) -> float:
     return steps * frames * cost.video_frame_step_s
 
 
+def decode_seconds(frames: int, cost: TierCost) -> float:
+    return frames * cost.decode_frame_s
+
+
 def params_seconds(kind: str, params: Mapping[str, Any], cost: TierCost) -> float:
     """Seconds of a GPU stage with these effective parameters on a worker costing `cost`."""
+    if kind == StageKind.DECODE:
+        return decode_seconds(int(params["num_frames"]), cost)
     steps = int(params["num_inference_steps"])
     if kind == StageKind.KEYFRAME:
         return keyframe_seconds(steps, cost)
@@ -97,7 +105,7 @@ def rank_costs(book: JobBook, tiers: Iterable[str], costs: Mapping[str, TierCost
 
 def calibrate(ledger_rows: list[dict[str, Any]], stages: Mapping[str, tuple[str, int, int]],
               base: Mapping[str, TierCost] = DEFAULT_COSTS) -> dict[str, TierCost]:
-    """Fit per-tier keyframe_step_s and video_frame_step_s from a real render's ledger.
+    """Fit per-tier keyframe_step_s, video_frame_step_s and decode_frame_s from a real render's ledger.
 
     `stages` maps stage id -> (kind, steps, frames) as that stage actually ran (steps are per tier,
     so take them from the lockfile). Failed and cache-hit rows are skipped. The fit is the median of
@@ -113,7 +121,7 @@ def calibrate(ledger_rows: list[dict[str, Any]], stages: Mapping[str, tuple[str,
         if info is None or not isinstance(tier, str) or tier not in base:
             continue
         kind, steps, frames = info
-        work = steps if kind == "keyframe" else steps * frames if kind == "video" else 0
+        work = {"keyframe": steps, "video": steps * frames, "decode": frames}.get(kind, 0)
         seconds = row.get("seconds")
         if work <= 0 or seconds is None or not math.isfinite(float(seconds)) or float(seconds) < 0:
             continue
@@ -125,5 +133,6 @@ def calibrate(ledger_rows: list[dict[str, Any]], stages: Mapping[str, tuple[str,
             old,
             keyframe_step_s=statistics.median(by_kind["keyframe"]) if "keyframe" in by_kind else old.keyframe_step_s,
             video_frame_step_s=statistics.median(by_kind["video"]) if "video" in by_kind else old.video_frame_step_s,
+            decode_frame_s=statistics.median(by_kind["decode"]) if "decode" in by_kind else old.decode_frame_s,
         )
     return out

@@ -19,9 +19,10 @@ import numpy as np
 from farm.cache import ArtifactCache
 from farm.contract import StageKind, StageRequest, StageResult
 from farm.faults import OutOfMemory, StageCancelled, fire
+from farm.hashing import array_hash
 from farm.models import ModelSpec
 from farm.observed import Observed
-from farm.sim.costs import DEFAULT_COSTS, TierCost, keyframe_seconds, video_seconds
+from farm.sim.costs import DEFAULT_COSTS, TierCost, decode_seconds, keyframe_seconds, video_seconds
 
 
 def pause(seconds: float, cancelled: Callable[[], bool] = lambda: False) -> None:
@@ -80,7 +81,16 @@ def sim_video(image: np.ndarray | None, params: Mapping[str, Any], cost: TierCos
     started = time.perf_counter()
     pause(video_seconds(steps, count, cost) * time_scale, cancelled)
     frames = sim_frames(image, count, int(params["height"]), int(params["width"]), int(params.get("seed", 0)))
-    return frames, sim_observed(steps, count, params.get("decode_chunk_size"), time.perf_counter() - started)
+    return frames, sim_observed(steps, count, None, time.perf_counter() - started)
+
+
+def sim_decode(latents: np.ndarray, params: Mapping[str, Any], cost: TierCost, time_scale: float,
+               cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, dict[str, Any]]:
+    """One decode, simulated: the "latents" are already the frames; sleep the decode's cost."""
+    started = time.perf_counter()
+    pause(decode_seconds(len(latents), cost) * time_scale, cancelled)
+    observed = sim_observed(0, len(latents), params.get("decode_chunk_size"), time.perf_counter() - started)
+    return latents.astype(np.uint8), observed
 
 
 class SimWorker:
@@ -139,10 +149,15 @@ class SimWorker:
             if req.kind == StageKind.KEYFRAME:
                 image, observed = sim_keyframe(req.params, self.cost, self.time_scale, is_cancelled)
                 hashes = cache.put_keyframe(req.output_key, image)
-            else:
+            elif req.kind == StageKind.VIDEO:
                 first = cache.last_frame(req.input_key or "")
                 frames, observed = sim_video(first, req.params, self.cost, self.time_scale, is_cancelled)
-                hashes = cache.put_segment(req.output_key, first, frames, req.drop, req.kept)
+                hashes = cache.put_latents(req.output_key, frames) | {"input_sha": array_hash(first)}
+            else:
+                latents = cache.latents(req.input_key or "")
+                frames, observed = sim_decode(latents, req.params, self.cost, self.time_scale, is_cancelled)
+                hashes = cache.put_segment(req.output_key, frames, req.drop, req.kept) | {
+                    "input_sha": array_hash(latents)}
         finally:
             self.cancelled.discard(req.ident)
         self.stages_run += 1

@@ -41,9 +41,10 @@ class GpuFamily:
                 if isinstance(m, torch.nn.Module)]
 
     def call(self, pipe: Any, params: Mapping[str, Any], image: np.ndarray | None,
-             generator: torch.Generator) -> torch.Tensor:
+             generator: torch.Generator, output_type: str = "pt") -> torch.Tensor:
         """One pipeline call with the mapped parameters; returns (N, C, H, W) floats in [0, 1] where
-        the pipeline put them (the keyframe's one image, or the video's frames)."""
+        the pipeline put them (the keyframe's one image, or the video's frames), or with
+        `output_type="latent"` a video call's final latents, as the pipeline returns them."""
         kwargs = {k: v for k, v in params.items() if k != "seed"}
         if "negative_prompt" in kwargs:
             kwargs["negative_prompt"] = kwargs["negative_prompt"] or None
@@ -54,5 +55,22 @@ class GpuFamily:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(params["seed"]))
-            out = pipe(**kwargs, generator=generator, output_type="pt")
-        return out.images[:1] if self.rules.role == "keyframe" else out.frames[0]
+            out = pipe(**kwargs, generator=generator, output_type=output_type)
+        if self.rules.role == "keyframe":
+            return out.images[:1]
+        return out.frames if output_type == "latent" else out.frames[0]
+
+    def denoise(self, pipe: Any, params: Mapping[str, Any], image: np.ndarray,
+                generator: torch.Generator) -> torch.Tensor:
+        """A video call up to its final latents (the decode is a stage of its own)."""
+        return self.call(pipe, params, image, generator, output_type="latent")
+
+    def decode(self, pipe: Any, latents: torch.Tensor, params: Mapping[str, Any],
+               generator: torch.Generator) -> torch.Tensor:
+        """`denoise`'s latents to (N, C, H, W) frames in [0, 1], exactly as the pipeline's own call
+        would have decoded them, with the decode parameters (`Family.split_params`)."""
+        raise NotImplementedError(f"{self.name} has no decode")
+
+    @staticmethod
+    def _on_vae(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        return latents.to(pipe._execution_device, pipe.vae.dtype)

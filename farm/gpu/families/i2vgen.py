@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import types
+from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from farm.gpu.families.base import GpuFamily
 from farm.gpu.tiny import (
@@ -66,6 +69,11 @@ class I2VGenGpu(GpuFamily):
 
     def build_tiny(self, variant: str) -> Any:
         return build_tiny_i2vgen()
+
+    def decode(self, pipe: Any, latents: torch.Tensor, params: Mapping[str, Any],
+               generator: torch.Generator) -> torch.Tensor:
+        video = pipe.decode_latents(self._on_vae(pipe, latents), decode_chunk_size=params.get("decode_chunk_size"))
+        return pipe.video_processor.postprocess_video(video=video, output_type="pt")[0]
 
     def prepare(self, pipe: Any) -> Any:
         """Let the (deprecated) I2VGen-XL pipeline run against transformers 5's CLIPTextModel.

@@ -3,7 +3,10 @@ timestep-conditioned decoder)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from farm.gpu.families.base import GpuFamily
 from farm.gpu.tiny import build_t5_tokenizer, in_eval, seeded, t5_encoder
@@ -11,6 +14,29 @@ from farm.gpu.tiny import build_t5_tokenizer, in_eval, seeded, t5_encoder
 
 class LTXGpu(GpuFamily):
     name = "ltx"
+
+    def decode(self, pipe: Any, latents: torch.Tensor, params: Mapping[str, Any],
+               generator: torch.Generator) -> torch.Tensor:
+        # As LTXImageToVideoPipeline does after its loop (diffusers 0.42): unpack the token sequence,
+        # un-normalise, and decode with the timestep-conditioned VAE's small decode noise.
+        from diffusers.utils.torch_utils import randn_tensor
+
+        frames, height, width = int(params["num_frames"]), int(params["height"]), int(params["width"])
+        space, time = pipe.vae_spatial_compression_ratio, pipe.vae_temporal_compression_ratio
+        lat = pipe._unpack_latents(latents.to(pipe._execution_device), (frames - 1) // time + 1, height // space,
+                                   width // space, pipe.transformer_spatial_patch_size,
+                                   pipe.transformer_temporal_patch_size)
+        vae = pipe.vae
+        lat = pipe._denormalize_latents(lat, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
+        lat = lat.to(pipe.vae.dtype)
+        timestep = None
+        if pipe.vae.config.timestep_conditioning:
+            noise = randn_tensor(lat.shape, generator=generator, device=lat.device, dtype=lat.dtype)
+            timestep = torch.tensor([float(params["decode_timestep"])], device=lat.device, dtype=lat.dtype)
+            scale = float(params["decode_noise_scale"])
+            lat = (1 - scale) * lat + scale * noise
+        video = pipe.vae.decode(lat, timestep, return_dict=False)[0]
+        return pipe.video_processor.postprocess_video(video, output_type="pt")[0]
 
     def build_tiny(self, variant: str) -> Any:
         from diffusers import (

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from farm.gpu.families.base import GpuFamily
 from farm.gpu.tiny import SAMPLE_SIZE, feature_extractor, seeded, vision_encoder
@@ -80,6 +83,13 @@ class SVDGpu(GpuFamily):
 
     def build_tiny(self, variant: str) -> Any:
         return build_tiny_svd()
+
+    def decode(self, pipe: Any, latents: torch.Tensor, params: Mapping[str, Any],
+               generator: torch.Generator) -> torch.Tensor:
+        # The temporal VAE decodes `decode_chunk_size` frames per call; the chunk changes the pixels.
+        frames = pipe.decode_latents(self._on_vae(pipe, latents), int(params["num_frames"]),
+                                     int(params["decode_chunk_size"]))
+        return pipe.video_processor.postprocess_video(video=frames, output_type="pt")[0]
 
 
 GPU = SVDGpu()

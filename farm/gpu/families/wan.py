@@ -4,7 +4,10 @@ with the same weights), and tiny offline builds of each variant."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from farm.gpu.families.base import GpuFamily
 from farm.gpu.tiny import build_t5_tokenizer, in_eval, seeded, t5_encoder
@@ -29,6 +32,17 @@ def _transformer(channels_in: int, channels_out: int, image_dim: int | None) -> 
 
 class WanGpu(GpuFamily):
     name = "wan"
+
+    def decode(self, pipe: Any, latents: torch.Tensor, params: Mapping[str, Any],
+               generator: torch.Generator) -> torch.Tensor:
+        # As WanImageToVideoPipeline does after its loop (diffusers 0.42): un-normalise, decode whole.
+        vae = pipe.vae
+        lat = self._on_vae(pipe, latents)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(lat.device, lat.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(lat.device, lat.dtype)
+        video = vae.decode(lat / inv_std + mean, return_dict=False)[0]
+        return pipe.video_processor.postprocess_video(video, output_type="pt")[0]
 
     def build_tiny(self, variant: str) -> Any:
         from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
