@@ -169,6 +169,23 @@ class Director:
         self._stop.set()
         self._thread.join(timeout=10)
 
+    def paths(self) -> tuple[str, str]:
+        """The store and cache this director works on (a local render checks it is its config's)."""
+        return str(self.store.path), str(self.cache.root)
+
+    def retire(self) -> bool:
+        """Stop, releasing its workers and encoder, if no job is active (the caller then kills the
+        actor); False, changing nothing, while one is."""
+        with self.lock:
+            if any(book.active for book in self.books.values()):
+                return False
+            self._stop.set()
+            for wid in list(self.fleet.handles):
+                self.fleet.drop(wid)
+            if self.fleet.encoder is not None:
+                ray.kill(self.fleet.encoder, no_restart=True)
+        return True
+
     def _row(self, job_id: str) -> Any:
         row = self.store.job(job_id)
         if row is None:

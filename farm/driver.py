@@ -56,10 +56,28 @@ def start_ray(pool: PoolConfig) -> bool:
 
 
 def local_director(pool: PoolConfig, config: FarmConfig) -> Any:
-    """A director for local renders with this pool shape (forced tier and worker count)."""
+    """The director for local renders with this pool shape (forced tier and worker count), on this
+    config's store and cache: one left in the Ray session by a render with another FARM_CACHE_DIR or
+    store is retired (its workers released) and replaced, so nothing is written to the old cache."""
+    import ray
+
     from actors.director import get_director
 
     name = f"farm-local-{pool.tier}-{pool.workers or 0}"
+    director = get_director(pool, name=name, config=config)
+    wanted = (str(config.store_path), str(config.cache_path))
+    if tuple(ray.get(director.paths.remote())) == wanted:
+        return director
+    if not ray.get(director.retire.remote()):
+        raise RenderError(f"a local render on another store or cache ({name}) is still running in this Ray "
+                          "session; wait for it, or render with its FARM_HOME and FARM_CACHE_DIR")
+    ray.kill(director, no_restart=True)
+    for _ in range(50):  # the name is free once the actor is gone
+        try:
+            ray.get_actor(name, namespace="farm")
+        except ValueError:
+            break
+        time.sleep(0.1)
     return get_director(pool, name=name, config=config)
 
 

@@ -98,8 +98,12 @@ def test_lockfile_shows_what_the_pipeline_received(two_renders):
     assert a["video"]["motion_bucket_id"] == 60
     first = a["video"]["segments"][0]
     # observed by wrapping the pipeline's own scheduler.step and vae.decode
-    assert first["observed"]["steps"] == 50
-    assert first["observed"]["decode_chunk_max"] == 6 and first["observed"]["decode_calls"] == 2  # 8 frames: 6 + 2
+    assert first["observed"]["steps"] == 50 and first["observed"]["decode_calls"] == 0  # denoising only
+    decoded = first["decode"]["observed"]  # its decode stage
+    assert decoded["decode_chunk_max"] == 6 and decoded["decode_calls"] == 2  # 8 frames: 6 + 2
+    # what another tier would have changed in this shot: the decode chunk (steps are the tier's here)
+    assert lock["tier_dependent"]["a"]["decode_chunk_size"] == {"high": 12, "mid": 10, "low": 6, "cpu": 10}
+    assert "num_inference_steps" not in lock["tier_dependent"]["b"]  # pinned: alike on every tier
     # low-tier memory knobs, as applied: no CUDA here, so no offload; SVD's temporal VAE has no slicing
     # (decode_chunk_size is its slicing), SDXL's VAE does
     assert first["knobs"]["forward_chunking"] and not first["knobs"]["cpu_offload"]
@@ -116,10 +120,11 @@ def test_ledger_has_one_row_per_stage_attempt(two_renders):
     _, (out, _) = two_renders
     rows = pq.read_table(out / "ledger.parquet").to_pylist()
     stages = {r["stage"] for r in rows}
-    assert stages == {"keyframe:a", "video:a:0", "video:a:1", "video:b:0", "video:c:0", "keyframe:d", "video:d:0",
-                      "clip:a", "clip:b", "clip:c", "clip:d", "merge"}
+    calls = ["a:0", "a:1", "b:0", "c:0", "d:0"]
+    assert stages == {"keyframe:a", "keyframe:d", "clip:a", "clip:b", "clip:c", "clip:d", "merge",
+                      *(f"video:{c}" for c in calls), *(f"decode:{c}" for c in calls)}
     assert all(r["outcome"] == "succeeded" and not r["cache_hit"] for r in rows) and len(rows) == len(stages)
-    gpu_rows = [r for r in rows if r["stage"].split(":")[0] in ("keyframe", "video")]
+    gpu_rows = [r for r in rows if r["stage"].split(":")[0] in ("keyframe", "video", "decode")]
     assert {r["tier"] for r in gpu_rows} == {"low"} and len({r["worker"] for r in gpu_rows}) == 2
     assert all(r["end"] >= r["start"] and r["seconds"] >= 0 for r in rows)
 
@@ -148,8 +153,10 @@ def test_chains_pass_the_exact_frames(two_renders):
     shots = {s["id"]: s for s in lock["shots"]}
     a_segments = shots["a"]["video"]["segments"]
     assert a_segments[0]["input_sha"] == shots["a"]["keyframe"]["output_sha"]
-    assert a_segments[1]["input_sha"] == a_segments[0]["output_sha"]
-    assert shots["b"]["video"]["segments"][0]["input_sha"] == a_segments[-1]["output_sha"]
+    for seg in a_segments:  # each decode read the latents its denoising wrote
+        assert seg["decode"]["input_sha"] == seg["output_sha"]
+    assert a_segments[1]["input_sha"] == a_segments[0]["decode"]["output_sha"]
+    assert shots["b"]["video"]["segments"][0]["input_sha"] == a_segments[-1]["decode"]["output_sha"]
     own = load_image(out.parent / "images" / "own.png", (64, 64))
     assert shots["c"]["video"]["segments"][0]["input_sha"] == array_hash(own)
 
@@ -168,5 +175,58 @@ def test_rendering_again_after_deleting_the_outputs_writes_them_again(two_render
     assert cli.main(args) == 0
     assert (out / "final.mp4").is_file() and (out / "manifest.lock.json").is_file()
     rows = pq.read_table(out / "ledger.parquet").to_pylist()
-    gpu_rows = [r for r in rows if r["stage"].startswith(("keyframe:", "video:"))]
+    gpu_rows = [r for r in rows if r["stage"].startswith(("keyframe:", "video:", "decode:"))]
     assert gpu_rows and all(r["cache_hit"] for r in gpu_rows)  # nothing was denoised again
+
+
+def test_farm_render_uses_the_cache_dir_its_config_names(ray_session, tiny_models, tmp_path):
+    """FARM_CACHE_DIR reaches `farm render` as it does `farm serve` (issue 13.18): one config for every
+    entry point, and a render under another config gets a director of its own."""
+    import os
+
+    from farm.config import load_config
+    from farm.driver import render
+
+    path = write_manifest(tmp_path, base_manifest(shots=[{"id": "a", "prompt": "p", "duration": 0.25}]))
+    config = load_config(env={**os.environ, "FARM_CACHE_DIR": str(tmp_path / "elsewhere")})[0]
+    assert config.cache_path == tmp_path / "elsewhere"
+    render(path, tmp_path / "out", models="tiny", workers=1, tier="low", progress=False, config=config)
+    cached = {p.suffix for p in (tmp_path / "elsewhere").rglob("*") if p.is_file()}
+    assert {".npz", ".json", ".mp4"} <= cached  # every stage's output went to that cache
+
+
+def test_the_readme_example_renders_as_promised(ray_session, tiny_models, tmp_path):
+    """examples/storyboard.yaml at its own sizes (1024x576 video, 1920x1080 keyframes, a 1920x1080 film),
+    with two steps and short shots to keep it quick on a CPU (issue 13): its continuous take is a cut,
+    every prompt reaches a model or is warned about, and the keyframes are 1920x1080 PNGs."""
+    import shutil
+
+    import PIL.Image
+    import yaml
+    from helpers import REPO
+
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    path = tmp_path / "examples" / "storyboard.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["steps"] = {"keyframe": 2, "video": 2}
+    for shot in data["shots"]:
+        shot["duration"] = 0.6  # 9 frames at 15 fps, longer than the 0.5 s crossfade
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "out"
+    assert cli.main(["render", str(path), "-o", str(out), "--models", "tiny", "--tier", "cpu", "--workers", "2",
+                     "--quiet"]) == 0
+    lock = json.loads((out / "manifest.lock.json").read_text())
+    shots = {s["id"]: s for s in lock["shots"]}
+    # s02 continues s01 (a cut, no ghosting); s03 and s04 start with a crossfade: 4 x 9 frames less 2 x 0.5 s
+    info = probe(out / "final.mp4")
+    assert abs(info.duration - (4 * 9 / 15 - 2 * 0.5)) <= 1 / 15 + 1e-6, info.duration
+    assert (info.width, info.height) == (1920, 1080)
+    # SVD-XT takes no prompt: the prompts of s02 (continues s01) and s03 (its own image) are warned about
+    assert [w.split(":")[0] for w in shots["s02-river"]["warnings"]] == ["shots[1].prompt"]
+    assert [w.split(":")[0] for w in shots["s03-sunrise"]["warnings"]] == ["shots[2].prompt"]
+    assert shots["s01-valley"]["warnings"] == [] and shots["s04-birds"]["warnings"] == []
+    assert shots["s01-valley"]["keyframe"]["params"]["prompt"].startswith("misty valley")  # reached SDXL
+    for shot in ("s01-valley", "s04-birds"):
+        with PIL.Image.open(out / "keyframes" / f"{shot}.png") as png:
+            assert png.size == (1920, 1080)
+    assert shots["s01-valley"]["video"]["width"] == 1024  # the video at its own size, from the big keyframe
