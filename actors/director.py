@@ -295,7 +295,7 @@ class Director:
             if book.active and book.complete:
                 try:
                     ray.get(self.effects.side.pop(book.id, []))
-                    write_outputs(book, self.store.attempts(book.id))
+                    write_outputs(book, self.store.attempts(book.id), self.cache)
                 except Exception as exc:  # noqa: BLE001 - a failed write fails the job, never the farm
                     book.fail(f"writing outputs failed: {short(exc)}", time.time())
                 else:

@@ -10,7 +10,7 @@ from typing import Any
 
 from actors.fleet import Fleet
 from farm import jobbook as jb
-from farm.artifacts import write_job_ledger
+from farm.artifacts import promote_take, write_job_ledger
 from farm.cache import ArtifactCache
 from farm.contract import JobState
 from farm.jobbook import JobBook
@@ -48,6 +48,8 @@ class Effects:
             self.fleet.cancel(effect.worker, f"{book.id}/{effect.stage}")
         elif isinstance(effect, jb.CacheRecord):
             self.cache.put_json(effect.key, effect.record)
+        elif isinstance(effect, jb.PromoteTake):
+            promote_take(book.layout, effect.shot, effect.take)
         elif isinstance(effect, jb.WriteKeyframe):
             self.side.setdefault(book.id, []).append(self.fleet.encoder.write_keyframe.remote(
                 str(book.layout.keyframe(effect.shot)), effect.params, effect.key))

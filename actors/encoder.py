@@ -31,7 +31,17 @@ class Encoder:
         return str(write_keyframe_png(Path(path), self.cache.last_frame(key), params))
 
     def run(self, req: EncodeRequest) -> EncodeResult:
-        """A clip from its segments' frames, or the film from the clips; the result goes to the cache too."""
+        """A clip from its segments' frames, a take's QC measurements, or the film from the clips; the
+        result goes to the cache too."""
+        if req.kind == StageKind.QC:
+            from farm.shot_metrics import measure
+
+            frames = np.concatenate([self.cache.get_arrays(k)["frames"] for k in req.inputs], axis=0)
+            start_key = req.options.get("start_key")
+            start = self.cache.last_frame(start_key) if start_key else None
+            metrics = measure(frames, start, req.options.get("seams", ()))
+            self.cache.put_json(req.output_key, metrics)
+            return EncodeResult(frames=int(frames.shape[0]), metrics=metrics)
         if req.kind == StageKind.CLIP:
             frames = np.concatenate([self.cache.get_arrays(k)["frames"] for k in req.inputs], axis=0)
             encode_clip(frames, req.fps, Path(req.dest), req.settings)

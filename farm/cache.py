@@ -58,6 +58,15 @@ def clip_key(segment_keys: list[str], fps: int, encode: dict[str, Any]) -> str:
     return content_hash({"stage": "clip", "segments": segment_keys, "fps": fps, "encode": encode})
 
 
+QC_VERSION = 1  # bump when farm.shot_metrics measures differently: cached measurements are then stale
+
+
+def qc_key(segment_keys: list[str], start_key: str | None, seams: list[int]) -> str:
+    """A take's measurements (not its verdict: the gates are applied afresh each time)."""
+    return content_hash({"stage": "qc", "segments": segment_keys, "start": start_key, "seams": seams,
+                         "version": QC_VERSION})
+
+
 def merge_key(clip_keys: list[str], options: dict[str, Any], encode: dict[str, Any]) -> str:
     return content_hash({"stage": "merge", "clips": clip_keys, "options": options, "encode": encode})
 

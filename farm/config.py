@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from farm.paths import state_dir
+from farm.qc import QcRules
 
 CONFIG_ENV = "FARM_CONFIG"
 CONFIG_NAME = "config.yaml"
@@ -66,7 +67,7 @@ class FarmConfig(_Section):
     models: ModelsConfig = ModelsConfig()
     families: dict[str, dict[str, Any]] = {}  # per model family: default overrides
     prices: dict[str, Annotated[float, Field(ge=0)]] = {}  # per VRAM tier: price of one GPU-hour
-    qc: dict[str, Any] = {}  # quality-control defaults for every job
+    qc: QcRules = QcRules()  # quality gates for every job, under each job's own `qc:` (docs/qc.md)
 
     @property
     def home(self) -> Path:

@@ -43,6 +43,7 @@ class StageKind(StrEnum):
     VIDEO = "video"  # one image-to-video call's denoising, up to its final latents, GPU
     DECODE = "decode"  # those latents through the VAE to frames, GPU (an OOM here redoes only this)
     CLIP = "clip"  # a shot's frames -> mp4, CPU (encoder)
+    QC = "qc"  # a take's frames measured and judged (farm.qc), CPU (encoder): pass, retake or keep the best
     MERGE = "merge"  # every clip -> the film, CPU (encoder)
 
     @property
@@ -164,7 +165,8 @@ class Worker(Protocol):
 
 @dataclass(frozen=True)
 class EncodeRequest:
-    """A clip or merge for the encoder. `inputs` are segment cache keys (clip) or clip paths (merge)."""
+    """A clip, QC or merge for the encoder. `inputs` are segment cache keys (clip, QC) or clip paths
+    (merge); a QC's options carry the key of the image the shot starts from and its seams."""
 
     job: str
     stage: str
@@ -184,4 +186,5 @@ class EncodeRequest:
 @dataclass(frozen=True)
 class EncodeResult:
     frames: int = 0
+    metrics: Mapping[str, Any] = field(default_factory=dict)  # a QC stage's measurements (farm.qc.measure)
     note: str | None = None  # how it ran (the merge: "stream copy", or what it re-encoded and why)

@@ -289,6 +289,27 @@ def _encode_joined(clips: list[Path], infos: list[VideoInfo], bounds: list[str],
         _run(stream.overwrite_output())
 
 
+def tag(path: Path, tags: dict[str, str]) -> Path:
+    """Write `tags` into an mp4's container metadata, by stream copy (nothing re-encoded), atomically.
+    Standard keys (title, comment) show in players; the others are kept as mp4 metadata tags."""
+    path = _existing(path)
+    with atomic_path(path) as target:
+        stream = ffmpeg.output(ffmpeg.input(str(path)), str(target), c="copy", map_metadata=-1,
+                               movflags="+faststart+use_metadata_tags",
+                               **{f"metadata:g:{i}": f"{k}={v}" for i, (k, v) in enumerate(tags.items())})
+        _run(stream.global_args("-nostdin", "-loglevel", "error").overwrite_output())
+    return path
+
+
+def read_tags(path: Path) -> dict[str, str]:
+    """An mp4's container metadata (what `tag` wrote), as ffmpeg's ffmetadata report gives it."""
+    out, _ = _run(ffmpeg.output(ffmpeg.input(str(_existing(path))), "-", format="ffmetadata").global_args(
+        "-nostdin", "-loglevel", "error"), capture_stdout=True)
+    pairs = (line.split("=", 1) for line in out.decode("utf-8", "replace").splitlines()
+             if "=" in line and not line.startswith(";"))
+    return {k: v for k, v in pairs}
+
+
 def probe(path: Path) -> VideoInfo:
     """Size, codec and pix_fmt from ffmpeg's stream report; the frame count by decoding every frame."""
     path = _existing(path)

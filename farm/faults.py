@@ -2,6 +2,11 @@
 
 A fault is {"match": "<glob on job/stage id>", "kind": "oom|error|crash", "times": N}. It fires inside
 the stage, before any work, so it takes the same paths a real failure would.
+
+A spoiling fault, kind "frozen|black|flicker" on a decode stage, lets the stage finish and turns the
+frames it made into a known-bad clip (every frame the first, all black, or alternating black and
+white), so quality control's retakes can be shown and tested. Its output is cached under the stage's
+key like any other: spoil only in drills and tests.
 """
 
 from __future__ import annotations
@@ -10,6 +15,10 @@ import fnmatch
 import os
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
+
+SPOILS = ("frozen", "black", "flicker")
 
 
 class OutOfMemory(RuntimeError):
@@ -26,6 +35,8 @@ def fire(faults: list[dict[str, Any]], stage_id: str, oom: Callable[[str], BaseE
     """Consume and raise the first armed fault matching `stage_id`. `oom` builds the out-of-memory
     error the caller's path expects (the real worker raises torch's own, to go through its handler)."""
     for fault in faults:
+        if fault["kind"] in SPOILS:
+            continue
         if fault.get("times", 1) > 0 and fnmatch.fnmatch(stage_id, fault["match"]):
             fault["times"] = fault.get("times", 1) - 1
             if fault["kind"] == "crash":
@@ -33,3 +44,19 @@ def fire(faults: list[dict[str, Any]], stage_id: str, oom: Callable[[str], BaseE
             if fault["kind"] == "oom":
                 raise oom(f"CUDA out of memory (injected fault on {stage_id})")
             raise RuntimeError(f"injected fault on {stage_id}")
+
+
+def spoil(faults: list[dict[str, Any]], stage_id: str, frames: np.ndarray) -> np.ndarray:
+    """`frames` ((T, H, W, 3) uint8) made bad by the first armed spoiling fault matching `stage_id`
+    (consumed), else unchanged."""
+    for fault in faults:
+        if fault["kind"] in SPOILS and fault.get("times", 1) > 0 and fnmatch.fnmatch(stage_id, fault["match"]):
+            fault["times"] = fault.get("times", 1) - 1
+            if fault["kind"] == "frozen":
+                return np.repeat(frames[:1], len(frames), axis=0)
+            if fault["kind"] == "black":
+                return np.zeros_like(frames)
+            out = np.zeros_like(frames)
+            out[1::2] = 255  # black and white in turn: the worst flicker there is
+            return out
+    return frames

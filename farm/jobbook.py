@@ -12,6 +12,7 @@ v2 (decide, then a reconciler acts): decide here, act in `actors/director.py`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,10 +30,12 @@ from farm.contract import (
 )
 from farm.effective import keyframe_params, video_params
 from farm.families import Draft
+from farm.hashing import derive_seed
 from farm.jobsetup import JobSetup
 from farm.paths import OutputLayout
-from farm.plan import ShotPlan, Stage
+from farm.plan import ShotPlan, Stage, decode_id, take_id
 from farm.presets import TIERS, Preset, Scene, as_tier
+from farm.qc import Verdict, best_take, judge
 from farm.schedule import ReadyStage
 
 # --- what the book tells its caller --------------------------------------------------------------
@@ -131,7 +134,15 @@ class CacheRecord:
     record: dict[str, Any]
 
 
-Effect = Emit | LedgerRow | SaveStage | SetJobState | CancelStage | WriteKeyframe | CacheRecord
+@dataclass(frozen=True)
+class PromoteTake:
+    """A later QC take won: its clip becomes the shot's (`shots/<id>.mp4`), take 1's moves to `takes/`."""
+
+    shot: str
+    take: int
+
+
+Effect = Emit | LedgerRow | SaveStage | SetJobState | CancelStage | WriteKeyframe | CacheRecord | PromoteTake
 
 CPU_WORKER = "encoder"  # the name CPU stages run under in the ledger and events
 CACHE_WORKER = "cache"
@@ -165,6 +176,32 @@ class Pending:
     deps: tuple[str, ...]  # unfinished dependencies only
     worker: str | None = None
     expected_end: float | None = None
+
+
+@dataclass(frozen=True)
+class Take:
+    """One render of a shot, as quality control judged it."""
+
+    take: int
+    qc_stage: str
+    clip_key: str
+    metrics: Mapping[str, Any]
+    verdict: Verdict
+    keyframe: str | None  # its own keyframe stage, where the retake drew a new one
+
+    def summary(self) -> dict[str, Any]:
+        return {"take": self.take, "passed": self.verdict.passed, "failed": list(self.verdict.failed),
+                "score": round(self.verdict.score, 4), "metrics": numbers(self.metrics), "qc_stage": self.qc_stage}
+
+
+def numbers(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The metrics without their per-frame curves (events, ledger rows and the lockfile's summary)."""
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items() if k != "curves"}
+
+
+def take_of(stage_id: str) -> int:
+    """Which take a stage belongs to (`clip:a~take2` -> 2; plan stages are take 1)."""
+    return int(stage_id.rsplit("~take", 1)[1]) if "~take" in stage_id else 1
 
 
 # --- the book ------------------------------------------------------------------------------------
@@ -201,6 +238,7 @@ class JobBook:
         self.not_before: dict[str, float] = {}
         self.ladder: dict[str, Preset] = {}
         self.probed: set[str] = set()
+        self.takes: dict[str, list[Take]] = {}  # shot -> its QC'd takes so far, in order
 
     # --- questions ---------------------------------------------------------------------------
 
@@ -271,8 +309,18 @@ class JobBook:
             run = self.running.get(current) if current else None
             state = "succeeded" if all(sid in self.done for sid in ids) else ("running" if active else "queued")
             out.append({"id": sp.shot.id, "state": state, "stage": current,
-                        "worker": run.worker if run else None, "tier": run.tier if run else None})
+                        "worker": run.worker if run else None, "tier": run.tier if run else None,
+                        "qc": self._qc_state(sp.shot.id)})
         return out
+
+    def _qc_state(self, shot: str) -> dict[str, Any] | None:
+        takes = self.takes.get(shot)
+        if not takes:
+            return None
+        last, gates = takes[-1], self.setup.gates(shot)
+        failed = [f"{name} {numbers(last.metrics).get(name)} (gate {gates.thresholds.get(name)})"
+                  for name in last.verdict.failed]
+        return {"take": last.take, "passed": last.verdict.passed, "failed": failed, "takes": len(takes)}
 
     def add_stages(self, stages: Iterable[Stage], rewire: Mapping[str, Iterable[str]] | None = None) -> None:
         """Stages added while the job runs: a QC retake, a job-level stage several shots wait for (a
@@ -305,6 +353,8 @@ class JobBook:
         setup, stage = self.setup, self.plan.stages[stage_id]
         sp = self.shots[stage.shot or ""]
         if stage.kind == StageKind.KEYFRAME:
+            if stage.seed is not None and stage.seed != sp.seed:
+                sp = replace(sp, seed=stage.seed)  # a QC retake's new keyframe
             return keyframe_params(setup.manifest, sp, setup.specs["keyframe"], as_tier(tier), self._draft("keyframe"))
         if stage.kind not in (StageKind.VIDEO, StageKind.DECODE) or stage.segment is None or stage.seed is None:
             raise ValueError(f"{stage_id} is not a GPU stage")
@@ -373,17 +423,29 @@ class JobBook:
         return self.image_keys[stage.shot or ""]
 
     def encode_request(self, stage_id: str) -> EncodeRequest:
-        """The encoder's request for a clip or merge; its output_key is the cache key."""
+        """The encoder's request for a clip, QC or merge; its output_key is the cache key."""
         setup, stage = self.setup, self.plan.stages[stage_id]
         encode = setup.encode_identity()
+        shot = stage.shot or ""
         if stage.kind == StageKind.CLIP:
             segments = tuple(self.done[d].key for d in stage.deps)
             key = keys.clip_key(list(segments), setup.fps, encode)
-            return EncodeRequest(self.id, stage.id, StageKind.CLIP, str(self.layout.shot_clip(stage.shot or "")),
-                                 segments, setup.fps, setup.encode, key)
+            take = take_of(stage_id)
+            dest = self.layout.shot_clip(shot) if take == 1 else self.layout.take_clip(shot, take)
+            return EncodeRequest(self.id, stage.id, StageKind.CLIP, str(dest), segments, setup.fps, setup.encode, key)
+        if stage.kind == StageKind.QC:
+            clip = self.plan.stages[stage.deps[0]]
+            segments = tuple(self.done[d].key for d in clip.deps)
+            first_video = self.plan.stages[clip.deps[0]].deps[0]  # decode -> its video call
+            start = self.input_key(self.plan.stages[first_video])
+            kept = [self.plan.stages[d].segment.kept for d in clip.deps]  # type: ignore[union-attr]
+            seams = [sum(kept[:i]) for i in range(1, len(kept))]
+            key = keys.qc_key(list(segments), start, seams)
+            return EncodeRequest(self.id, stage.id, StageKind.QC, "", segments, setup.fps, setup.encode, key,
+                                 options={"start_key": start, "seams": seams})
         if stage.kind != StageKind.MERGE:
             raise ValueError(f"{stage_id} is not a CPU stage")
-        clip_keys = [self.done[d].key for d in stage.deps]
+        clip_keys = [self.done[d].record["clip_key"] for d in stage.deps]  # each shot's accepted take
         key = keys.merge_key(clip_keys, setup.merge_options, encode)
         clips = tuple(str(self.layout.shot_clip(self.stage(d).shot or "")) for d in stage.deps)
         return EncodeRequest(self.id, stage.id, StageKind.MERGE, str(self.layout.final), clips, setup.fps,
@@ -421,6 +483,11 @@ class JobBook:
             return
         stage = self.plan.stages[stage_id]
         note = None
+        if isinstance(result, EncodeResult) and stage.kind == StageKind.QC:
+            if self.active:
+                self._judge_take(stage, run.key, dict(result.metrics), started=run.started, now=now,
+                                 attempt=run.attempt, cache_hit=False)
+            return
         if isinstance(result, EncodeResult):
             record: dict[str, Any] = {"frames": result.frames} if stage.kind == StageKind.CLIP else {}
             if result.note:
@@ -442,7 +509,13 @@ class JobBook:
                      attempt=run.attempt, cache_hit=False, peak=peak, frames=kept, note=note)
 
     def on_cache_hit(self, stage_id: str, key: str, record: Mapping[str, Any], now: float) -> None:
+        """A finished copy of the stage is in the cache (a QC stage's record is its measurements)."""
         stage = self.plan.stages[stage_id]
+        if stage.kind == StageKind.QC:
+            self._start()
+            self._judge_take(stage, key, dict(record), started=now, now=now,
+                             attempt=self.tries.get(stage_id, 0) + 1, cache_hit=True)
+            return
         rec = dict(record) | {"cache_hit": True}
         tier = rec.get("tier", "cpu") if stage.gpu else "cpu"
         preset = rec.get("preset") if stage.gpu else "encode"
@@ -556,18 +629,118 @@ class JobBook:
 
     def _finish(self, stage: Stage, key: str, record: dict[str, Any], *, worker: str, tier: str | None,
                 preset: str | None, started: float, now: float, attempt: int, cache_hit: bool, peak: int | None,
-                frames: int, note: str | None = None) -> None:
+                frames: int, note: str | None = None, qc: str | None = None) -> None:
         self.done[stage.id] = Done(key, record)
         self.not_before.pop(stage.id, None)
         self.outbox.append(SaveStage(stage.id, "succeeded", worker, tier, key, record))
         self.outbox.append(LedgerRow(self._row(stage, attempt, worker, tier, preset, started, now, Outcome.SUCCEEDED,
-                                               cache_hit=cache_hit, peak=peak, frames=frames, note=note)))
-        if stage.kind == StageKind.KEYFRAME and stage.shot is not None:
-            params = {**record.get("params", {}), "model": self.setup.specs["keyframe"].source}
-            self.outbox.append(WriteKeyframe(stage.shot, key, params))
+                                               cache_hit=cache_hit, peak=peak, frames=frames, note=note, qc=qc)))
+        if stage.kind == StageKind.KEYFRAME and stage.shot is not None and take_of(stage.id) == 1:
+            self._write_keyframe(stage.shot, key, record)  # a retake's keyframe is written only if it wins
         shown = stage.segment.kept if stage.segment and stage.kind == StageKind.DECODE else 0
         self._emit(now, "stage_finished", stage=stage.id, kind=stage.kind, shot=stage.shot, worker=worker, tier=tier,
                    seconds=now - started, cache_hit=cache_hit, frames=shown)
+
+    def _write_keyframe(self, shot: str, key: str, record: Mapping[str, Any]) -> None:
+        params = {**record.get("params", {}), "model": self.setup.specs["keyframe"].source}
+        self.outbox.append(WriteKeyframe(shot, key, params))
+
+    def _judge_take(self, stage: Stage, key: str, metrics: dict[str, Any], *, started: float, now: float,
+                    attempt: int, cache_hit: bool) -> None:
+        """A take's measurements are in: judge them by the shot's gates, then accept it, keep the best
+        of the takes, fail the job, or add the next take's stages (docs/qc.md)."""
+        shot, take = stage.shot or "", take_of(stage.id)
+        gates = self.setup.gates(shot)
+        verdict = judge(metrics, gates) if gates.enabled else Verdict(True, (), 0.0)
+        clip = self.plan.stages[stage.deps[0]]
+        first_video = self.plan.stages[self.plan.stages[clip.deps[0]].deps[0]]
+        own_keyframe = next((d for d in first_video.deps if self.plan.stages[d].kind == StageKind.KEYFRAME
+                             and take_of(d) == take and take > 1), None)
+        takes = [t for t in self.takes.get(shot, []) if t.take != take]
+        takes.append(Take(take, stage.id, self.done[clip.id].key, metrics, verdict, own_keyframe))
+        self.takes[shot] = sorted(takes, key=lambda t: t.take)
+        final = verdict.passed or take > gates.retakes
+        record: dict[str, Any] = {"take": take, "metrics": metrics, "passed": verdict.passed,
+                                  "failed": list(verdict.failed), "score": verdict.score,
+                                  "clip_key": self.done[clip.id].key,
+                                  "gates": gates.as_dict()}
+        if final:
+            winner = self.takes[shot][best_take([t.verdict for t in self.takes[shot]])]
+            record |= {"accepted": winner.take, "accepted_passed": winner.verdict.passed, "clip_key": winner.clip_key,
+                       "takes": [t.summary() for t in self.takes[shot]]}
+        summary = json.dumps(Take(take, stage.id, record["clip_key"], metrics, verdict, own_keyframe).summary())
+        self._finish(stage, key, record, worker=CPU_WORKER, tier="cpu", preset="qc", started=started, now=now,
+                     attempt=attempt, cache_hit=cache_hit, peak=None, frames=0, qc=summary,
+                     note=("passed" if verdict.passed else "failed " + ", ".join(verdict.failed)) + f" (take {take})")
+        self._emit(now, "qc", shot=shot, take=take, passed=verdict.passed, failed=list(verdict.failed),
+                   metrics=numbers(metrics), final=final)
+        if not final:
+            self._retake(stage, take + 1, verdict, now)
+            return
+        if not winner.verdict.passed and gates.on_fail == "fail":
+            worst = ", ".join(f"{name} {numbers(winner.metrics).get(name)} (gate {gates.thresholds[name]})"
+                              for name in winner.verdict.failed)
+            self._fail(f"shot {shot} failed quality control in all {len(self.takes[shot])} takes: {worst}", now)
+            return
+        if winner.take != take:
+            self._continue_from(stage, winner)
+        if winner.take > 1:  # its files become the shot's
+            self.outbox.append(PromoteTake(shot, winner.take))
+            if winner.keyframe is not None:
+                self._write_keyframe(shot, self.done[winner.keyframe].key, self.done[winner.keyframe].record)
+
+    def _continue_from(self, stage: Stage, winner: Take) -> None:
+        """The last take was not the best: a chained shot waiting on this QC starts from the winner's
+        last frame instead."""
+        clip = self.plan.stages[self.plan.stages[winner.qc_stage].deps[0]]
+        rewire = {}
+        for sid in self.plan.dependents()[stage.id]:
+            dependent = self.plan.stages[sid]
+            if dependent.kind == StageKind.VIDEO:
+                rewire[sid] = (clip.deps[-1], *dependent.deps[1:])
+        self.add_stages((), rewire)
+
+    def _retake(self, qc_stage: Stage, take: int, verdict: Verdict, now: float) -> None:
+        """The next take of a shot: the same calls with seeds derived from the take number, from the
+        same first frame, or from a new keyframe when the failure was the keyframe's; what waited for
+        this take's QC waits for the new one's."""
+        shot = qc_stage.shot or ""
+        if take_id(f"qc:{shot}", take) in self.plan.stages:  # a requeued job judging its takes again
+            return
+        sp = self.shots[shot]
+        clip = self.plan.stages[qc_stage.deps[0]]
+        decodes = [self.plan.stages[d] for d in clip.deps]
+        videos = [self.plan.stages[d.deps[0]] for d in decodes]
+        start_deps = tuple(d for d in videos[0].deps if self.plan.stages[d].kind != StageKind.VIDEO
+                           or self.plan.stages[d].shot != shot)  # the shot's first frame (and a QC it waits for)
+        new: list[Stage] = []
+        if verdict.keyframe_at_fault and sp.first_frame_from == "keyframe":
+            keyframe = Stage(take_id(f"keyframe:{shot}", take), StageKind.KEYFRAME, shot, (),
+                             seed=derive_seed(sp.seed, "take", take))
+            new.append(keyframe)
+            start_deps = (keyframe.id,)
+        dep: tuple[str, ...] = start_deps
+        decoded = []
+        for video in videos:
+            assert video.segment is not None and video.seed is not None
+            vid = take_id(f"video:{shot}:{video.segment.index}", take)
+            seed = derive_seed(video.seed, "take", take)
+            new.append(Stage(vid, StageKind.VIDEO, shot, dep, video.segment, seed=seed))
+            new.append(Stage(decode_id(vid), StageKind.DECODE, shot, (vid,), video.segment, seed=seed))
+            dep = (decode_id(vid),)
+            decoded.append(decode_id(vid))
+        new.append(Stage(take_id(f"clip:{shot}", take), StageKind.CLIP, shot, tuple(decoded)))
+        check = Stage(take_id(f"qc:{shot}", take), StageKind.QC, shot, (new[-1].id,))
+        new.append(check)
+        swap = {qc_stage.id: check.id, clip.deps[-1]: decoded[-1]}  # a chained shot starts from the new take
+        rewire = {sid: tuple(swap.get(d, d) for d in self.plan.stages[sid].deps)
+                  for sid in self.plan.dependents()[qc_stage.id]}
+        self.add_stages(new, rewire)
+        for stage in new:
+            self.ranks.setdefault(stage.id, self.ranks.get(take_id(stage.id.split("~take")[0], 1), 0.0))
+        self._emit(now, "qc_retake", shot=shot, take=take, because=list(verdict.failed),
+                   keyframe=any(s.kind == StageKind.KEYFRAME for s in new), stages=len(new),
+                   frames=sum(v.segment.kept for v in videos if v.segment is not None))
 
     def _ledger(self, stage: Stage, run: Running, outcome: Outcome, now: float, error: str | None) -> None:
         self.outbox.append(LedgerRow(self._row(stage, run.attempt, run.worker, run.tier, run.preset, run.started,
@@ -575,11 +748,12 @@ class JobBook:
 
     def _row(self, stage: Stage, attempt: int, worker: str | None, tier: str | None, preset: str | None,
              started: float, now: float, outcome: Outcome, *, cache_hit: bool = False, peak: int | None = None,
-             error: str | None = None, frames: int = 0, note: str | None = None) -> dict[str, Any]:
+             error: str | None = None, frames: int = 0, note: str | None = None,
+             qc: str | None = None) -> dict[str, Any]:
         return {"job": self.id, "shot": stage.shot, "stage": stage.id, "attempt": attempt, "worker": worker,
                 "tier": tier, "preset": preset, "start": started, "end": now, "seconds": now - started,
                 "peak_vram_bytes": peak, "outcome": outcome.value, "cache_hit": int(cache_hit), "error": error,
-                "frames": frames, "note": note}
+                "frames": frames, "note": note, "qc": qc}
 
     def _emit(self, now: float, event_type: str, **fields: Any) -> None:
         self.outbox.append(Emit({"job": self.id, "time": now, "type": event_type, **fields}))

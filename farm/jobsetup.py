@@ -18,6 +18,7 @@ from farm.manifest import FieldError, Manifest, inside_root, validate_data
 from farm.models import ModelSpec, companion_vae, missing, resolve_model, with_tiny
 from farm.plan import Plan, build_plan
 from farm.presets import QUALITY_TEMPLATES
+from farm.qc import Gates, resolve
 
 MODEL_OVERRIDES = ("tiny",)
 
@@ -133,6 +134,7 @@ class JobSetup:
     drafts: dict[str, DraftChoice] = field(default_factory=dict)  # role -> its draft path (previews only)
     step_cache: dict[str, float] = field(default_factory=dict)  # role -> FirstBlockCache threshold
     warnings: list[FieldError] = field(default_factory=list)  # what the job asks for that nothing will use
+    qc_defaults: dict[str, Any] = field(default_factory=dict)  # the farm config's `qc:` (under the job's)
 
     @property
     def fps(self) -> int:
@@ -144,6 +146,12 @@ class JobSetup:
 
     def encode_identity(self) -> dict[str, Any]:
         return encode_identity(self.encode)
+
+    def gates(self, shot_id: str) -> Gates:
+        """The quality gates a shot is judged by: config, then the job's `qc:`, then the shot's; the
+        tiny-model thresholds when every model is tiny (docs/qc.md)."""
+        shot = next(s for s in self.manifest.shots if s.id == shot_id)
+        return resolve(self.manifest.qc, shot.qc, tiny=self.tiny, config=self.qc_defaults)
 
     def loras(self, role: str) -> tuple[tuple[str, float], ...]:
         """The LoRAs a role's pipeline loads, with their scales: the user's (keyframe), then a draft's."""
@@ -205,7 +213,8 @@ def setup_job(manifest_data: dict[str, Any] | Manifest, root: Path | str, option
     return JobSetup(manifest, root, plan, specs, {role: model_identity(s) for role, s in specs.items()},
                     encode_settings(manifest), merge_options(manifest, plan.film_fps), overrides,
                     preview=drafting, drafts=drafts, step_cache=step_cache,
-                    warnings=unused_input_warnings(manifest, plan, specs))
+                    warnings=unused_input_warnings(manifest, plan, specs),
+                    qc_defaults=current().qc.model_dump(exclude_none=True))
 
 
 @dataclass(frozen=True)

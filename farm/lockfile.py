@@ -14,7 +14,8 @@ from farm import __version__
 from farm.hashing import canonical_json, content_hash
 from farm.manifest import FieldError, Manifest
 from farm.models import ModelSpec, model_revision
-from farm.plan import Plan
+from farm.plan import Plan, take_id
+from farm.qc import MAX_RETAKES
 
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "ray", "numpy", "pydantic", "pyarrow")
 
@@ -58,6 +59,15 @@ def licence_note(models: dict[str, ModelSpec]) -> str:
     return "check before any commercial use: " + "; ".join(restricted)
 
 
+def final_qc(records: dict[str, dict[str, Any]], shot: str) -> dict[str, Any]:
+    """The record of a shot's last QC take (the one that chose which take to keep); {} without QC."""
+    for take in range(MAX_RETAKES + 1, 0, -1):
+        record = records.get(take_id(f"qc:{shot}", take))
+        if record is not None and "accepted" in record:
+            return record
+    return {}
+
+
 def build_lock(job_id: str, manifest: Manifest, plan: Plan, models: dict[str, ModelSpec],
                records: dict[str, dict[str, Any]], encode: dict[str, Any],
                warnings: list[FieldError] | None = None) -> dict[str, Any]:
@@ -67,10 +77,12 @@ def build_lock(job_id: str, manifest: Manifest, plan: Plan, models: dict[str, Mo
         if warning.loc[:1] == ("shots",) and isinstance(warning.loc[1], int):
             said.setdefault(warning.loc[1], []).append(str(warning))
     for sp in plan.shots:
-        kf = records.get(f"keyframe:{sp.shot.id}")
-        segments = [records[f"video:{sp.shot.id}:{seg.index}"] | {
+        qc = final_qc(records, sp.shot.id)
+        take = qc.get("accepted", 1)
+        kf = records.get(take_id(f"keyframe:{sp.shot.id}", take)) or records.get(f"keyframe:{sp.shot.id}")
+        segments = [records[take_id(f"video:{sp.shot.id}:{seg.index}", take)] | {
             "index": seg.index, "frames": seg.frames, "drop": seg.drop, "kept": seg.kept,
-            "decode": records[f"decode:{sp.shot.id}:{seg.index}"]} for seg in sp.segments]
+            "decode": records[take_id(f"decode:{sp.shot.id}:{seg.index}", take)]} for seg in sp.segments]
         calls = [s["params"] | s["decode"]["params"] for s in segments]  # each call's parameters, whole
         first = calls[0]
         tiers = sorted({s["tier"] for s in segments} | {s["decode"]["tier"] for s in segments})
@@ -87,6 +99,9 @@ def build_lock(job_id: str, manifest: Manifest, plan: Plan, models: dict[str, Mo
                         for name in sorted({n for c in calls for n in c} - {"num_frames", "seed"})
                         if len({canonical_json(c.get(name)) for c in calls}) > 1},
             "keyframe": kf,
+            # Quality control: the take kept, whether it passed, the gates, and every take's metrics.
+            "qc": {"take": take, "passed": qc.get("accepted_passed", qc.get("passed")), "gates": qc.get("gates"),
+                   "takes": qc.get("takes", [])},
             "video": {
                 # The effective parameters every segment of the shot shares, then each segment's record.
                 **{k: first[k] for k in first if k not in ("num_frames", "seed")},

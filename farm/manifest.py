@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from farm.presets import MotionLevel, Quality, Scene
+from farm.qc import QcRules
 
 SHOT_ID = r"^[A-Za-z0-9_-]{1,64}$"
 # docs/sources.md section 1: keyframes at 1920x1080, video at 1024x576.
@@ -176,6 +177,7 @@ class Shot(Strict):
     subjects: Annotated[int, Field(ge=1, le=3)] = 1  # I2VGen-XL adaptive guidance
     steps: Steps | None = None
     keyframe_fit: Literal["crop", "pad"] | None = None  # a user keyframe image of another aspect ratio
+    qc: QcRules | None = None  # this shot's quality gates, over the job's (farm.qc)
 
     @model_validator(mode="after")
     def _one_motion(self) -> Shot:
@@ -197,6 +199,7 @@ class Manifest(Strict):
     defaults: Defaults = Defaults()
     speed: Speed = Speed()
     webhook: str | None = None
+    qc: QcRules | None = None  # quality gates and retakes for every shot (farm.qc, docs/qc.md)
     shots: Annotated[list[Shot], Field(min_length=1, max_length=10_000)]
 
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from farm.store import Store
 
 STAGE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-STAGES = ("keyframe", "video", "decode", "clip", "merge")
+STAGES = ("keyframe", "video", "decode", "clip", "qc", "merge")
 
 
 class _Snapshot:
@@ -59,6 +59,8 @@ class _Snapshot:
         frames.add_metric([], generated)
         yield from (stages, hits, ooms, frames)
 
+        yield from qc_metrics(snap.get("qc", []))
+
         queue = GaugeMetricFamily("farm_queue_depth", "Stages ready and waiting, by stage kind", labels=["stage"])
         for kind in STAGES:
             queue.add_metric([kind], snap["queue"].get(kind, 0))
@@ -94,6 +96,32 @@ class _Snapshot:
         yield from (used, total, util)
 
 
+def qc_metrics(takes: list[dict[str, Any]]) -> list[Any]:
+    """farm_qc_*: takes checked and passed, gates failed by metric, and retakes by the metric that
+    caused them (a take followed by another of the same shot; cache hits of a re-render count once)."""
+    from farm.qc import METRICS
+
+    seen = {(t["job"], t["shot"], t["take"]): t for t in takes}
+    checks = CounterMetricFamily("farm_qc_checks", "Shot takes measured and judged by quality control",
+                                 labels=["result"])
+    failures = CounterMetricFamily("farm_qc_failures", "Quality gates failed, by metric", labels=["metric"])
+    retakes = CounterMetricFamily("farm_qc_retakes", "Retakes, by the metric whose gate the take before failed",
+                                  labels=["metric"])
+    passed = sum(1 for t in seen.values() if t["passed"])
+    checks.add_metric(["passed"], passed)
+    checks.add_metric(["failed"], len(seen) - passed)
+    failed = dict.fromkeys(METRICS, 0)
+    retaken = dict.fromkeys(METRICS, 0)
+    for (job, shot, take), t in seen.items():
+        for name in t["failed"]:
+            failed[name] += 1
+            retaken[name] += (job, shot, take + 1) in seen
+    for name in METRICS:
+        failures.add_metric([name], failed[name])
+        retakes.add_metric([name], retaken[name])
+    return [checks, failures, retakes]
+
+
 def snapshot(books: list[JobBook], pool: WorkerBook, store: Store, now: float) -> dict[str, Any]:
     """The director's state as plain data: jobs by state, attempts, ready stages by kind, workers."""
     queue: dict[str, int] = {}
@@ -102,7 +130,7 @@ def snapshot(books: list[JobBook], pool: WorkerBook, store: Store, now: float) -
             queue[stage.kind] = queue.get(stage.kind, 0) + 1
     workers = [{"id": w.id, "tier": w.tier, "state": "busy" if w.busy else "idle"} for w in pool.workers.values()]
     return {"jobs": store.job_counts(), "attempts": store.attempt_summary(), "queue": queue, "workers": workers,
-            "quarantined": pool.quarantined(now)}
+            "quarantined": pool.quarantined(now), "qc": store.qc_takes()}
 
 
 def render(snapshot: dict[str, Any], seconds: list[tuple[str, str, float]], workers: list[dict[str, Any]]) -> bytes:

@@ -64,6 +64,22 @@ class OutputLayout:
     def keyframe(self, shot_id: str) -> Path:
         return self.root / "keyframes" / f"{shot_id}.png"
 
+    def take_clip(self, shot_id: str, take: int) -> Path:
+        """A QC retake's clip (take 1 is the shot's own until a later take wins; then it moves here)."""
+        return self.root / "takes" / f"{shot_id}.take{take}.mp4"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def contact_sheet(self) -> Path:
+        return self.root / "contact_sheet.png"
+
+    @property
+    def timeline(self) -> Path:
+        return self.root / "timeline.otio"
+
     @property
     def lockfile(self) -> Path:
         return self.root / "manifest.lock.json"

@@ -1,4 +1,5 @@
-"""Storyboard -> DAG of stages: keyframe -> video segment(s) -> clip per shot; all clips -> merge.
+"""Storyboard -> DAG of stages: keyframe -> video segment(s) -> decode(s) -> clip -> QC per shot; all
+QCs -> merge. A chained shot starts after the QC of the shot it continues (from its accepted take).
 
 Plain data only, so the scheduler, the simulator and tests can all walk the same plan.
 """
@@ -158,6 +159,11 @@ def segments_for(frames: int, frames_per_call: int, starts_from_shown_frame: boo
     return tuple(out)
 
 
+def take_id(stage_id: str, take: int) -> str:
+    """A stage's id in a QC retake: take 1 is the plan's own (`clip:a`), take 2 `clip:a~take2`."""
+    return stage_id if take == 1 else f"{stage_id}~take{take}"
+
+
 def decode_id(video_stage_id: str) -> str:
     """The decode stage of a video stage: `video:a:0` -> `decode:a:0`."""
     return "decode:" + video_stage_id.split(":", 1)[1]
@@ -179,15 +185,18 @@ def build_plan(manifest: Manifest, video: ModelSpec | int) -> Plan:
         film = output_fps(manifest, video)
         fps = fam.generation_fps(film, video.variant)
     plan = Plan(fps=fps, film_fps=film)
-    clips: list[str] = []
+    checks: list[str] = []
     previous_last: str | None = None
+    previous_qc: str | None = None
     for index, shot in enumerate(manifest.shots):
         seed = shot_seed(manifest, shot)
         frames = shot_frames(shot.duration, fps)
         keyframe_id, clip_id = f"keyframe:{shot.id}", f"clip:{shot.id}"
         first_from: Literal["keyframe", "image", "previous"]
+        after: tuple[str, ...] = ()  # more for the first call to wait for: the take it continues passing QC
         if shot.continue_from == "previous":
             first_from, start_dep = "previous", previous_last
+            after = (previous_qc,) if previous_qc else ()
         elif shot.keyframe is not None:
             first_from, start_dep = "image", None
         else:
@@ -201,12 +210,15 @@ def build_plan(manifest: Manifest, video: ModelSpec | int) -> Plan:
             # decode that runs out of memory is retried alone (smaller chunk, tiling), not the denoising.
             segment_seed = derive_seed(seed, "video", segment.index)
             video_id = f"video:{shot.id}:{segment.index}"
-            plan.add(Stage(video_id, StageKind.VIDEO, shot.id, (dep,) if dep else (), segment, seed=segment_seed))
+            deps = ((dep,) if dep else ()) + (after if segment.index == 0 else ())
+            plan.add(Stage(video_id, StageKind.VIDEO, shot.id, deps, segment, seed=segment_seed))
             dep = plan.add(Stage(decode_id(video_id), StageKind.DECODE, shot.id, (video_id,), segment,
                                  seed=segment_seed)).id
             decoded.append(dep)
         previous_last = decoded[-1]
-        clips.append(plan.add(Stage(clip_id, StageKind.CLIP, shot.id, tuple(decoded))).id)
+        plan.add(Stage(clip_id, StageKind.CLIP, shot.id, tuple(decoded)))
+        previous_qc = plan.add(Stage(f"qc:{shot.id}", StageKind.QC, shot.id, (clip_id,))).id
+        checks.append(previous_qc)
         plan.shots.append(ShotPlan(shot, index, seed, frames, segments, first_from))
-    plan.add(Stage("merge", StageKind.MERGE, None, tuple(clips)))
+    plan.add(Stage("merge", StageKind.MERGE, None, tuple(checks)))
     return plan

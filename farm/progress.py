@@ -26,6 +26,14 @@ class ProgressBars:
         elif kind == "stage_finished" and self.stages is not None and self.frames is not None:
             self.stages.update(1)
             self.frames.update(event.get("frames", 0))
+        elif kind == "qc_retake" and self.stages is not None and self.frames is not None:
+            self.stages.total += event["stages"]  # the bars grow by the retake's stages and frames
+            self.frames.total += event["frames"]
+            self.stages.write(f"shot {event['shot']} failed quality control ({', '.join(event['because'])}): "
+                              f"take {event['take']}")
+        elif kind == "qc" and event["final"] and not event["passed"] and self.stages is not None:
+            self.stages.write(f"shot {event['shot']} failed quality control in its last take "
+                              f"({', '.join(event['failed'])}); the best take is kept")
         elif kind == "stage_failed" and self.stages is not None:
             self.stages.write(f"retrying {event['stage']}: {event['error']}")
         elif kind == "job_finished":

@@ -18,12 +18,22 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ShotQc(_Body):
+    """A shot's quality control so far: its latest judged take, and why it failed where it did."""
+
+    take: int
+    passed: bool
+    failed: list[str]  # the gates it failed, each "metric value (gate threshold)"
+    takes: int  # takes judged so far
+
+
 class ShotStatus(_Body):
     id: str
     state: str  # queued | running | succeeded
     stage: str | None = None  # the stage it runs now
     worker: str | None = None
     tier: str | None = None
+    qc: ShotQc | None = None
 
 
 class FieldProblem(_Body):

@@ -20,8 +20,8 @@ from farm.paths import state_dir
 
 # One row per stage attempt: the attempts table and OUT/ledger.parquet (farm.artifacts) share these.
 LEDGER_COLUMNS = ("job", "shot", "stage", "attempt", "worker", "tier", "preset", "start", "end", "seconds",
-                  "peak_vram_bytes", "outcome", "cache_hit", "error", "note")
-SCHEMA_VERSION = 3  # bump with a step in Store._migrate
+                  "peak_vram_bytes", "outcome", "cache_hit", "error", "note", "qc")
+SCHEMA_VERSION = 4  # bump with a step in Store._migrate
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 
@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     job TEXT NOT NULL, shot TEXT, stage TEXT NOT NULL, attempt INTEGER NOT NULL, worker TEXT, tier TEXT,
     preset TEXT, start REAL NOT NULL, "end" REAL NOT NULL, seconds REAL NOT NULL, peak_vram_bytes INTEGER,
     outcome TEXT NOT NULL, cache_hit INTEGER NOT NULL, error TEXT, frames INTEGER NOT NULL DEFAULT 0,
-    note TEXT                        -- how it ran, where that matters (the merge: stream copy or re-encode)
+    note TEXT,                       -- how it ran, where that matters (the merge: stream copy or re-encode)
+    qc TEXT                          -- a QC stage's take: its metrics and verdict, as JSON (farm.qc)
 );
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts(job);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, priority);
@@ -113,6 +114,8 @@ class Store:
             self._db.execute("ALTER TABLE jobs ADD COLUMN director TEXT NOT NULL DEFAULT ''")
         if version < 3 and "note" not in columns:
             self._db.execute("ALTER TABLE attempts ADD COLUMN note TEXT")
+        if version < 4 and "qc" not in columns:
+            self._db.execute("ALTER TABLE attempts ADD COLUMN qc TEXT")
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
@@ -224,6 +227,13 @@ class Store:
                  "GROUP BY kind, tier, outcome, cache_hit")
         with self._lock:
             return [dict(r) for r in self._db.execute(query).fetchall()]
+
+    def qc_takes(self) -> list[dict[str, Any]]:
+        """Every judged QC take (job, shot, and its verdict's JSON), for the farm_qc_* metrics."""
+        query = "SELECT job, shot, qc FROM attempts WHERE qc IS NOT NULL AND outcome='succeeded'"
+        with self._lock:
+            rows = self._db.execute(query).fetchall()
+        return [{"job": r[0], "shot": r[1]} | json.loads(r[2]) for r in rows]
 
     def attempt_seconds(self) -> list[tuple[str, str, float]]:
         """(kind, tier, seconds) of every executed, successful attempt: the stage latency histogram."""

@@ -8,8 +8,11 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.
     "$PY" -m pip install --quiet torch==2.13.0
 fi
 "$PY" -m pip install --quiet -e '.[test]'
-# Prometheus (Debian's package) for the dashboard test, which starts it itself.
-if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+# Debian's packages: Prometheus for the dashboard test (it starts it itself), Chromium for the tests that
+# open the farm's pages (the QC report) in a real headless browser.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1 \
+        || ! command -v chromium >/dev/null 2>&1; then
     SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
-    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus chromium \
+        chromium-driver >/dev/null
 fi

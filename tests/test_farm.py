@@ -89,12 +89,16 @@ def test_rerender_after_prompt_edit_runs_only_that_shot(farm):
     job2, out2 = submit(farm, data, "edit2")
     assert wait_state(ray, director, job2["id"])["state"] == "succeeded"
     rows = ledger(out2)
-    assert executed(rows) == {"keyframe:c", "video:c:0", "decode:c:0", "clip:c", "merge"}
+    assert executed(rows) == {"keyframe:c", "video:c:0", "decode:c:0", "clip:c", "qc:c", "merge"}
     hits = {r["stage"] for r in rows if r["cache_hit"]}
     assert hits == {"keyframe:a", "video:a:0", "decode:a:0", "video:a:1", "decode:a:1", "video:b:0", "decode:b:0",
-                    "clip:a", "clip:b"}
-    # a cached clip is byte-identical to the first render's
-    assert (out2 / "shots" / "a.mp4").read_bytes() == (out / "shots" / "a.mp4").read_bytes()
+                    "clip:a", "clip:b", "qc:a", "qc:b"}
+    # a cached clip has the first render's frames; its provenance tags name the job that wrote it
+    assert np.array_equal(read_frames(out2 / "shots" / "a.mp4"), read_frames(out / "shots" / "a.mp4"))
+    from farm.encode import read_tags
+
+    assert read_tags(out2 / "shots" / "a.mp4")["farm_job"] == job2["id"]
+    assert read_tags(out / "shots" / "a.mp4")["farm_job"] == job["id"]
 
 
 def test_job_served_entirely_from_the_cache_completes(farm):
@@ -331,3 +335,64 @@ def test_chaos_killed_workers_do_not_change_the_film(farm):
     assert lost, "the kills hit running stages"
     for i in range(5):
         assert np.array_equal(read_frames(out / "shots" / f"k{i}.mp4"), read_frames(calm_out / "shots" / f"k{i}.mp4"))
+
+
+def test_a_bad_take_is_detected_retaken_and_replaced(farm):
+    """Issue 14: a frozen take (the workers' spoiling fault) fails QC, is rendered again with a new
+    seed, and the good take replaces it everywhere: the clip, the film, the lockfile, the ledger (both
+    takes), the report and the editor's timeline."""
+    import json
+
+    import opentimelineio as otio
+
+    from farm.encode import probe
+
+    ray, director, _ = farm
+    for w in ray.get(director.workers_info.remote()):
+        ray.get(director.set_faults.remote(w["id"], [{"match": "*/decode:c:0", "kind": "frozen", "times": 1}]))
+    data = story(seed=117)
+    data["output"]["transition"] = "crossfade"
+    data["output"]["crossfade_seconds"] = 0.25
+    job, out = submit(farm, data, "qc")
+    try:
+        assert wait_state(ray, director, job["id"])["state"] == "succeeded"
+    finally:
+        for w in ray.get(director.workers_info.remote()):
+            ray.get(director.set_faults.remote(w["id"], []))
+    rows = [r for r in ledger(out) if r["stage"].startswith("qc:")]
+    by_stage = {r["stage"]: r for r in rows}
+    assert by_stage["qc:c"]["note"] == "failed frozen (take 1)" and by_stage["qc:c~take2"]["note"] == "passed (take 2)"
+    assert json.loads(by_stage["qc:c"]["qc"])["metrics"]["frozen"] == 1.0  # every frame the first
+    assert all(json.loads(r["qc"])["passed"] for r in rows if r["stage"] != "qc:c"), rows  # tiny noise passes
+    lock = json.loads((out / "manifest.lock.json").read_text())
+    qc = {s["id"]: s["qc"] for s in lock["shots"]}
+    assert qc["c"]["take"] == 2 and qc["c"]["passed"] and [t["passed"] for t in qc["c"]["takes"]] == [False, True]
+    assert qc["a"]["take"] == 1 and qc["a"]["gates"]["thresholds"]["flicker"] == 0.75  # tiny models: tiny gates
+    kept = read_frames(out / "shots" / "c.mp4")
+    assert np.abs(np.diff(kept.astype(int), axis=0)).mean() > 1.0  # the kept clip moves: not the frozen take
+    assert (out / "takes" / "c.take1.mp4").exists()
+    report = (out / "report.html").read_text()
+    assert report.count('<section class="shot') == 3 and "<svg" in report and "data:image/png;base64," in report
+    assert (out / "contact_sheet.png").stat().st_size > 1000
+    # The editor's timeline: one clip per shot in order, dissolves where the film has crossfades (b
+    # continues a: a cut), as long as the film within a frame, every reference a file in the folder.
+    timeline = otio.adapters.read_from_file(str(out / "timeline.otio"))
+    shots, rejected = timeline.tracks[0], timeline.tracks[1]
+    clips = list(shots.find_clips())
+    assert [c.name for c in clips] == ["a", "b", "c"]
+    assert [type(item).__name__ for item in shots] == ["Clip", "Clip", "Transition", "Clip"]
+    film = probe(out / "final.mp4")
+    assert abs(timeline.duration().to_seconds() - film.duration) <= 1 / 8 + 1e-6, (timeline.duration(), film)
+    for clip in [*clips, *rejected.find_clips()]:
+        assert (out / clip.media_reference.target_url).is_file(), clip.media_reference.target_url
+    assert not rejected.enabled and [c.name for c in rejected.find_clips()] == ["c take 1"]
+    assert clips[0].metadata["farm"]["prompt"] == "misty valley"
+    # provenance in the containers: title, job, models, the lockfile's sha256, AI-generated
+    from farm.encode import read_tags
+    from farm.hashing import file_hash
+
+    for path in (out / "final.mp4", out / "shots" / "c.mp4"):
+        tags = read_tags(path)
+        assert tags["title"] == "test" and tags["farm_job"] == job["id"] and tags["ai_generated"] == "true"
+        assert tags["farm_lockfile_sha256"] == file_hash(str(out / "manifest.lock.json"))
+        assert "AI-generated" in tags["comment"] and "tiny" in tags["farm_models"]

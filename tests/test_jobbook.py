@@ -269,11 +269,15 @@ def test_success_files_the_record_and_completes_the_job():
     record = kinds(effects, CacheRecord)[0].record
     assert record["params"]["prompt"] == "valley" and record["output_sha"] == "sha"
     assert kinds(effects, SaveStage)[0].record == record
-    assert book.progress == pytest.approx(5 / 7) and not book.complete
+    assert book.progress == pytest.approx(5 / 8) and not book.complete
     clip = book.encode_request("clip:a")
     assert clip.inputs == (book.done["decode:a:0"].key, book.done["decode:a:1"].key)
     book.dispatched("clip:a", "encoder", "cpu", "encode", clip.output_key, 5.0)
     book.on_success("clip:a", EncodeResult(frames=15), 6.0)
+    qc = book.encode_request("qc:a")  # the shot's frames, measured: from its keyframe, with the seam at frame 8
+    assert qc.inputs == clip.inputs and qc.options == {"start_key": book.done["keyframe:a"].key, "seams": [8]}
+    book.dispatched("qc:a", "encoder", "cpu", "encode", qc.output_key, 6.0)
+    book.on_success("qc:a", EncodeResult(frames=15, metrics={"flicker": 0.99}), 6.0)
     merge = book.encode_request("merge")
     assert merge.inputs == ("/out/shots/a.mp4",) and merge.dest == "/out/final.mp4"
     book.dispatched("merge", "encoder", "cpu", "encode", merge.output_key, 6.0)

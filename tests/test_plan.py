@@ -17,11 +17,12 @@ def plan_for(shots, tmp_path=None, fpc=8, fps=8):
 
 def test_simple_shot_is_keyframe_video_clip_merge():
     plan = plan_for([{"id": "a", "prompt": "p", "duration": 0.5}])
-    assert list(plan.stages) == ["keyframe:a", "video:a:0", "decode:a:0", "clip:a", "merge"]
+    assert list(plan.stages) == ["keyframe:a", "video:a:0", "decode:a:0", "clip:a", "qc:a", "merge"]
     assert plan.stages["video:a:0"].deps == ("keyframe:a",)
     assert plan.stages["decode:a:0"].deps == ("video:a:0",)  # the latents' decode is a stage of its own
     assert plan.stages["clip:a"].deps == ("decode:a:0",)
-    assert plan.stages["merge"].deps == ("clip:a",)
+    assert plan.stages["qc:a"].deps == ("clip:a",) and not plan.stages["qc:a"].gpu  # measured on the encoder side
+    assert plan.stages["merge"].deps == ("qc:a",)  # the film waits for each shot's accepted take
 
 
 def test_long_shot_is_chained_segments_covering_every_frame():
@@ -47,7 +48,7 @@ def test_continue_from_chains_to_previous_shots_last_segment():
     plan = plan_for([{"id": "a", "prompt": "p", "duration": 1.5},
                      {"id": "b", "prompt": "q", "duration": 0.5, "continue_from": "previous"}])
     assert "keyframe:b" not in plan.stages
-    assert plan.stages["video:b:0"].deps == ("decode:a:1",)
+    assert plan.stages["video:b:0"].deps == ("decode:a:1", "qc:a")  # a's last frame, once a's take passed QC
     assert plan.stages["video:b:0"].segment.drop == 1  # its first frame would repeat a's last frame
     assert plan.shots[1].first_frame_from == "previous"
 
@@ -83,4 +84,4 @@ def test_critical_path_and_tails():
     assert tails["merge"] == 1.0
     # 16 frames, 8 per call, each later call re-draws one frame: 8 + 7 + 1 kept -> 3 segments
     assert len(plan.shots[0].segments) == 3
-    assert tails["keyframe:a"] == plan.critical_path(cost) == 9.0  # kf, 3 x (denoise, decode), clip, merge
+    assert tails["keyframe:a"] == plan.critical_path(cost) == 10.0  # kf, 3 x (denoise, decode), clip, qc, merge

@@ -122,7 +122,8 @@ def test_ledger_has_one_row_per_stage_attempt(two_renders):
     stages = {r["stage"] for r in rows}
     calls = ["a:0", "a:1", "b:0", "c:0", "d:0"]
     assert stages == {"keyframe:a", "keyframe:d", "clip:a", "clip:b", "clip:c", "clip:d", "merge",
-                      *(f"video:{c}" for c in calls), *(f"decode:{c}" for c in calls)}
+                      *(f"video:{c}" for c in calls), *(f"decode:{c}" for c in calls),
+                      *(f"qc:{s}" for s in "abcd")}  # every take passed QC: no retakes
     assert all(r["outcome"] == "succeeded" and not r["cache_hit"] for r in rows) and len(rows) == len(stages)
     gpu_rows = [r for r in rows if r["stage"].split(":")[0] in ("keyframe", "video", "decode")]
     assert {r["tier"] for r in gpu_rows} == {"low"} and len({r["worker"] for r in gpu_rows}) == 2

@@ -111,10 +111,11 @@ def test_single_gpu_makespan_is_the_sum_of_its_stages():
     loads = 2 * DEFAULT_COSTS["mid"].load_s  # keyframe and video model, each loaded once and kept
     assert result.loads == 2
     assert result.busy["mid-0"] == pytest.approx(gpu_work + loads, abs=1e-6)
-    # After the GPU's last stage only that shot's clip and the merge remain.
+    # After the GPU's last stage only that shot's clip, its QC and the merge remain.
     last_gpu = max((r for r in result.runs if r.worker == "mid-0"), key=lambda r: r.end)
     last_shot = book.plan.stages[last_gpu.stage_id].shot
-    tail = stage_seconds(book, f"clip:{last_shot}", "mid") + stage_seconds(book, "merge", "mid")
+    tail = sum(stage_seconds(book, f"{kind}:{last_shot}" if kind != "merge" else kind, "mid")
+               for kind in ("clip", "qc", "merge"))
     assert result.makespan == pytest.approx(gpu_work + loads + tail, abs=1e-6)
     assert len(result.runs) == len(book.plan.stages) and result.jobs == {"job": "succeeded"}
 

@@ -18,7 +18,7 @@ import torch
 from farm.cache import ArtifactCache
 from farm.config import FarmConfig, current
 from farm.contract import StageKind, StageRequest, StageResult
-from farm.faults import OutOfMemory, fire
+from farm.faults import OutOfMemory, fire, spoil
 from farm.frames import fit_frames
 from farm.gpu.loading import apply_memory_knobs, load_pipeline, use_sampler, use_step_cache
 from farm.gpu.nvml import GpuInfo, gpus, resolve_tier
@@ -195,6 +195,7 @@ class StageWorker:
                 latents = cache.latents(req.input_key or "")
                 frames, seen = run_decode(pipe, req.model.family, req.params, latents)
                 frames = fit_frames(frames, req.frame_size)  # a tier that renders smaller (I2VGen-XL below 16 GB)
+                frames = spoil(self.faults, req.ident, frames)
                 hashes = cache.put_segment(req.output_key, frames, req.drop, req.kept) | {
                     "input_sha": array_hash(latents)}
         except torch.OutOfMemoryError as exc:

@@ -48,6 +48,7 @@ DEFAULT_COSTS: dict[str, TierCost] = {
 # re-encodes, which this understates).
 CLIP_FRAME_S = 0.02
 MERGE_FRAME_S = 0.01
+QC_FRAME_S = 0.025  # measured: farm.shot_metrics on 1024x576 frames on a 2-core CPU (bench/qc.py)
 
 
 def keyframe_seconds(steps: int, cost: TierCost) -> float:
@@ -79,6 +80,8 @@ def stage_seconds(book: JobBook, stage_id: str, tier: str, costs: Mapping[str, T
     stage = book.stage(stage_id)
     if stage.kind == StageKind.CLIP:
         return book.shots[stage.shot or ""].frames * CLIP_FRAME_S
+    if stage.kind == StageKind.QC:
+        return book.shots[stage.shot or ""].frames * QC_FRAME_S
     if stage.kind == StageKind.MERGE:
         return sum(sp.frames for sp in book.plan.shots) * MERGE_FRAME_S
     if tier not in costs:

@@ -18,7 +18,7 @@ import numpy as np
 
 from farm.cache import ArtifactCache
 from farm.contract import StageKind, StageRequest, StageResult
-from farm.faults import OutOfMemory, StageCancelled, fire
+from farm.faults import OutOfMemory, StageCancelled, fire, spoil
 from farm.hashing import array_hash
 from farm.models import ModelSpec
 from farm.observed import Observed
@@ -156,6 +156,7 @@ class SimWorker:
             else:
                 latents = cache.latents(req.input_key or "")
                 frames, observed = sim_decode(latents, req.params, self.cost, self.time_scale, is_cancelled)
+                frames = spoil(self.faults, req.ident, frames)
                 hashes = cache.put_segment(req.output_key, frames, req.drop, req.kept) | {
                     "input_sha": array_hash(latents)}
         finally:
