@@ -120,6 +120,17 @@ class Director:
                 self.store.set_job_state(job_id, JobState.CANCELLED, "cancelled by request")
         return self.status(job_id)
 
+    def set_priority(self, job_id: str, priority: int) -> dict[str, Any]:
+        """A job's new priority: its queued stages go before (or after) other jobs' from the next
+        dispatch on; running stages are not preempted."""
+        with self.lock:
+            self._row(job_id)
+            self.store.set_priority(job_id, priority)
+            book = self.books.get(job_id)
+            if book is not None:
+                book.priority = priority
+        return self.status(job_id)
+
     def requeue(self, job_id: str) -> dict[str, Any]:
         """Run a finished job again (failed, cancelled, or succeeded but its outputs are wanted anew);
         finished stages come back from the cache."""

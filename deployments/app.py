@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
@@ -22,8 +23,9 @@ from ray import serve
 from farm import __version__
 from farm.config import FarmConfig, current
 from farm.contract import ACTIVE_STATES, JobState
-from farm.manifest import FieldError, Manifest, ManifestError, parse_text, validate_data
-from farm.schemas import FieldProblem, Health, JobStatus, Problem, WorkerInfo
+from farm.manifest import SHOT_ID, FieldError, Manifest, ManifestError, parse_text, validate_data
+from farm.paths import OutputLayout
+from farm.schemas import FieldProblem, Health, JobStatus, Preflight, PriorityChange, Problem, WorkerInfo
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,16 @@ def bearer(request: Request, authorization: str | None = Header(default=None)) -
                             headers={"WWW-Authenticate": "Bearer"})
 
 
+# GET /v1/jobs/{id}/files/{name}: name -> (OutputLayout attribute, media type)
+JOB_FILES = {
+    "lockfile": ("lockfile", "application/json"),
+    "ledger": ("ledger", "application/vnd.apache.parquet"),
+    "report": ("report", "text/html"),
+    "contact_sheet": ("contact_sheet", "image/png"),
+    "timeline": ("timeline", "application/json"),
+}
+
+
 @serve.ingress(app)
 class FarmIngress:
     def __init__(self, settings: Settings | None = None) -> None:
@@ -148,6 +160,22 @@ class FarmIngress:
         except KeyError:
             raise HTTPException(status_code=404, detail=f"no job {job_id}") from None
 
+    async def _body(self, request: Request) -> str:
+        """The request body as text, refused with 413 over the size limit (declared or read)."""
+        limit = self.settings.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(status_code=413, detail=f"body over {limit} bytes")
+        body = await request.body()
+        if len(body) > limit:
+            raise HTTPException(status_code=413, detail=f"body over {limit} bytes")
+        return body.decode("utf-8", errors="replace")
+
+    async def _out_file(self, job_id: str, path: Path, media_type: str) -> FileResponse:
+        if not path.is_file():
+            raise HTTPException(status_code=404, detail=f"job {job_id} has no {path.name} (yet)")
+        return FileResponse(path, media_type=media_type, filename=path.name)
+
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
         return Health(status="ok", version=__version__)
@@ -158,15 +186,9 @@ class FarmIngress:
                      idempotency_key: str | None = Header(default=None, max_length=200)) -> Any:
         """Queue a storyboard: the manifest as JSON or YAML in the body."""
         limits = self.settings.limits
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise HTTPException(status_code=413, detail=f"body over {limits.max_body_bytes} bytes")
-        body = await request.body()
-        if len(body) > limits.max_body_bytes:
-            raise HTTPException(status_code=413, detail=f"body over {limits.max_body_bytes} bytes")
         root = Path(self.settings.root)
         try:
-            data = parse_text(body.decode("utf-8", errors="replace"))
+            data = parse_text(await self._body(request))
             manifest = validate_data(data, root)
         except ManifestError as exc:
             return unprocessable(exc.errors)
@@ -204,6 +226,58 @@ class FarmIngress:
         if JobState(status["state"]) in ACTIVE_STATES:
             raise HTTPException(status_code=409, detail=f"job is {status['state']}: cancel it or let it finish first")
         return await self.director.requeue.remote(job_id)
+
+    @app.patch("/v1/jobs/{job_id}", dependencies=[Depends(bearer)], response_model=JobStatus,
+               responses={**UNAUTHORIZED, **NOT_FOUND})
+    async def set_priority(self, job_id: str, change: PriorityChange) -> dict[str, Any]:
+        """Change a job's priority: its waiting stages go before lower-priority jobs' from the next
+        dispatch on (running stages are not preempted)."""
+        await self._status(job_id)
+        return await self.director.set_priority.remote(job_id, change.priority)
+
+    @app.post("/v1/validate", dependencies=[Depends(bearer)], response_model=Preflight,
+              responses={413: {"model": Problem, "description": "body too large"}, **UNAUTHORIZED})
+    async def validate(self, request: Request) -> dict[str, Any]:
+        """Check and plan a storyboard (JSON or YAML body) without submitting it: every error at its
+        field path, the warnings, the stage table and the makespan simulated on the workers up now."""
+        from farm.preflight import preflight
+
+        root = Path(self.settings.root)
+        try:
+            data = parse_text(await self._body(request))
+            manifest = validate_data(data, root)
+        except ManifestError as exc:
+            return Preflight(valid=False, errors=[FieldProblem(loc=list(e.loc), msg=e.msg) for e in exc.errors],
+                             warnings=[], stages=[], cluster={}, cluster_assumed=True).model_dump(mode="json")
+        extra = limit_errors(manifest, self.settings.limits) + model_path_errors(manifest, root, self.settings.models)
+        cluster: dict[str, int] = {}
+        for worker in await self.director.workers_info.remote():
+            if worker["state"] != "unreachable":
+                cluster[worker["tier"]] = cluster.get(worker["tier"], 0) + 1
+        return await asyncio.to_thread(preflight, data, root, {"models": self.settings.models}, cluster, extra)
+
+    @app.get("/v1/jobs/{job_id}/shots/{shot_id}/keyframe", dependencies=[Depends(bearer)],
+             responses={200: {"content": {"image/png": {}}}, **UNAUTHORIZED, **NOT_FOUND})
+    async def keyframe(self, job_id: str, shot_id: str = PathParam(pattern=SHOT_ID)) -> FileResponse:
+        """A shot's keyframe PNG, as soon as it exists (its generation parameters in a text chunk)."""
+        status = await self._status(job_id)
+        return await self._out_file(job_id, OutputLayout(status["out_dir"]).keyframe(shot_id), "image/png")
+
+    @app.get("/v1/jobs/{job_id}/shots/{shot_id}/clip", dependencies=[Depends(bearer)],
+             responses={200: {"content": {"video/mp4": {}}}, **UNAUTHORIZED, **NOT_FOUND})
+    async def clip(self, job_id: str, shot_id: str = PathParam(pattern=SHOT_ID)) -> FileResponse:
+        """A shot's clip (its kept take), with HTTP Range support, as soon as it is encoded."""
+        status = await self._status(job_id)
+        return await self._out_file(job_id, OutputLayout(status["out_dir"]).shot_clip(shot_id), "video/mp4")
+
+    @app.get("/v1/jobs/{job_id}/files/{name}", dependencies=[Depends(bearer)],
+             responses={200: {"content": {"application/octet-stream": {}}}, **UNAUTHORIZED, **NOT_FOUND})
+    async def job_file(self, job_id: str, name: str = PathParam(pattern="^(" + "|".join(JOB_FILES) + ")$")
+                       ) -> FileResponse:
+        """A finished job's lockfile, ledger, QC report, contact sheet or editor's timeline."""
+        status = await self._status(job_id)
+        attribute, media_type = JOB_FILES[name]
+        return await self._out_file(job_id, getattr(OutputLayout(status["out_dir"]), attribute), media_type)
 
     @app.get("/v1/jobs/{job_id}/events", dependencies=[Depends(bearer)],
              responses={200: {"content": {"text/event-stream": {}}}})

@@ -253,6 +253,11 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     return _client_call(lambda: client.requeue(args.job))
 
 
+def cmd_priority(args: argparse.Namespace) -> int:
+    client = _client(args)
+    return _client_call(lambda: client.set_priority(args.job, args.priority))
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     client = _client(args)
     return _client_call(lambda: {"wrote": str(client.fetch(args.job, Path(args.output)))})
@@ -370,6 +375,10 @@ def parser() -> argparse.ArgumentParser:
     s = remote("requeue", "run a failed, cancelled or finished job again; finished stages come from the cache")
     s.add_argument("job")
     s.set_defaults(func=cmd_requeue)
+    s = remote("priority", "change a job's priority (higher first; running stages are not preempted)")
+    s.add_argument("job")
+    s.add_argument("priority", type=int, help="-100 to 100")
+    s.set_defaults(func=cmd_priority)
     s = remote("fetch", "download a finished job's film")
     s.add_argument("job")
     s.add_argument("-o", "--output", required=True)

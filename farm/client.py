@@ -61,6 +61,14 @@ class Client:
     def requeue(self, job_id: str) -> dict[str, Any]:
         return self._check(self.http.post(f"/v1/jobs/{job_id}/requeue"))
 
+    def set_priority(self, job_id: str, priority: int) -> dict[str, Any]:
+        return self._check(self.http.patch(f"/v1/jobs/{job_id}", json={"priority": priority}))
+
+    def validate(self, manifest_text: str) -> dict[str, Any]:
+        """The storyboard checked and planned on the farm's workers, not submitted."""
+        return self._check(self.http.post("/v1/validate", content=manifest_text.encode(),
+                                          headers={"Content-Type": "application/yaml"}))
+
     def workers(self) -> list[dict[str, Any]]:
         return self._check(self.http.get("/v1/workers"))
 

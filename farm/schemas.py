@@ -3,9 +3,9 @@ builds its answers through them, so what the API promises is what the farm retur
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from farm.contract import JobState
 
@@ -74,6 +74,34 @@ class WorkerInfo(_Body):
     stages_run: int = 0
     pid: int | None = None
     failures: int = 0
+
+
+class PriorityChange(_Body):
+    """PATCH /v1/jobs/{id}: a job's new priority (higher first; running stages are not preempted)."""
+
+    model_config = ConfigDict(extra="forbid")
+    priority: Annotated[int, Field(ge=-100, le=100)]
+
+
+class PlannedStage(_Body):
+    id: str
+    kind: str
+    shot: str | None = None
+    deps: list[str]
+    frames: int | None = None
+
+
+class Preflight(_Body):
+    """POST /v1/validate: a storyboard checked and planned, not submitted."""
+
+    valid: bool
+    errors: list[FieldProblem]  # each at its field path
+    warnings: list[FieldProblem]  # what the job asks for that no model will use
+    stages: list[PlannedStage]
+    makespan_s: float | None = None  # simulated on `cluster` with the farm's cost model
+    lower_bound_s: float | None = None
+    cluster: dict[str, int]  # workers per tier the simulation used
+    cluster_assumed: bool  # no worker was up: one CPU worker assumed
 
 
 class Health(_Body):

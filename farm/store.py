@@ -174,6 +174,10 @@ class Store:
         with self._lock:
             return [r[0] for r in self._db.execute(query + " ORDER BY created", args).fetchall()]
 
+    def set_priority(self, job_id: str, priority: int) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE jobs SET priority=? WHERE id=?", (priority, job_id))
+
     def set_job_state(self, job_id: str, state: str, error: str | None = None) -> None:
         assert state in JOB_STATES, state
         now = time.time()

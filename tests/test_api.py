@@ -77,7 +77,9 @@ def test_healthz_needs_no_token(api):
 def test_v1_routes_need_the_token(api, headers):
     url, _, _ = api
     for method, path in [("GET", "/v1/jobs"), ("GET", "/v1/workers"), ("POST", "/v1/jobs"),
-                         ("GET", "/v1/jobs/x"), ("DELETE", "/v1/jobs/x"), ("GET", "/v1/jobs/x/events")]:
+                         ("GET", "/v1/jobs/x"), ("DELETE", "/v1/jobs/x"), ("GET", "/v1/jobs/x/events"),
+                         ("PATCH", "/v1/jobs/x"), ("POST", "/v1/validate"), ("GET", "/v1/jobs/x/shots/a/keyframe"),
+                         ("GET", "/v1/jobs/x/shots/a/clip"), ("GET", "/v1/jobs/x/files/lockfile")]:
         response = httpx.request(method, f"{url}{path}", headers=headers)
         assert response.status_code == 401, (method, path, response.status_code)
         assert response.headers["www-authenticate"] == "Bearer"
@@ -110,6 +112,52 @@ def test_submit_follow_events_and_download(api, tmp_path):
     assert (info.codec, info.width, info.height, info.frames) == ("h264", 64, 64, 12)
     ranged = client.get(f"/v1/jobs/{job['id']}/output", headers={"Range": "bytes=0-99"})
     assert ranged.status_code == 206 and len(ranged.content) == 100 and ranged.content == film.content[:100]
+
+
+def test_a_finished_jobs_files_shots_and_qc_are_served(api):
+    """The routes the web pages need (issue 15): a shot's keyframe and clip (with Range), the lockfile,
+    ledger, report, contact sheet and timeline; QC per shot in the status."""
+    _, client, _ = api
+    job = post(client, base_manifest(seed=202)).json()
+    assert wait(client, job["id"])["state"] == "succeeded"
+    base = f"/v1/jobs/{job['id']}"
+    status = client.get(base).json()
+    assert all(s["qc"]["passed"] and s["qc"]["take"] == 1 for s in status["shots"]), status["shots"]
+    keyframe = client.get(f"{base}/shots/a/keyframe")
+    assert keyframe.status_code == 200 and keyframe.headers["content-type"] == "image/png"
+    assert keyframe.content[:8] == b"\x89PNG\r\n\x1a\n"
+    clip = client.get(f"{base}/shots/b/clip", headers={"Range": "bytes=0-9"})
+    assert clip.status_code == 206 and clip.headers["content-type"] == "video/mp4" and len(clip.content) == 10
+    lock = client.get(f"{base}/files/lockfile").json()
+    assert lock["job"] == job["id"] and [s["id"] for s in lock["shots"]] == ["a", "b"]
+    for name, kind in (("ledger", "application/vnd.apache.parquet"), ("report", "text/html"),
+                       ("contact_sheet", "image/png"), ("timeline", "application/json")):
+        response = client.get(f"{base}/files/{name}")
+        assert response.status_code == 200 and response.headers["content-type"].startswith(kind), name
+    assert client.get(f"{base}/shots/zz/clip").status_code == 404  # no such shot
+    assert client.get(f"{base}/shots/..%2F..%2Fetc/clip").status_code in (404, 422)  # not a shot id
+    assert client.get(f"{base}/files/passwd").status_code == 422  # only the named files
+    assert client.get("/v1/jobs/nope/files/lockfile").status_code == 404
+
+
+def test_priority_change_and_validation_without_submitting(api):
+    _, client, _ = api
+    job = post(client, base_manifest(seed=203)).json()
+    changed = client.patch(f"/v1/jobs/{job['id']}", json={"priority": 42})
+    assert changed.status_code == 200 and changed.json()["priority"] == 42
+    assert client.patch(f"/v1/jobs/{job['id']}", json={"priority": 1000}).status_code == 422
+    assert client.patch("/v1/jobs/nope", json={"priority": 1}).status_code == 404
+    wait(client, job["id"])
+    jobs_before = len(client.get("/v1/jobs").json())
+    good = client.post("/v1/validate", content=yaml.safe_dump(base_manifest()),
+                       headers={"Content-Type": "application/yaml"}).json()
+    assert good["valid"] and good["errors"] == [] and good["makespan_s"] > 0 and good["cluster"] == {"cpu": 2}
+    assert {"keyframe:a", "qc:a", "merge"} <= {s["id"] for s in good["stages"]}
+    bad_data = base_manifest()
+    bad_data["shots"][1]["duration"] = -1
+    bad = client.post("/v1/validate", content=yaml.safe_dump(bad_data)).json()
+    assert not bad["valid"] and bad["errors"][0]["loc"] == ["shots", 1, "duration"] and bad["stages"] == []
+    assert len(client.get("/v1/jobs").json()) == jobs_before  # nothing was submitted
 
 
 def test_invalid_manifest_gives_422_with_loc(api):
