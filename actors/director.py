@@ -70,6 +70,7 @@ class Director:
         self.inflight: dict[Any, tuple[str, str, str]] = {}  # ref -> (job, stage, worker or ENCODER)
         self.dispatch_latency: list[float] = []  # seconds from ready stage + free worker to dispatch
         self.ready_since: dict[str, float] = {}
+        self.publishing: dict[str, Any] = {}  # job -> the encoder's publish of its last outputs
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="director", daemon=True)
         self._thread.start()
@@ -304,10 +305,21 @@ class Director:
     def _finish_jobs(self) -> None:
         for book in list(self.books.values()):
             if book.active and book.complete:
+                # The ledger and lockfile here, then the encoder tags, draws the timeline and the report
+                # while this loop goes on; the job succeeds once that is done too.
                 try:
-                    ray.get(self.effects.side.pop(book.id, []))
-                    write_outputs(book, self.store.attempts(book.id), self.cache)
+                    ref = self.publishing.get(book.id)
+                    if ref is None:
+                        ray.get(self.effects.side.pop(book.id, []))
+                        self.publishing[book.id] = self.fleet.encoder.publish.remote(
+                            write_outputs(book, self.store.attempts(book.id)))
+                        continue
+                    if not ray.wait([ref], timeout=0)[0]:
+                        continue
+                    del self.publishing[book.id]
+                    ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - a failed write fails the job, never the farm
+                    self.publishing.pop(book.id, None)
                     book.fail(f"writing outputs failed: {short(exc)}", time.time())
                 else:
                     book.succeed(time.time())

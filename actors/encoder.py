@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from actors.remote import actor_class
-from farm.artifacts import write_keyframe_png
+from farm.artifacts import publish, write_keyframe_png
 from farm.cache import ArtifactCache
-from farm.contract import EncodeRequest, EncodeResult, StageKind
+from farm.contract import EncodeRequest, EncodeResult, PublishRequest, StageKind
 from farm.encode import encode_clip, merge_clips
 
 
@@ -29,6 +29,10 @@ class Encoder:
 
     def write_keyframe(self, path: str, params: dict[str, Any], key: str) -> str:
         return str(write_keyframe_png(Path(path), self.cache.last_frame(key), params))
+
+    def publish(self, req: PublishRequest) -> None:
+        """A finished job's tags, timeline and report, off the director's loop."""
+        publish(req, self.cache)
 
     def run(self, req: EncodeRequest) -> EncodeResult:
         """A clip from its segments' frames, a take's QC measurements, or the film from the clips; the

@@ -63,6 +63,9 @@ class SimEncoder:
     def write_keyframe(self, path: str, params: dict[str, Any], key: str) -> str:
         return path
 
+    def publish(self, req: Any) -> None:
+        """Nothing to tag or draw: the simulated clips are placeholders (this bench measures dispatch)."""
+
     def run(self, req: EncodeRequest) -> EncodeResult:
         if req.kind == StageKind.QC:  # no measuring: every simulated take passes
             frames = sum(len(self.cache.get_arrays(k)["frames"]) for k in req.inputs)
@@ -138,7 +141,7 @@ def main() -> None:
     body = (f"{shots} shots ({sum(1 for sp in plan.shots if sp.first_frame_from == 'previous')} chained), "
             f"{len(plan.stages)} stages, {sum(sp.frames for sp in plan.shots)} frames at 15 fps; cluster "
             f"{CLUSTER} simulated GPUs; time scale {args.time_scale} (real s per simulated s). Costs are the "
-            "simulator's assumed per-tier figures (farm/simulate.py), not GPU measurements. Makespan runs from "
+            "simulator's assumed per-tier figures (farm/sim/costs.py; QC measured by bench/qc.py), not GPU measurements. Makespan runs from "
             "the job's first dispatch to its end, with workers started beforehand.\n\n")
     body += table(rows) + "\n"
     print(body)

@@ -184,6 +184,21 @@ class EncodeRequest:
 
 
 @dataclass(frozen=True)
+class PublishRequest:
+    """A finished job's last outputs, made on the encoder side (never in the director's loop): the
+    provenance tags of its mp4s, the editor's timeline, the QC report and contact sheet."""
+
+    job: str
+    out_dir: str
+    lock: Mapping[str, Any]  # the lockfile as written
+    transitions: tuple[str, ...]  # the merge's, boundary by boundary
+    crossfade_seconds: float
+    frame_keys: Mapping[str, tuple[str, ...]]  # shot -> the kept take's decoded segments, by cache key
+    curves: Mapping[str, Mapping[str, Any]]  # shot -> the kept take's QC curves
+    seconds: Mapping[str, float]  # shot -> stage seconds from the ledger
+
+
+@dataclass(frozen=True)
 class EncodeResult:
     frames: int = 0
     metrics: Mapping[str, Any] = field(default_factory=dict)  # a QC stage's measurements (farm.qc.measure)

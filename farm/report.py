@@ -120,7 +120,7 @@ section.shot{background:#fff;border:1px solid #ddd;border-left:6px solid #999;pa
 section.pass{border-left-color:#27ae60} section.fail{border-left-color:#c0392b}
 .badge{font-size:.7em;padding:.2em .5em;border-radius:.3em;color:#fff;background:#999;vertical-align:middle}
 .badge.pass{background:#27ae60} .badge.fail{background:#c0392b}
-.images img{margin-right:8px;border:1px solid #ccc;vertical-align:top}
+.images img{margin-right:8px;border:1px solid #ccc;vertical-align:top;max-width:100%;height:auto}
 .cols{display:flex;gap:1.5em;align-items:flex-start} table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:.2em .6em;text-align:left;font-size:.9em}
 tr.fail td{background:#fdecea} tr.pass td{background:#eafaf1} tr.kept td{font-weight:bold}

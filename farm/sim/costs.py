@@ -48,7 +48,7 @@ DEFAULT_COSTS: dict[str, TierCost] = {
 # re-encodes, which this understates).
 CLIP_FRAME_S = 0.02
 MERGE_FRAME_S = 0.01
-QC_FRAME_S = 0.025  # measured: farm.shot_metrics on 1024x576 frames on a 2-core CPU (bench/qc.py)
+QC_FRAME_S = 0.016  # measured: farm.shot_metrics on 1024x576 frames on a 2-core CPU (bench/qc.py)
 
 
 def keyframe_seconds(steps: int, cost: TierCost) -> float:
