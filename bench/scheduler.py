@@ -141,8 +141,9 @@ def main() -> None:
     body = (f"{shots} shots ({sum(1 for sp in plan.shots if sp.first_frame_from == 'previous')} chained), "
             f"{len(plan.stages)} stages, {sum(sp.frames for sp in plan.shots)} frames at 15 fps; cluster "
             f"{CLUSTER} simulated GPUs; time scale {args.time_scale} (real s per simulated s). Costs are the "
-            "simulator's assumed per-tier figures (farm/sim/costs.py; QC measured by bench/qc.py), not GPU measurements. Makespan runs from "
-            "the job's first dispatch to its end, with workers started beforehand.\n\n")
+            "simulator's assumed per-tier figures (farm/sim/costs.py; QC measured by bench/qc.py), not GPU "
+            "measurements. Makespan runs from the job's first dispatch to its end, with workers started "
+            "beforehand.\n\n")
     body += table(rows) + "\n"
     print(body)
     if not args.no_write:

@@ -53,8 +53,11 @@ class Settings:
     @classmethod
     def from_config(cls, config: FarmConfig | None = None, **over: Any) -> "Settings":
         """The API's settings from the farm config (file and FARM_* variables); `over` wins."""
+        from farm.tokens import ensure_token
+
         config = config or current()
-        base = {"token": config.api.token, "limits": Limits(max_body_bytes=config.api.max_body_bytes),
+        token: str = over.pop("token", None) or ensure_token(config)[0]  # a farm always has a token
+        base: dict[str, Any] = {"token": token, "limits": Limits(max_body_bytes=config.api.max_body_bytes),
                 "root": str(config.inputs_root), "config": config}
         return cls(**(base | over))
 
@@ -125,7 +128,7 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
 def bearer(request: Request, authorization: str | None = Header(default=None)) -> None:
     token = request.app.state.settings.token
     if token is None:
-        return  # `farm serve` refuses to listen beyond loopback without a token
+        return  # only a Settings built by hand (no config) has none: every entry point makes one
     given = authorization[7:] if authorization and authorization.startswith("Bearer ") else ""
     if not hmac.compare_digest(given.encode(), token.encode()):  # constant time: no token guessing by timing
         raise HTTPException(status_code=401, detail="missing or wrong bearer token",

@@ -157,27 +157,14 @@ def cmd_render(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import signal as signals
 
     from farm.config import current
+    from farm.tokens import ensure_token
 
-    if not is_loopback(args.host) and not current().api.token:
-        print(f"error: refusing to listen on {args.host} without an API token (FARM_API_TOKEN or api.token in "
-              "the farm config): anyone could submit jobs", file=sys.stderr)
-        return EXIT_INVALID
+    token, where = ensure_token(current())  # the farm always has a token (loopback too)
     import ray
     from ray import serve
 
@@ -188,9 +175,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": args.port})
-    settings = Settings.from_config(models=args.models, tier=args.tier, workers=args.workers)
+    settings = Settings.from_config(models=args.models, tier=args.tier, workers=args.workers, token=token)
     serve.run(FarmAPI.bind(settings), name="farm", route_prefix="/")
     print(f"farm API on http://{args.host}:{args.port} (OpenAPI at /openapi.json); Ctrl-C stops it", flush=True)
+    print(f"API token: {where if where else 'from FARM_API_TOKEN / api.token'} (the CLI reads it there)", flush=True)
     signals.sigwait({signals.SIGINT, signals.SIGTERM})
     serve.shutdown()
     return EXIT_OK
@@ -199,8 +187,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from farm.client import Client
     from farm.config import current
+    from farm.tokens import stored_token
 
-    return Client(args.server or current().server, args.token or current().api.token)
+    return Client(args.server or current().server, args.token or current().api.token or stored_token())
 
 
 def _client_call(fn: Any) -> int:

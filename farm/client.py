@@ -27,9 +27,10 @@ class ApiError(RuntimeError):
 class Client:
     def __init__(self, server: str | None = None, token: str | None = None, timeout: float = 30.0) -> None:
         from farm.config import current
+        from farm.tokens import stored_token
 
         self.server = (server or current().server or DEFAULT_SERVER).rstrip("/")
-        token = token or current().api.token
+        token = token or current().api.token or stored_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
 

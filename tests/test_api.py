@@ -359,7 +359,37 @@ def test_schemathesis_finds_no_server_errors(api):
             client.delete(f"/v1/jobs/{job['id']}")
 
 
-def test_serve_refuses_public_host_without_token():
-    result = subprocess.run([sys.executable, "-m", "farm.cli", "serve", "--host", "0.0.0.0"], capture_output=True,
-                            text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, cwd=REPO)
-    assert result.returncode == 2 and "FARM_API_TOKEN" in result.stderr
+def test_the_farm_always_has_a_token_kept_0600_in_its_state_dir(tmp_path, monkeypatch):
+    """Issue 15: with FARM_API_TOKEN unset the first start generates a token into the state dir (owner
+    read/write only) and every later start, the CLI and the API settings use that one."""
+    import stat
+
+    from deployments.app import Settings
+    from farm.config import load_config
+    from farm.tokens import ensure_token, stored_token, token_file
+
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    monkeypatch.delenv("FARM_API_TOKEN", raising=False)
+    config = load_config(env={"FARM_HOME": str(tmp_path)})[0]
+    assert config.api.token is None
+    token, path = ensure_token(config)
+    assert path == token_file() and path.parent == tmp_path and len(token) >= 40
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ensure_token(config) == (token, path) and stored_token() == token  # made once, then reused
+    assert Settings.from_config(config).token == token
+    given = load_config(env={"FARM_HOME": str(tmp_path), "FARM_API_TOKEN": "from-the-env-0123456789"})[0]
+    assert ensure_token(given) == ("from-the-env-0123456789", None)  # the config's wins, nothing written
+
+
+def test_cli_reads_the_generated_token(api, tmp_path):
+    """`farm status` with no token configured reads the one in the state dir, and a wrong one gets no data."""
+    url, _, _ = api
+    env = {k: v for k, v in os.environ.items() if k != "FARM_API_TOKEN"} | {"FARM_HOME": str(tmp_path)}
+    (tmp_path / "api_token").write_text(TOKEN + "\n")
+    ok = subprocess.run([sys.executable, "-m", "farm.cli", "status", "--server", url], capture_output=True, text=True,
+                        timeout=60, env=env, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr
+    (tmp_path / "api_token").write_text("wrong-token\n")
+    bad = subprocess.run([sys.executable, "-m", "farm.cli", "status", "--server", url], capture_output=True, text=True,
+                         timeout=60, env=env, cwd=REPO)
+    assert bad.returncode != 0 and "401" in bad.stderr + bad.stdout
