@@ -13,11 +13,21 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from jinja2 import Environment, FileSystemLoader, select_autoescape
 from ray import serve
 
 from farm import __version__
@@ -125,14 +135,32 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(status_code=422, content=[{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()])
 
 
+SESSION_COOKIE = "farm_session"
+
+
+def derived(token: str, purpose: str) -> str:
+    """A value derived from the token (the pages' session cookie, their CSRF header): never the token
+    itself, and changing the token revokes every session."""
+    return hmac.new(token.encode(), purpose.encode(), "sha256").hexdigest()
+
+
 def bearer(request: Request, authorization: str | None = Header(default=None)) -> None:
+    """The token as a bearer header (CLI, scripts), or the pages' session cookie; a state-changing
+    request on the cookie must carry the page's CSRF value too (SameSite=Strict already keeps other
+    sites' forms out)."""
     token = request.app.state.settings.token
     if token is None:
         return  # only a Settings built by hand (no config) has none: every entry point makes one
     given = authorization[7:] if authorization and authorization.startswith("Bearer ") else ""
-    if not hmac.compare_digest(given.encode(), token.encode()):  # constant time: no token guessing by timing
-        raise HTTPException(status_code=401, detail="missing or wrong bearer token",
-                            headers={"WWW-Authenticate": "Bearer"})
+    if hmac.compare_digest(given.encode(), token.encode()):  # constant time: no token guessing by timing
+        return
+    cookie = request.cookies.get(SESSION_COOKIE, "")
+    if cookie and hmac.compare_digest(cookie.encode(), derived(token, "session").encode()):
+        csrf = request.headers.get("x-farm-csrf", "")
+        if request.method in ("GET", "HEAD") or hmac.compare_digest(csrf.encode(), derived(token, "csrf").encode()):
+            return
+        raise HTTPException(status_code=403, detail="missing or wrong X-Farm-CSRF header")
+    raise HTTPException(status_code=401, detail="missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
 # GET /v1/jobs/{id}/files/{name}: name -> (OutputLayout attribute, media type)
@@ -143,6 +171,27 @@ JOB_FILES = {
     "contact_sheet": ("contact_sheet", "image/png"),
     "timeline": ("timeline", "application/json"),
 }
+
+
+UI = Path(__file__).resolve().parent
+PAGES = Environment(loader=FileSystemLoader(UI / "templates"), autoescape=select_autoescape(["html"]))
+UI_ASSETS = {"farm.js": "text/javascript", "farm.css": "text/css"}
+
+
+def page(name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    return HTMLResponse(PAGES.get_template(name).render(**context), status_code=status_code,
+                        headers={"Cache-Control": "no-store"})
+
+
+def session_csrf(request: Request) -> str | None:
+    """The page's CSRF value when the request carries a valid session cookie, else None."""
+    token = request.app.state.settings.token
+    if token is None:
+        return "open"
+    cookie = request.cookies.get(SESSION_COOKIE, "")
+    if cookie and hmac.compare_digest(cookie.encode(), derived(token, "session").encode()):
+        return derived(token, "csrf")
+    return None
 
 
 @serve.ingress(app)
@@ -318,6 +367,64 @@ class FarmIngress:
     @app.get("/v1/workers", dependencies=[Depends(bearer)], response_model=list[WorkerInfo], responses=UNAUTHORIZED)
     async def workers(self) -> list[dict[str, Any]]:
         return await self.director.workers_info.remote()
+
+    # --- the web pages (server-rendered, plain JavaScript over /v1; nothing fetched from elsewhere) ---
+
+    @app.get("/ui", include_in_schema=False)
+    async def ui(self) -> RedirectResponse:
+        return RedirectResponse("/ui/queue", status_code=303)
+
+    @app.get("/ui/login", include_in_schema=False)
+    async def login_page(self) -> HTMLResponse:
+        return page("login.html", title="Log in", csrf="")
+
+    @app.post("/ui/login", include_in_schema=False)
+    async def login(self, request: Request) -> Response:
+        """The token in a form, once; then an HttpOnly, SameSite=Strict session cookie derived from it
+        (EventSource cannot send headers: the live stream rides on the cookie, never on a URL)."""
+        token = self.settings.token
+        given = parse_qs(await self._body(request))
+        typed = (given.get("token") or [""])[0].strip()
+        if token is not None and not hmac.compare_digest(typed.encode(), token.encode()):
+            return page("login.html", 401, title="Log in", csrf="", error="That is not the farm's token.")
+        response = RedirectResponse("/ui/queue", status_code=303)
+        if token is not None:
+            response.set_cookie(SESSION_COOKIE, derived(token, "session"), httponly=True, samesite="strict",
+                                path="/", secure=request.url.scheme == "https")
+        return response
+
+    @app.post("/ui/logout", include_in_schema=False)
+    async def logout(self, request: Request) -> Response:
+        csrf = session_csrf(request)
+        form = parse_qs(await self._body(request))
+        if csrf is None or not hmac.compare_digest((form.get("csrf") or [""])[0].encode(), csrf.encode()):
+            raise HTTPException(status_code=403, detail="not logged in, or the form is not this farm's")
+        response = RedirectResponse("/ui/login", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    @app.get("/ui/queue", include_in_schema=False)
+    async def queue_page(self, request: Request) -> Response:
+        csrf = session_csrf(request)
+        if csrf is None:
+            return RedirectResponse("/ui/login", status_code=303)
+        return page("queue.html", title="Queue", csrf=csrf, states=[s.value for s in JobState])
+
+    @app.get("/ui/jobs/{job_id}", include_in_schema=False)
+    async def job_page(self, request: Request, job_id: str = PathParam(pattern="^[0-9a-f]{1,64}$")) -> Response:
+        csrf = session_csrf(request)
+        if csrf is None:
+            return RedirectResponse("/ui/login", status_code=303)
+        await self._status(job_id)
+        return page("job.html", title=f"Job {job_id}", csrf=csrf, job_id=job_id)
+
+    @app.get("/ui/static/{name}", include_in_schema=False)
+    async def asset(self, request: Request, name: str) -> Response:
+        if name not in UI_ASSETS:
+            raise HTTPException(status_code=404, detail="no such asset")
+        if session_csrf(request) is None:
+            raise HTTPException(status_code=401, detail="log in first")
+        return FileResponse(UI / "static" / name, media_type=UI_ASSETS[name])
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(self) -> PlainTextResponse:

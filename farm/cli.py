@@ -177,7 +177,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     settings = Settings.from_config(models=args.models, tier=args.tier, workers=args.workers, token=token)
     serve.run(FarmAPI.bind(settings), name="farm", route_prefix="/")
-    print(f"farm API on http://{args.host}:{args.port} (OpenAPI at /openapi.json); Ctrl-C stops it", flush=True)
+    print(f"farm API on http://{args.host}:{args.port} (OpenAPI at /openapi.json), web pages at "
+          f"http://{args.host}:{args.port}/ui; Ctrl-C stops it", flush=True)
     print(f"API token: {where if where else 'from FARM_API_TOKEN / api.token'} (the CLI reads it there)", flush=True)
     signals.sigwait({signals.SIGINT, signals.SIGTERM})
     serve.shutdown()

@@ -393,3 +393,77 @@ def test_cli_reads_the_generated_token(api, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "farm.cli", "status", "--server", url], capture_output=True, text=True,
                          timeout=60, env=env, cwd=REPO)
     assert bad.returncode != 0 and "401" in bad.stderr + bad.stdout
+
+
+CHROMIUM = "/usr/bin/chromium"
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--hide-scrollbars", "--window-size=1280,1000", "--autoplay-policy=no-user-gesture-required"]
+
+
+def test_web_pages_in_headless_chromium(api, tmp_path):
+    """Issue 15: log in with the token (a wrong one gets no data), watch a job's shots finish live over
+    SSE without a reload, play its film, requeue and cancel from the queue page."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, client, _ = api
+    page = httpx.get(f"{url}/ui/queue", follow_redirects=False)
+    assert page.status_code == 303 and page.headers["location"] == "/ui/login"  # no session, no page
+    assert httpx.get(f"{url}/ui/static/farm.js").status_code == 401
+    job = post(client, base_manifest(seed=205)).json()
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in [*BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    wait = WebDriverWait(driver, 180, poll_frequency=0.2)
+    shots = Path(os.environ.get("FARM_UI_SCREENSHOTS", tmp_path))
+    try:
+        driver.get(f"{url}/ui/login")
+        driver.find_element(By.ID, "token").send_keys("not-the-token")
+        driver.find_element(By.ID, "login").click()
+        assert "not the farm's token" in driver.find_element(By.CLASS_NAME, "error").text
+        status = driver.execute_async_script(
+            "fetch('/v1/jobs').then(r => arguments[0](r.status))")
+        assert status == 401  # a wrong token gets no data
+        driver.find_element(By.ID, "token").send_keys(TOKEN)
+        driver.find_element(By.ID, "login").click()
+        wait.until(lambda d: d.current_url.endswith("/ui/queue"))
+        assert driver.get_cookie("farm_session")["httpOnly"] and TOKEN not in driver.page_source
+        wait.until(lambda d: d.find_elements(By.ID, f"job-{job['id']}"))
+        # The job page: shots appear and finish while the page stays loaded (SSE), then the film plays.
+        driver.get(f"{url}/ui/jobs/{job['id']}")
+        driver.execute_script("window.loadedOnce = true")
+        wait.until(lambda d: d.find_element(By.ID, "state").text == "succeeded")
+        assert driver.execute_script("return window.loadedOnce") is True  # no reload happened
+        rows = driver.find_elements(By.CSS_SELECTOR, "#shots tbody tr")
+        assert [r.find_element(By.CSS_SELECTOR, "[data-key=id]").text for r in rows] == ["a", "b"]
+        assert all(r.find_element(By.CSS_SELECTOR, "[data-key=qc]").text.startswith("pass") for r in rows)
+        wait.until(lambda d: d.execute_script("return document.getElementById('film').readyState") >= 2)
+        wait.until(lambda d: d.execute_script(
+            "return document.querySelector('#shot-a [data-key=keyframe]').naturalWidth") > 0)
+        driver.save_screenshot(str(shots / "ui-job.png"))
+        # The queue page: requeue the finished job, cancel a slow one.
+        before = client.get(f"/v1/jobs/{job['id']}").json()["finished"]
+        slow = post(client, base_manifest(seed=206, shots=[{"id": "s", "prompt": "slow", "duration": 1.0,
+                                                            "steps": {"video": 150}}])).json()  # the limit
+        driver.get(f"{url}/ui/queue")
+        row = wait.until(lambda d: d.find_element(By.ID, f"job-{job['id']}"))
+        wait.until(lambda d: row.find_element(By.CSS_SELECTOR, "[data-key=requeue]").is_enabled())
+        row.find_element(By.CSS_SELECTOR, "[data-key=requeue]").click()
+        wait.until(lambda d: (client.get(f"/v1/jobs/{job['id']}").json()["finished"] or 0) > before)
+        slow_row = wait.until(lambda d: d.find_element(By.ID, f"job-{slow['id']}"))
+        wait.until(lambda d: slow_row.find_element(By.CSS_SELECTOR, "[data-key=cancel]").is_enabled())
+        slow_row.find_element(By.CSS_SELECTOR, "[data-key=cancel]").click()
+        wait.until(lambda d: client.get(f"/v1/jobs/{slow['id']}").json()["state"] == "cancelled")
+        wait.until(lambda d: slow_row.get_attribute("data-state") == "cancelled")
+        driver.save_screenshot(str(shots / "ui-queue.png"))
+    finally:
+        driver.quit()
+    # A state change on the cookie alone, without the page's CSRF value, is refused.
+    cookie = httpx.post(f"{url}/ui/login", data={"token": TOKEN}).cookies.get("farm_session") or ""
+    forged = httpx.delete(f"{url}/v1/jobs/{slow['id']}", cookies={"farm_session": cookie})
+    assert cookie and forged.status_code == 403
