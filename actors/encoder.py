@@ -10,8 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from actors.remote import actor_class
 from farm.artifacts import publish, write_keyframe_png
 from farm.cache import ArtifactCache
@@ -40,14 +38,14 @@ class Encoder:
         if req.kind == StageKind.QC:
             from farm.shot_metrics import measure
 
-            frames = np.concatenate([self.cache.get_arrays(k)["frames"] for k in req.inputs], axis=0)
+            frames = self.cache.segment_frames(req.inputs)
             start_key = req.options.get("start_key")
             start = self.cache.last_frame(start_key) if start_key else None
             metrics = measure(frames, start, req.options.get("seams", ()))
             self.cache.put_json(req.output_key, metrics)
             return EncodeResult(frames=int(frames.shape[0]), metrics=metrics)
         if req.kind == StageKind.CLIP:
-            frames = np.concatenate([self.cache.get_arrays(k)["frames"] for k in req.inputs], axis=0)
+            frames = self.cache.segment_frames(req.inputs)
             encode_clip(frames, req.fps, Path(req.dest), req.settings)
             self.cache.put_file(req.output_key, Path(req.dest), "mp4")
             return EncodeResult(frames=int(frames.shape[0]))

@@ -154,10 +154,10 @@ def bearer(request: Request, authorization: str | None = Header(default=None)) -
     given = authorization[7:] if authorization and authorization.startswith("Bearer ") else ""
     if hmac.compare_digest(given.encode(), token.encode()):  # constant time: no token guessing by timing
         return
-    cookie = request.cookies.get(SESSION_COOKIE, "")
-    if cookie and hmac.compare_digest(cookie.encode(), derived(token, "session").encode()):
-        csrf = request.headers.get("x-farm-csrf", "")
-        if request.method in ("GET", "HEAD") or hmac.compare_digest(csrf.encode(), derived(token, "csrf").encode()):
+    csrf = session_csrf(request)
+    if csrf is not None:
+        sent = request.headers.get("x-farm-csrf", "")
+        if request.method in ("GET", "HEAD") or hmac.compare_digest(sent.encode(), csrf.encode()):
             return
         raise HTTPException(status_code=403, detail="missing or wrong X-Farm-CSRF header")
     raise HTTPException(status_code=401, detail="missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})

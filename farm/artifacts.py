@@ -161,8 +161,7 @@ def publish(req: PublishRequest, cache: ArtifactCache) -> None:
     layout = OutputLayout(req.out_dir)
     tag_provenance(req.job, layout, req.lock)
     write_timeline(layout.timeline, build_timeline(req.lock, req.transitions, req.crossfade_seconds, layout))
-    frames = {sid: np.concatenate([cache.get_arrays(k)["frames"] for k in keys], axis=0)
-              for sid, keys in req.frame_keys.items()}
+    frames = {sid: cache.segment_frames(keys) for sid, keys in req.frame_keys.items()}
     write_report(layout, req.lock, frames, req.curves, req.seconds)
 
 

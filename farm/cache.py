@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,10 @@ class ArtifactCache:
         self.put_arrays(key, frames=frames[drop:drop + kept], last=last)
         # Input and output hashes make chains checkable: a segment's input is its predecessor's output.
         return {"output_sha": array_hash(last)}
+
+    def segment_frames(self, keys: Iterable[str]) -> np.ndarray:
+        """The frames a clip shows, from its decoded segments' keys in order (put_segment's kept frames)."""
+        return np.concatenate([self.get_arrays(k)["frames"] for k in keys], axis=0)
 
     def put_latents(self, key: str, latents: np.ndarray) -> dict[str, str]:
         """A video call's final latents (float32: bf16 and fp16 round-trip exactly), for its decode."""

@@ -35,7 +35,7 @@ from farm.jobsetup import JobSetup
 from farm.paths import OutputLayout
 from farm.plan import ShotPlan, Stage, decode_id, take_id
 from farm.presets import TIERS, Preset, Scene, as_tier
-from farm.qc import Verdict, best_take, judge
+from farm.qc import Verdict, best_take, failed_gates, judge
 from farm.schedule import ReadyStage
 
 # --- what the book tells its caller --------------------------------------------------------------
@@ -317,9 +317,8 @@ class JobBook:
         takes = self.takes.get(shot)
         if not takes:
             return None
-        last, gates = takes[-1], self.setup.gates(shot)
-        failed = [f"{name} {numbers(last.metrics).get(name)} (gate {gates.thresholds.get(name)})"
-                  for name in last.verdict.failed]
+        last = takes[-1]
+        failed = failed_gates(last.metrics, last.verdict, self.setup.gates(shot))
         return {"take": last.take, "passed": last.verdict.passed, "failed": failed, "takes": len(takes)}
 
     def add_stages(self, stages: Iterable[Stage], rewire: Mapping[str, Iterable[str]] | None = None) -> None:
@@ -436,8 +435,7 @@ class JobBook:
         if stage.kind == StageKind.QC:
             clip = self.plan.stages[stage.deps[0]]
             segments = tuple(self.done[d].key for d in clip.deps)
-            first_video = self.plan.stages[clip.deps[0]].deps[0]  # decode -> its video call
-            start = self.input_key(self.plan.stages[first_video])
+            start = self.input_key(self._first_call(clip))
             kept = [self.plan.stages[d].segment.kept for d in clip.deps]  # type: ignore[union-attr]
             seams = [sum(kept[:i]) for i in range(1, len(kept))]
             key = keys.qc_key(list(segments), start, seams)
@@ -641,6 +639,10 @@ class JobBook:
         self._emit(now, "stage_finished", stage=stage.id, kind=stage.kind, shot=stage.shot, worker=worker, tier=tier,
                    seconds=now - started, cache_hit=cache_hit, frames=shown)
 
+    def _first_call(self, clip: Stage) -> Stage:
+        """A take's first video call: its clip's first decode's dependency."""
+        return self.plan.stages[self.plan.stages[clip.deps[0]].deps[0]]
+
     def _write_keyframe(self, shot: str, key: str, record: Mapping[str, Any]) -> None:
         params = {**record.get("params", {}), "model": self.setup.specs["keyframe"].source}
         self.outbox.append(WriteKeyframe(shot, key, params))
@@ -653,24 +655,22 @@ class JobBook:
         gates = self.setup.gates(shot)
         verdict = judge(metrics, gates) if gates.enabled else Verdict(True, (), 0.0)
         clip = self.plan.stages[stage.deps[0]]
-        first_video = self.plan.stages[self.plan.stages[clip.deps[0]].deps[0]]
+        first_video = self._first_call(clip)
         own_keyframe = next((d for d in first_video.deps if self.plan.stages[d].kind == StageKind.KEYFRAME
                              and take_of(d) == take and take > 1), None)
-        takes = [t for t in self.takes.get(shot, []) if t.take != take]
-        takes.append(Take(take, stage.id, self.done[clip.id].key, metrics, verdict, own_keyframe))
-        self.takes[shot] = sorted(takes, key=lambda t: t.take)
+        this = Take(take, stage.id, self.done[clip.id].key, metrics, verdict, own_keyframe)
+        takes = [t for t in self.takes.get(shot, []) if t.take != take]  # judged again after a requeue
+        self.takes[shot] = sorted([*takes, this], key=lambda t: t.take)
         final = verdict.passed or take > gates.retakes
         record: dict[str, Any] = {"take": take, "metrics": metrics, "passed": verdict.passed,
                                   "failed": list(verdict.failed), "score": verdict.score,
-                                  "clip_key": self.done[clip.id].key,
-                                  "gates": gates.as_dict()}
+                                  "clip_key": this.clip_key, "gates": gates.as_dict()}
         if final:
             winner = self.takes[shot][best_take([t.verdict for t in self.takes[shot]])]
             record |= {"accepted": winner.take, "accepted_passed": winner.verdict.passed, "clip_key": winner.clip_key,
                        "takes": [t.summary() for t in self.takes[shot]]}
-        summary = json.dumps(Take(take, stage.id, record["clip_key"], metrics, verdict, own_keyframe).summary())
         self._finish(stage, key, record, worker=CPU_WORKER, tier="cpu", preset="qc", started=started, now=now,
-                     attempt=attempt, cache_hit=cache_hit, peak=None, frames=0, qc=summary,
+                     attempt=attempt, cache_hit=cache_hit, peak=None, frames=0, qc=json.dumps(this.summary()),
                      note=("passed" if verdict.passed else "failed " + ", ".join(verdict.failed)) + f" (take {take})")
         self._emit(now, "qc", shot=shot, take=take, passed=verdict.passed, failed=list(verdict.failed),
                    metrics=numbers(metrics), final=final)
@@ -678,8 +678,7 @@ class JobBook:
             self._retake(stage, take + 1, verdict, now)
             return
         if not winner.verdict.passed and gates.on_fail == "fail":
-            worst = ", ".join(f"{name} {numbers(winner.metrics).get(name)} (gate {gates.thresholds[name]})"
-                              for name in winner.verdict.failed)
+            worst = ", ".join(failed_gates(winner.metrics, winner.verdict, gates))
             self._fail(f"shot {shot} failed quality control in all {len(self.takes[shot])} takes: {worst}", now)
             return
         if winner.take != take:

@@ -11,11 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from farm.artifacts import user_images
-from farm.jobbook import JobBook
 from farm.jobsetup import setup_job
 from farm.manifest import FieldError, ManifestError
 from farm.sim.engine import simulate
+from farm.sim.report import simulated_book
 
 ASSUMED_CLUSTER = {"cpu": 1}  # with no worker up yet: one CPU worker, as `farm render` would start
 
@@ -41,9 +40,7 @@ def preflight(data: Any, root: Path, options: Mapping[str, Any], cluster: Mappin
     if extra_errors:
         out["errors"] = problems(extra_errors)
         return out
-    images = {shot: key for shot, (_, key) in user_images(setup).items()}
-    book = JobBook("preflight", setup, "/nonexistent", image_keys=images)
-    result = simulate(book, out["cluster"])
+    result = simulate(simulated_book(setup, "preflight"), out["cluster"])
     frames = {sp.shot.id: sp.frames for sp in setup.plan.shots}
     out.update(valid=True, warnings=problems(setup.warnings), makespan_s=round(result.makespan, 2),
                lower_bound_s=round(result.lower_bound, 2),

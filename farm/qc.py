@@ -125,6 +125,15 @@ def judge(metrics: Mapping[str, float | None], gates: Gates) -> Verdict:
     return Verdict(not failed, tuple(failed), len(failed) + 0.01 * margin)
 
 
+def failed_gates(metrics: Mapping[str, Any], verdict: Verdict, gates: Gates) -> list[str]:
+    """Each failed gate in words, "metric value (gate threshold)": for status, errors and the CLI."""
+    def value(name: str) -> Any:
+        v = metrics.get(name)
+        return round(v, 4) if isinstance(v, float) else v
+
+    return [f"{name} {value(name)} (gate {gates.thresholds.get(name)})" for name in verdict.failed]
+
+
 def best_take(verdicts: Sequence[Verdict]) -> int:
     """Index of the take to keep: the lowest score (the earlier take on a tie)."""
     return min(range(len(verdicts)), key=lambda i: (verdicts[i].score, i))

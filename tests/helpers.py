@@ -10,6 +10,13 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Debian's chromium, headless, reaching out to nothing (no background networking, updates or sync).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars"]
+
+
 def base_manifest(**over: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
         "version": 1,

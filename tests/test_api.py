@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers import base_manifest
+from helpers import CHROMIUM, CHROMIUM_FLAGS, base_manifest
 
 from farm.encode import probe
 
@@ -395,10 +395,7 @@ def test_cli_reads_the_generated_token(api, tmp_path):
     assert bad.returncode != 0 and "401" in bad.stderr + bad.stdout
 
 
-CHROMIUM = "/usr/bin/chromium"
-BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--hide-scrollbars", "--window-size=1280,1000", "--autoplay-policy=no-user-gesture-required"]
+BROWSER_FLAGS = [*CHROMIUM_FLAGS, "--window-size=1280,1000", "--autoplay-policy=no-user-gesture-required"]
 
 
 def test_web_pages_in_headless_chromium(api, tmp_path):

@@ -7,16 +7,12 @@ import subprocess
 
 import numpy as np
 import PIL.Image
+from helpers import CHROMIUM, CHROMIUM_FLAGS
 
 from farm.paths import OutputLayout
 from farm.qc import resolve
 from farm.report import write_report
 from farm.shot_metrics import measure
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# Headless, and nothing reaching out: no background networking, no component updates, no sync.
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
 
 
 def synthetic_job(tmp_path):
@@ -57,16 +53,16 @@ def test_the_report_is_self_contained_and_says_what_passed(tmp_path):
 
 
 def test_the_report_renders_in_headless_chromium(tmp_path):
-    assert CHROMIUM, "Debian's chromium is missing: scripts/setup.sh installs it"
+    assert shutil.which(CHROMIUM), "Debian's chromium is missing: scripts/setup.sh installs it"
     layout = synthetic_job(tmp_path)
     url = layout.report.resolve().as_uri()
     profile = tmp_path / "profile"
-    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+    dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert dom.count('<section class="shot') == 2 and "<svg" in dom  # what the browser built from the file
     shot = tmp_path / "report.png"
-    subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1200,1600",
-                    url], capture_output=True, timeout=120, check=True)
+    subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}",
+                    "--window-size=1200,1600", url], capture_output=True, timeout=120, check=True)
     pixels = np.asarray(PIL.Image.open(shot).convert("RGB"))
     assert pixels.shape[:2] == (1600, 1200)
     not_white = (pixels < 240).any(axis=2).mean()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from farm.artifacts import user_images
 from farm.jobbook import JobBook
-from farm.jobsetup import setup_job
+from farm.jobsetup import JobSetup, setup_job
 from farm.manifest import load
 from farm.presets import TIERS
 from farm.sim.cluster import load_cluster
@@ -56,6 +56,12 @@ def format_report(result: SimResult, cluster: Mapping[str, int], faults: Faults 
     return "\n".join(lines)
 
 
+def simulated_book(setup: JobSetup, job_id: str = "simulated") -> JobBook:
+    """A job book to simulate a planned job with (its user images keyed as the director would)."""
+    images = {shot: key for shot, (_, key) in user_images(setup).items()}
+    return JobBook(job_id, setup, "/nonexistent", image_keys=images)
+
+
 def simulate_file(manifest_path: str | Path, cluster_path: str | Path, *, models: str | None = None,
                   faults: Faults | None = None) -> str:
     """Load both files, plan the job with the farm's own job book, simulate, and report."""
@@ -63,8 +69,7 @@ def simulate_file(manifest_path: str | Path, cluster_path: str | Path, *, models
     manifest = load(path)
     cluster = load_cluster(cluster_path)
     setup = setup_job(manifest, path.parent, {"models": models})
-    images = {shot: key for shot, (_, key) in user_images(setup).items()}
-    book = JobBook("simulated", setup, "/nonexistent", image_keys=images)
+    book = simulated_book(setup)
     faults = faults or Faults()
     result = simulate(book, cluster, faults=faults)
     return format_report(result, cluster, faults)
