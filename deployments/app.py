@@ -163,7 +163,8 @@ def bearer(request: Request, authorization: str | None = Header(default=None)) -
     raise HTTPException(status_code=401, detail="missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
-# GET /v1/jobs/{id}/files/{name}: name -> (OutputLayout attribute, media type)
+# GET /v1/jobs/{id}/<name>: name -> (OutputLayout attribute, media type)
+FILE_RESPONSES: Responses = {200: {"content": {"application/octet-stream": {}}}, **UNAUTHORIZED, **NOT_FOUND}
 JOB_FILES = {
     "lockfile": ("lockfile", "application/json"),
     "ledger": ("ledger", "application/vnd.apache.parquet"),
@@ -289,6 +290,8 @@ class FarmIngress:
 
     @app.post("/v1/validate", dependencies=[Depends(bearer)], response_model=Preflight,
               responses={413: {"model": Problem, "description": "body too large"}, **UNAUTHORIZED})
+    @app.post("/v1/simulate", dependencies=[Depends(bearer)], response_model=Preflight,
+              responses={413: {"model": Problem, "description": "body too large"}, **UNAUTHORIZED})
     async def validate(self, request: Request) -> dict[str, Any]:
         """Check and plan a storyboard (JSON or YAML body) without submitting it: every error at its
         field path, the warnings, the stage table and the makespan simulated on the workers up now."""
@@ -322,13 +325,16 @@ class FarmIngress:
         status = await self._status(job_id)
         return await self._out_file(job_id, OutputLayout(status["out_dir"]).shot_clip(shot_id), "video/mp4")
 
-    @app.get("/v1/jobs/{job_id}/files/{name}", dependencies=[Depends(bearer)],
-             responses={200: {"content": {"application/octet-stream": {}}}, **UNAUTHORIZED, **NOT_FOUND})
-    async def job_file(self, job_id: str, name: str = PathParam(pattern="^(" + "|".join(JOB_FILES) + ")$")
-                       ) -> FileResponse:
-        """A finished job's lockfile, ledger, QC report, contact sheet or editor's timeline."""
+    @app.get("/v1/jobs/{job_id}/lockfile", dependencies=[Depends(bearer)], responses=FILE_RESPONSES)
+    @app.get("/v1/jobs/{job_id}/ledger", dependencies=[Depends(bearer)], responses=FILE_RESPONSES)
+    @app.get("/v1/jobs/{job_id}/report", dependencies=[Depends(bearer)], responses=FILE_RESPONSES)
+    @app.get("/v1/jobs/{job_id}/contact_sheet", dependencies=[Depends(bearer)], responses=FILE_RESPONSES)
+    @app.get("/v1/jobs/{job_id}/timeline", dependencies=[Depends(bearer)], responses=FILE_RESPONSES)
+    async def job_file(self, request: Request, job_id: str) -> FileResponse:
+        """A finished job's lockfile, ledger, QC report, contact sheet or editor's timeline (one route
+        each, named as the file is; never a path)."""
         status = await self._status(job_id)
-        attribute, media_type = JOB_FILES[name]
+        attribute, media_type = JOB_FILES[request.url.path.rsplit("/", 1)[1]]
         return await self._out_file(job_id, getattr(OutputLayout(status["out_dir"]), attribute), media_type)
 
     @app.get("/v1/jobs/{job_id}/events", dependencies=[Depends(bearer)],

@@ -188,10 +188,12 @@ class Take:
     metrics: Mapping[str, Any]
     verdict: Verdict
     keyframe: str | None  # its own keyframe stage, where the retake drew a new one
+    gated: tuple[str, ...] = ()  # the metrics its gates checked
 
     def summary(self) -> dict[str, Any]:
         return {"take": self.take, "passed": self.verdict.passed, "failed": list(self.verdict.failed),
-                "score": round(self.verdict.score, 4), "metrics": numbers(self.metrics), "qc_stage": self.qc_stage}
+                "gated": list(self.gated), "score": round(self.verdict.score, 4), "metrics": numbers(self.metrics),
+                "qc_stage": self.qc_stage}
 
 
 def numbers(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -658,7 +660,8 @@ class JobBook:
         first_video = self._first_call(clip)
         own_keyframe = next((d for d in first_video.deps if self.plan.stages[d].kind == StageKind.KEYFRAME
                              and take_of(d) == take and take > 1), None)
-        this = Take(take, stage.id, self.done[clip.id].key, metrics, verdict, own_keyframe)
+        this = Take(take, stage.id, self.done[clip.id].key, metrics, verdict, own_keyframe,
+                    tuple(gates.thresholds) if gates.enabled else ())
         takes = [t for t in self.takes.get(shot, []) if t.take != take]  # judged again after a requeue
         self.takes[shot] = sorted([*takes, this], key=lambda t: t.take)
         final = verdict.passed or take > gates.retakes

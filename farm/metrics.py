@@ -97,29 +97,24 @@ class _Snapshot:
 
 
 def qc_metrics(takes: list[dict[str, Any]]) -> list[Any]:
-    """farm_qc_*: takes checked and passed, gates failed by metric, and retakes by the metric that
-    caused them (a take followed by another of the same shot; cache hits of a re-render count once)."""
+    """farm_qc_*: each gate checked on each take, by metric and outcome (passed, failed), and the
+    retakes (a take followed by another of the same shot; cache hits of a re-render count once)."""
+    seen = {(t["job"], t["shot"], t["take"]): t for t in takes}
+    checks = CounterMetricFamily("farm_qc_checks", "Quality gates checked on shot takes, by metric and outcome",
+                                 labels=["metric", "outcome"])
+    retakes = CounterMetricFamily("farm_qc_retakes", "Shot takes rendered again after failing quality control")
     from farm.qc import METRICS
 
-    seen = {(t["job"], t["shot"], t["take"]): t for t in takes}
-    checks = CounterMetricFamily("farm_qc_checks", "Shot takes measured and judged by quality control",
-                                 labels=["result"])
-    failures = CounterMetricFamily("farm_qc_failures", "Quality gates failed, by metric", labels=["metric"])
-    retakes = CounterMetricFamily("farm_qc_retakes", "Retakes, by the metric whose gate the take before failed",
-                                  labels=["metric"])
-    passed = sum(1 for t in seen.values() if t["passed"])
-    checks.add_metric(["passed"], passed)
-    checks.add_metric(["failed"], len(seen) - passed)
-    failed = dict.fromkeys(METRICS, 0)
-    retaken = dict.fromkeys(METRICS, 0)
-    for (job, shot, take), t in seen.items():
-        for name in t["failed"]:
-            failed[name] += 1
-            retaken[name] += (job, shot, take + 1) in seen
-    for name in METRICS:
-        failures.add_metric([name], failed[name])
-        retakes.add_metric([name], retaken[name])
-    return [checks, failures, retakes]
+    # Every metric and outcome from the start, at zero: a panel shows 0, not "no data", before any take.
+    counts: dict[tuple[str, str], int] = {(name, o): 0 for name in METRICS for o in ("passed", "failed")}
+    for t in seen.values():
+        for name in t.get("gated", []):
+            outcome = "failed" if name in t["failed"] else "passed"
+            counts[(name, outcome)] = counts.get((name, outcome), 0) + 1
+    for (name, outcome), n in sorted(counts.items()):
+        checks.add_metric([name, outcome], n)
+    retakes.add_metric([], sum(1 for job, shot, take in seen if take > 1))
+    return [checks, retakes]
 
 
 def snapshot(books: list[JobBook], pool: WorkerBook, store: Store, now: float) -> dict[str, Any]:

@@ -79,7 +79,8 @@ def test_v1_routes_need_the_token(api, headers):
     for method, path in [("GET", "/v1/jobs"), ("GET", "/v1/workers"), ("POST", "/v1/jobs"),
                          ("GET", "/v1/jobs/x"), ("DELETE", "/v1/jobs/x"), ("GET", "/v1/jobs/x/events"),
                          ("PATCH", "/v1/jobs/x"), ("POST", "/v1/validate"), ("GET", "/v1/jobs/x/shots/a/keyframe"),
-                         ("GET", "/v1/jobs/x/shots/a/clip"), ("GET", "/v1/jobs/x/files/lockfile")]:
+                         ("GET", "/v1/jobs/x/shots/a/clip"), ("GET", "/v1/jobs/x/lockfile"),
+                         ("POST", "/v1/simulate")]:
         response = httpx.request(method, f"{url}{path}", headers=headers)
         assert response.status_code == 401, (method, path, response.status_code)
         assert response.headers["www-authenticate"] == "Bearer"
@@ -128,16 +129,16 @@ def test_a_finished_jobs_files_shots_and_qc_are_served(api):
     assert keyframe.content[:8] == b"\x89PNG\r\n\x1a\n"
     clip = client.get(f"{base}/shots/b/clip", headers={"Range": "bytes=0-9"})
     assert clip.status_code == 206 and clip.headers["content-type"] == "video/mp4" and len(clip.content) == 10
-    lock = client.get(f"{base}/files/lockfile").json()
+    lock = client.get(f"{base}/lockfile").json()
     assert lock["job"] == job["id"] and [s["id"] for s in lock["shots"]] == ["a", "b"]
     for name, kind in (("ledger", "application/vnd.apache.parquet"), ("report", "text/html"),
                        ("contact_sheet", "image/png"), ("timeline", "application/json")):
-        response = client.get(f"{base}/files/{name}")
+        response = client.get(f"{base}/{name}")
         assert response.status_code == 200 and response.headers["content-type"].startswith(kind), name
     assert client.get(f"{base}/shots/zz/clip").status_code == 404  # no such shot
     assert client.get(f"{base}/shots/..%2F..%2Fetc/clip").status_code in (404, 422)  # not a shot id
-    assert client.get(f"{base}/files/passwd").status_code == 422  # only the named files
-    assert client.get("/v1/jobs/nope/files/lockfile").status_code == 404
+    assert client.get(f"{base}/passwd").status_code == 404  # only the named files have routes
+    assert client.get("/v1/jobs/nope/lockfile").status_code == 404
 
 
 def test_priority_change_and_validation_without_submitting(api):
@@ -157,6 +158,8 @@ def test_priority_change_and_validation_without_submitting(api):
     bad_data["shots"][1]["duration"] = -1
     bad = client.post("/v1/validate", content=yaml.safe_dump(bad_data)).json()
     assert not bad["valid"] and bad["errors"][0]["loc"] == ["shots", 1, "duration"] and bad["stages"] == []
+    simulated = client.post("/v1/simulate", content=yaml.safe_dump(base_manifest())).json()
+    assert simulated["makespan_s"] == good["makespan_s"]  # the same plan and simulation under its DESIGN name
     assert len(client.get("/v1/jobs").json()) == jobs_before  # nothing was submitted
 
 

@@ -20,7 +20,7 @@ DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
 CONTRACT = {"farm_jobs_total", "farm_stages_total", "farm_queue_depth", "farm_stage_seconds", "farm_workers",
             "farm_gpu_memory_used_bytes", "farm_gpu_memory_total_bytes", "farm_gpu_utilization_ratio",
             "farm_oom_retries_total", "farm_cache_hits_total", "farm_frames_generated_total",
-            "farm_qc_checks_total", "farm_qc_failures_total", "farm_qc_retakes_total"}
+            "farm_qc_checks_total", "farm_qc_retakes_total"}
 GPU_ONLY = {"farm_gpu_memory_used_bytes", "farm_gpu_memory_total_bytes", "farm_gpu_utilization_ratio"}
 
 

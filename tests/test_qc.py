@@ -3,6 +3,8 @@ book's retakes (issue 14)."""
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -215,3 +217,17 @@ def test_a_requeued_job_finds_its_retakes_planned_and_judges_them_again():
     book.requeue()
     drive(book, metrics)
     assert book.complete and book.plan.stages == stages and book.done["qc:a~take2"].record["accepted"] == 2
+
+
+def test_qc_metrics_count_each_gate_checked_and_each_retake():
+    from farm.metrics import qc_metrics
+
+    book = book_of(shots=SHOTS[:1])
+    drive(book, lambda sid: GOOD | {"frozen": 0.9} if sid == "qc:a" else GOOD)
+    takes = [{"job": "j", "shot": "a"} | json.loads(e.row["qc"])
+             for e in book.drain() if isinstance(e, LedgerRow) and e.row["qc"]]
+    checks, retakes = qc_metrics(takes + takes)  # a re-render's cache hits count once
+    counted = {(s.labels["metric"], s.labels["outcome"]): s.value for s in checks.samples}
+    assert counted[("frozen", "failed")] == 1 and counted[("frozen", "passed")] == 1
+    assert counted[("flicker", "passed")] == 2 and counted[("black", "failed")] == 0
+    assert [s.value for s in retakes.samples] == [1]
