@@ -152,6 +152,6 @@ class Fleet:
             except (RayActorError, GetTimeoutError):
                 info, state = {}, "unreachable"
             info |= {"id": wid, "tier": worker.tier, "state": state, "failures": len(worker.blame),
-                     "node_id": self.node_of.get(wid)}
+                     "node_id": self.node_of.get(wid), "stage": worker.busy}
             out.append(WorkerInfo(**info).model_dump(mode="json"))
         return out

@@ -409,20 +409,30 @@ class FarmIngress:
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response
 
-    @app.get("/ui/queue", include_in_schema=False)
-    async def queue_page(self, request: Request) -> Response:
+    async def _page(self, request: Request, name: str, **context: Any) -> Response:
+        """A page for a logged-in browser; without a session, the login page instead."""
         csrf = session_csrf(request)
         if csrf is None:
             return RedirectResponse("/ui/login", status_code=303)
-        return page("queue.html", title="Queue", csrf=csrf, states=[s.value for s in JobState])
+        return page(name, csrf=csrf, **context)
+
+    @app.get("/ui/queue", include_in_schema=False)
+    async def queue_page(self, request: Request) -> Response:
+        return await self._page(request, "queue.html", title="Queue", states=[s.value for s in JobState])
 
     @app.get("/ui/jobs/{job_id}", include_in_schema=False)
     async def job_page(self, request: Request, job_id: str = PathParam(pattern="^[0-9a-f]{1,64}$")) -> Response:
-        csrf = session_csrf(request)
-        if csrf is None:
-            return RedirectResponse("/ui/login", status_code=303)
-        await self._status(job_id)
-        return page("job.html", title=f"Job {job_id}", csrf=csrf, job_id=job_id)
+        if session_csrf(request) is not None:
+            await self._status(job_id)
+        return await self._page(request, "job.html", title=f"Job {job_id}", job_id=job_id)
+
+    @app.get("/ui/submit", include_in_schema=False)
+    async def submit_page(self, request: Request) -> Response:
+        return await self._page(request, "submit.html", title="Submit", max_bytes=self.settings.limits.max_body_bytes)
+
+    @app.get("/ui/workers", include_in_schema=False)
+    async def workers_page(self, request: Request) -> Response:
+        return await self._page(request, "workers.html", title="Workers")
 
     @app.get("/ui/static/{name}", include_in_schema=False)
     async def asset(self, request: Request, name: str) -> Response:

@@ -133,6 +133,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _until_ctrl_c() -> None:
+    import signal as signals
+
+    print("rendered; the pages stay up until Ctrl-C", flush=True)
+    signals.pthread_sigmask(signals.SIG_BLOCK, {signals.SIGINT, signals.SIGTERM})
+    signals.sigwait({signals.SIGINT, signals.SIGTERM})
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from farm.driver import RenderError, render
     from farm.models import ModelError
@@ -140,7 +148,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     try:
         result = render(args.file, args.output, models=args.models, workers=args.workers, tier=args.tier,
                         progress=not args.quiet, draft=args.preview, cache=not args.no_cache,
-                        priority=args.priority)
+                        priority=args.priority, ui_port=args.port if args.ui else None,
+                        until_closed=_until_ctrl_c if args.ui else None)
     except ManifestError as exc:
         for error in exc.errors:
             print(error, file=sys.stderr)
@@ -333,6 +342,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cache", action="store_true", help="render every stage again instead of reusing outputs")
     s.add_argument("--priority", type=int, default=0, help="higher runs first when jobs share the farm")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--ui", action="store_true",
+                   help="serve the web pages on 127.0.0.1 while it renders (the URL is printed), and after it "
+                        "until Ctrl-C")
+    s.add_argument("--port", type=int, default=8000, help="with --ui: the pages' port (default: 8000)")
     s.set_defaults(func=cmd_render)
     s = sub.add_parser("serve", help="run the HTTP API (Ray Serve) on this machine's Ray or RAY_ADDRESS")
     s.add_argument("--host", default="127.0.0.1")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,10 @@ def start_ray(pool: PoolConfig) -> bool:
     return True
 
 
+def local_name(pool: PoolConfig) -> str:
+    return f"farm-local-{pool.tier}-{pool.workers or 0}"
+
+
 def local_director(pool: PoolConfig, config: FarmConfig) -> Any:
     """The director for local renders with this pool shape (forced tier and worker count), on this
     config's store and cache: one left in the Ray session by a render with another FARM_CACHE_DIR or
@@ -63,7 +68,7 @@ def local_director(pool: PoolConfig, config: FarmConfig) -> Any:
 
     from actors.director import get_director
 
-    name = f"farm-local-{pool.tier}-{pool.workers or 0}"
+    name = local_name(pool)
     director = get_director(pool, name=name, config=config)
     wanted = (str(config.store_path), str(config.cache_path))
     if tuple(ray.get(director.paths.remote())) == wanted:
@@ -79,6 +84,24 @@ def local_director(pool: PoolConfig, config: FarmConfig) -> Any:
             break
         time.sleep(0.1)
     return get_director(pool, name=name, config=config)
+
+
+def serve_pages(pool: PoolConfig, config: FarmConfig, models: str | None, root: Path, port: int, job_id: str) -> str:
+    """The farm's API and web pages over this render's director, on loopback only; prints the page's
+    URL and where the token to log in with is (never the token itself)."""
+    from ray import serve
+
+    from deployments.app import FarmAPI, Settings
+    from farm.tokens import ensure_token
+
+    token, where = ensure_token(config)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = Settings.from_config(config, token=token, director_name=local_name(pool), tier=pool.tier,
+                                    workers=pool.workers, models=models, root=str(root))
+    serve.run(FarmAPI.bind(settings), name="farm", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/ui/jobs/{job_id}"
+    print(f"watch it at {url} (log in with the token in {where or 'FARM_API_TOKEN / api.token'})", flush=True)
+    return url
 
 
 def follow(director: Any, job_id: str, bars: ProgressBars, poll_s: float = 0.2) -> str:
@@ -104,7 +127,10 @@ def follow(director: Any, job_id: str, bars: ProgressBars, poll_s: float = 0.2) 
 
 def render(path: Path | str, out_dir: Path | str, *, models: str | None = None, workers: int | None = None,
            tier: str = "auto", progress: bool = True, draft: bool = False, priority: int = 0,
-           cache: bool = True, config: FarmConfig | None = None) -> RenderResult:
+           cache: bool = True, config: FarmConfig | None = None, ui_port: int | None = None,
+           until_closed: Callable[[], None] | None = None) -> RenderResult:
+    """Render a storyboard on a local Ray. With `ui_port`, the farm's web pages are served on
+    127.0.0.1:`ui_port` while it renders, and `until_closed` (when given) holds them up after."""
     import ray
 
     config = config or current()
@@ -130,6 +156,8 @@ def render(path: Path | str, out_dir: Path | str, *, models: str | None = None, 
             # again; every finished stage comes back from the cache, so a complete one costs seconds.
             job = ray.get(director.requeue.remote(job["id"]))
         ray.get(director.ping.remote())
+        if ui_port is not None:
+            serve_pages(pool, config, models, path.parent, ui_port, job["id"])
         startup = time.perf_counter() - started
         bars = ProgressBars(progress)
         try:
@@ -138,6 +166,8 @@ def render(path: Path | str, out_dir: Path | str, *, models: str | None = None, 
             bars.close()
         rendered = time.perf_counter()
         status = ray.get(director.status.remote(job["id"]))
+        if ui_port is not None and until_closed is not None:
+            until_closed()
     finally:
         if we_started:
             ray.shutdown()

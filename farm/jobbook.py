@@ -473,7 +473,8 @@ class JobBook:
         self.running[stage_id] = Running(worker, tier, preset, now, now + expected_s, key, self.tries[stage_id],
                                          params or {})
         self._start()
-        self._emit(now, "stage_started", stage=stage_id, kind=stage.kind, shot=stage.shot, worker=worker, tier=tier)
+        self._emit(now, "stage_started", stage=stage_id, kind=stage.kind, shot=stage.shot, worker=worker, tier=tier,
+                   preset=preset)
 
     def on_success(self, stage_id: str, result: StageResult | EncodeResult, now: float) -> None:
         """A dispatched stage finished: GPU stages report a StageResult, CPU stages an EncodeResult. A
@@ -542,7 +543,7 @@ class JobBook:
                 return self._fail(f"stage {stage_id} lost {self.losses[stage_id]} workers", now)
             return Requeue(f"worker {run.worker} was lost")
         if kind == FailureKind.OOM:
-            self._emit(now, "stage_oom", stage=stage_id, preset=run.preset)
+            self._emit(now, "stage_oom", stage=stage_id, shot=stage.shot, preset=run.preset)
             spec = self.setup.specs[StageKind(stage.kind).role]
             lower = spec.rules.next_preset(self.preset(stage, run.tier), self.setup.manifest.quality,
                                            self._scene(stage), spec.variant)
@@ -554,7 +555,7 @@ class JobBook:
             return Descend(lower)
         errors = self.errors[stage_id] = self.errors.get(stage_id, 0) + 1
         self.avoid.setdefault(stage_id, set()).add(run.worker)
-        self._emit(now, "stage_failed", stage=stage_id, error=error)
+        self._emit(now, "stage_failed", stage=stage_id, shot=stage.shot, error=error)
         if errors >= self.policy.max_attempts:
             return self._fail(f"stage {stage_id} failed {errors} times: {error}", now)
         pool = set(workers)
@@ -639,7 +640,7 @@ class JobBook:
             self._write_keyframe(stage.shot, key, record)  # a retake's keyframe is written only if it wins
         shown = stage.segment.kept if stage.segment and stage.kind == StageKind.DECODE else 0
         self._emit(now, "stage_finished", stage=stage.id, kind=stage.kind, shot=stage.shot, worker=worker, tier=tier,
-                   seconds=now - started, cache_hit=cache_hit, frames=shown)
+                   preset=preset, seconds=now - started, cache_hit=cache_hit, frames=shown)
 
     def _first_call(self, clip: Stage) -> Stage:
         """A take's first video call: its clip's first decode's dependency."""

@@ -71,6 +71,7 @@ class WorkerInfo(_Body):
     memory_cap: float | None = None  # share of the card a forced tier may use; None: all of it
     utilization: float | None = None
     loaded_models: list[str] = []
+    stage: str | None = None  # `job/stage` it runs now
     stages_run: int = 0
     pid: int | None = None
     failures: int = 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers import CHROMIUM, CHROMIUM_FLAGS, base_manifest
+from helpers import CHROMIUM, CHROMIUM_FLAGS, base_manifest, write_manifest
 
 from farm.encode import probe
 
@@ -401,19 +401,69 @@ def test_cli_reads_the_generated_token(api, tmp_path):
 BROWSER_FLAGS = [*CHROMIUM_FLAGS, "--window-size=1280,1000", "--autoplay-policy=no-user-gesture-required"]
 
 
-def test_web_pages_in_headless_chromium(api, tmp_path):
-    """Issue 15: log in with the token (a wrong one gets no data), watch a job's shots finish live over
-    SSE without a reload, play its film, requeue and cancel from the queue page."""
+# 5,000 synthetic progress events into a 500-shot job page, each timed with the style and layout it
+# causes (a forced reflow), half of them on the page shown; layout shifts observed meanwhile.
+FEED_EVENTS = """
+const done = arguments[arguments.length - 1];
+const ids = Array.from({length: 500}, (_, i) => `s${String(i).padStart(3, "0")}`);
+const shifts = [];
+new PerformanceObserver((list) => { for (const e of list.getEntries()) shifts.push(e.value); })
+  .observe({type: "layout-shift", buffered: false});
+window.farmJob.loadShots({shots: ids.map((id) => ({id, state: "queued"}))});
+document.body.offsetHeight;  // the new page of rows laid out: that is loading, not an update
+const times = [], last = {};
+for (let i = 0; i < 5000; i++) {
+  const id = ids[i % 2 ? (i * 7) % 500 : i % 50];
+  const step = Math.floor(i / 50) % 3;
+  const [type, data] = step === 0
+    ? ["stage_started", {shot: id, stage: `video:${id}`, kind: "video", worker: "w1", tier: "cpu", preset: "cpu-0"}]
+    : step === 1 ? ["stage_finished", {shot: id, stage: `video:${id}`, kind: "video", worker: "w1", tier: "cpu",
+                                       preset: "cpu-0", seconds: i / 10}]
+    : ["qc", {shot: id, take: 1, passed: i % 4 !== 0, failed: i % 4 ? [] : ["flicker 0.80 (min 0.85)"]}];
+  if (type === "qc") last[id] = data.passed ? "succeeded" : "retaking";
+  else if (type === "stage_started") last[id] = "running";
+  const t0 = performance.now();
+  window.farmJob.onEvent(type, JSON.stringify(data));
+  document.body.offsetHeight;
+  times.push(performance.now() - t0);
+}
+const worst = times.map((t, i) => [t, i]).sort((a, b) => b[0] - a[0]).slice(0, 8);
+setTimeout(() => {
+  times.sort((a, b) => a - b);
+  done({p50: times[2500], p99: times[4950], max: times[4999], rows: document.querySelectorAll("#shots tbody tr").length,
+        cls: shifts.reduce((a, b) => a + b, 0), last, worst});
+}, 300);
+"""
+FITS = "return document.documentElement.scrollWidth <= window.innerWidth + 1"
+
+
+def test_web_pages_in_headless_chromium(api, tmp_path, ray_session):
+    """Issue 15: log in with the token by keyboard (a wrong one gets no data), submit a storyboard
+    through the page (a live error at its field path, then an uploaded file with its stage table and
+    makespan), watch its shots finish live over SSE without a reload, play the film, see the workers
+    (one quarantined), hold 500 shots and 5,000 events under 16 ms each, fit a phone, requeue and
+    cancel from the queue page."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, client, _ = api
     page = httpx.get(f"{url}/ui/queue", follow_redirects=False)
     assert page.status_code == 303 and page.headers["location"] == "/ui/login"  # no session, no page
+    for path in ("/ui/submit", "/ui/workers"):
+        assert httpx.get(f"{url}{path}", follow_redirects=False).status_code == 303
     assert httpx.get(f"{url}/ui/static/farm.js").status_code == 401
-    job = post(client, base_manifest(seed=205)).json()
+    director = ray_session.get_actor("api-test", namespace="farm")
+    deadline = time.time() + 120
+    while not (workers := ray_session.get(director.workers_info.remote())) and time.time() < deadline:
+        time.sleep(0.5)  # the fleet starts in the background
+    bad = workers[0]["id"]
+    ray_session.get(director.set_faults.remote(bad, [{"match": "*", "kind": "error", "times": 1000}]))
+    wrong = base_manifest(seed=205, shots=[{"id": "a", "prompt": "misty valley at dawn", "duration": -1.0}])
+    expected = client.post("/v1/validate", content=yaml.safe_dump(wrong)).json()["errors"]
+    manifest = write_manifest(tmp_path, base_manifest(seed=205))
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in [*BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
@@ -429,13 +479,30 @@ def test_web_pages_in_headless_chromium(api, tmp_path):
         status = driver.execute_async_script(
             "fetch('/v1/jobs').then(r => arguments[0](r.status))")
         assert status == 401  # a wrong token gets no data
-        driver.find_element(By.ID, "token").send_keys(TOKEN)
-        driver.find_element(By.ID, "login").click()
+        assert driver.switch_to.active_element.get_attribute("id") == "token"  # focused: type, then Enter
+        driver.switch_to.active_element.send_keys(TOKEN, Keys.ENTER)
         wait.until(lambda d: d.current_url.endswith("/ui/queue"))
         assert driver.get_cookie("farm_session")["httpOnly"] and TOKEN not in driver.page_source
-        wait.until(lambda d: d.find_elements(By.ID, f"job-{job['id']}"))
+        # Submit: pasted text with an error shows it at its field path; an uploaded file plans and submits.
+        driver.get(f"{url}/ui/submit")
+        driver.execute_script("const t = document.getElementById('manifest'); t.value = arguments[0];"
+                              "t.dispatchEvent(new Event('input'))", yaml.safe_dump(wrong))
+        for error in expected:
+            loc = ".".join(str(part) for part in error["loc"])
+            wait.until(lambda d, loc=loc: d.find_elements(By.CSS_SELECTOR, f'#problems li.error[data-loc="{loc}"]'))
+        assert not driver.find_element(By.ID, "submit").is_enabled()
+        driver.find_element(By.ID, "file").send_keys(str(manifest))
+        wait.until(lambda d: d.find_element(By.ID, "verdict").text.startswith("Valid"))
+        plan = client.post("/v1/simulate", content=manifest.read_text()).json()
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#stages tbody tr")) == len(plan["stages"])
+        assert driver.find_element(By.ID, "makespan").text.endswith((" s", " min"))
+        assert not driver.find_elements(By.CSS_SELECTOR, "#problems li.error")
+        driver.save_screenshot(str(shots / "ui-submit.png"))
+        driver.execute_script("document.getElementById('submit').focus()")
+        driver.switch_to.active_element.send_keys(Keys.ENTER)
+        wait.until(lambda d: "/ui/jobs/" in d.current_url)
+        job = {"id": driver.current_url.rsplit("/", 1)[1]}
         # The job page: shots appear and finish while the page stays loaded (SSE), then the film plays.
-        driver.get(f"{url}/ui/jobs/{job['id']}")
         driver.execute_script("window.loadedOnce = true")
         wait.until(lambda d: d.find_element(By.ID, "state").text == "succeeded")
         assert driver.execute_script("return window.loadedOnce") is True  # no reload happened
@@ -446,6 +513,28 @@ def test_web_pages_in_headless_chromium(api, tmp_path):
         wait.until(lambda d: d.execute_script(
             "return document.querySelector('#shot-a [data-key=keyframe]').naturalWidth") > 0)
         driver.save_screenshot(str(shots / "ui-job.png"))
+        # 500 shots and 5,000 progress events: every update well inside a frame, nothing shifts.
+        fed = driver.execute_async_script(FEED_EVENTS)
+        (shots / "ui-budget.json").write_text(json.dumps({k: fed[k] for k in ("p50", "p99", "max", "cls")}))
+        assert fed["rows"] == 50, fed["rows"]  # paginated: one page of rows in the DOM
+        assert fed["max"] < 16.0, (fed["worst"], fed["p99"])
+        assert fed["cls"] < 0.01, fed
+        driver.find_element(By.ID, "next").click()
+        assert driver.find_element(By.ID, "page-text").text == "shots 51–100 of 500"
+        assert driver.find_element(By.CSS_SELECTOR, "#shot-s057 [data-key=state]").text == fed["last"]["s057"]
+        # Workers: both, the one that kept failing quarantined.
+        driver.get(f"{url}/ui/workers")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#workers tbody tr")) == 2)
+        flagged = wait.until(lambda d: d.find_element(By.ID, f"worker-{bad}"))
+        wait.until(lambda d: "quarantined" in flagged.get_attribute("class"))
+        assert all(t.text == "cpu" for t in driver.find_elements(By.CSS_SELECTOR, "#workers [data-key=tier]"))
+        driver.save_screenshot(str(shots / "ui-workers.png"))
+        # A phone's width: every page fits without sideways scrolling.
+        driver.set_window_size(390, 844)
+        for path in ("/ui/queue", f"/ui/jobs/{job['id']}", "/ui/submit", "/ui/workers"):
+            driver.get(f"{url}{path}")
+            assert driver.execute_script(FITS), path
+        driver.set_window_size(1280, 1000)
         # The queue page: requeue the finished job, cancel a slow one.
         before = client.get(f"/v1/jobs/{job['id']}").json()["finished"]
         slow = post(client, base_manifest(seed=206, shots=[{"id": "s", "prompt": "slow", "duration": 1.0,
@@ -463,6 +552,7 @@ def test_web_pages_in_headless_chromium(api, tmp_path):
         driver.save_screenshot(str(shots / "ui-queue.png"))
     finally:
         driver.quit()
+        ray_session.get(director.set_faults.remote(bad, []))
     # A state change on the cookie alone, without the page's CSRF value, is refused.
     cookie = httpx.post(f"{url}/ui/login", data={"token": TOKEN}).cookies.get("farm_session") or ""
     forged = httpx.delete(f"{url}/v1/jobs/{slow['id']}", cookies={"farm_session": cookie})

@@ -231,3 +231,47 @@ def test_the_readme_example_renders_as_promised(ray_session, tiny_models, tmp_pa
         with PIL.Image.open(out / "keyframes" / f"{shot}.png") as png:
             assert png.size == (1920, 1080)
     assert shots["s01-valley"]["video"]["width"] == 1024  # the video at its own size, from the big keyframe
+
+
+def test_render_with_ui_serves_the_job_page_on_loopback(tmp_path, ray_session, tiny_models, monkeypatch, capsys):
+    """`farm render --ui` prints the job page's URL (not the token) and serves the pages over this
+    render's director on 127.0.0.1 while it renders and, until Ctrl-C, after."""
+    import re
+    import socket
+
+    import httpx
+    from ray import serve
+
+    from farm.config import current
+    from farm.tokens import ensure_token
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write_manifest(tmp_path, base_manifest(seed=231))
+    seen: dict[str, object] = {}
+
+    def while_up() -> None:  # what the person does before pressing Ctrl-C
+        printed = capsys.readouterr().out
+        url = re.search(r"watch it at (http://127\.0\.0\.1:\d+/ui/jobs/(\w+))", printed)
+        assert url, printed
+        token = ensure_token(current())[0]
+        assert token not in printed
+        job = url.group(2)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as web:
+            assert web.get(f"/ui/jobs/{job}", follow_redirects=False).status_code == 303  # log in first
+            web.post("/ui/login", data={"token": token})
+            page = web.get(f"/ui/jobs/{job}")
+            seen["page"] = page.status_code == 200 and job in page.text
+            seen["state"] = web.get(f"/v1/jobs/{job}", headers={"Authorization": f"Bearer {token}"}).json()["state"]
+            film = web.get(f"/v1/jobs/{job}/output", headers={"Authorization": f"Bearer {token}",
+                                                               "Range": "bytes=0-99"})
+            seen["range"] = film.status_code == 206 and len(film.content) == 100
+
+    monkeypatch.setattr(cli, "_until_ctrl_c", while_up)
+    try:
+        assert cli.main(["render", str(path), "-o", str(tmp_path / "out"), "--models", "tiny", "--tier", "cpu",
+                         "--workers", "2", "--quiet", "--ui", "--port", str(port)]) == 0
+    finally:
+        serve.shutdown()
+    assert seen == {"page": True, "state": "succeeded", "range": True}
