@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +29,28 @@ from farm import jobbook as jb
 from farm.artifacts import from_cache, ingest_images, write_outputs
 from farm.cache import ArtifactCache
 from farm.config import FarmConfig, PolicyConfig, current, install
-from farm.contract import ACTIVE_STATES, FailureKind, JobState
+from farm.contract import ACTIVE_STATES, FailureKind, JobState, StageResult
 from farm.jobbook import JobBook
 from farm.jobsetup import setup_job
 from farm.manifest import FieldError, ManifestError
 from farm.metrics import snapshot
 from farm.plan import Stage
 from farm.pool import PoolConfig, PoolPolicy, WorkerBook
-from farm.schedule import ReadyStage, WorkerView, assign
+from farm.schedule import Policy, assign
 from farm.schemas import job_status
-from farm.sim.costs import rank_costs, stage_seconds
+from farm.sim.costs import load_seconds, price, stage_seconds
+from farm.sim.engine import total_backlog
 from farm.store import Store
 
 log = logging.getLogger("farm.director")
 DIRECTOR_NAME = "farm-director"
 NAMESPACE = "farm"
 ENCODER = "encoder"  # what CPU stages run on, in the ledger and events
-Assign = Callable[[list[ReadyStage], list[WorkerView]], list[tuple[str, str]]]
 
 
 class Director:
     def __init__(self, pool: PoolConfig | None = None, store_path: str | None = None, cache_dir: str | None = None,
-                 policy: PolicyConfig | None = None, threads: int | None = None, assign_fn: Assign = assign,
+                 policy: PolicyConfig | None = None, threads: int | None = None, assign_fn: Policy = assign,
                  name: str = DIRECTOR_NAME, config: FarmConfig | None = None, **backends: Any) -> None:
         """`assign_fn` swaps the dispatch policy, `backends` the worker and encoder classes (a FIFO
         baseline and simulated workers, for bench/scheduler.py)."""
@@ -68,7 +68,13 @@ class Director:
         self.effects = Effects(self.store, self.cache, self.fleet)
         self.streams = self.effects.streams  # job -> its events so far
         self.inflight: dict[Any, tuple[str, str, str]] = {}  # ref -> (job, stage, worker or ENCODER)
-        self.dispatch_latency: list[float] = []  # seconds from ready stage + free worker to dispatch
+        # seconds from ready stage + free worker to dispatch; the latest only (a farm runs for months)
+        self.dispatch_latency: deque[float] = deque(maxlen=20_000)
+        # A worker's own gap between stages (farm.observed.IdleClock), kept where work was waiting for it
+        # when it freed: the time its GPU waited on the farm. And what reading its inputs took.
+        self.gap_watch: set[str] = set()
+        self.gaps: dict[str, deque[float]] = {}
+        self.input_waits: deque[float] = deque(maxlen=20_000)
         self.ready_since: dict[str, float] = {}
         self.publishing: dict[str, Any] = {}  # job -> the encoder's publish of its last outputs
         self._stop = threading.Event()
@@ -154,11 +160,19 @@ class Director:
         self.fleet.set_faults(worker_id, faults)
 
     def stats(self) -> dict[str, Any]:
+        def middle(xs: list[float]) -> float | None:
+            return xs[len(xs) // 2] if xs else None
+
         with self.lock:
             lat = sorted(self.dispatch_latency)
             quarantined = self.pool.quarantined(time.time())
         pick = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]) if lat else (lambda q: 0.0)
+        gaps = sorted(g for per in self.gaps.values() for g in per)
+        waits = sorted(self.input_waits)
         return {"dispatches": len(lat), "dispatch_latency_p50": pick(0.5), "dispatch_latency_p99": pick(0.99),
+                "gap_p50": middle(gaps), "gap_p99": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else None,
+                "gap_worker_p50": {w: middle(sorted(g)) for w, g in self.gaps.items()},
+                "input_p50": middle(waits),
                 "workers": len(self.pool.workers), "quarantined": quarantined}
 
     def metrics_data(self) -> tuple[dict[str, Any], list[tuple[str, str, float]], list[dict[str, Any]]]:
@@ -243,7 +257,7 @@ class Director:
             except (ValueError, OSError) as exc:  # ManifestError and ModelError are ValueErrors
                 self.store.set_job_state(row.id, JobState.FAILED, str(exc))
                 continue
-            book.set_ranks(rank_costs(book, {w.tier for w in self.pool.workers.values()}))
+            price(book, {w.tier for w in self.pool.workers.values()})
             self.books[row.id], self.streams[row.id] = book, []
             book.announce(time.time())
             self.effects.apply(book)
@@ -268,15 +282,22 @@ class Director:
             self.effects.apply(book)
         if not ready:
             return
-        for ident, wid in self.assign_fn([b.ready_stage(s) for b, s in ready.values()], self.pool.views(now)):
+        views = self.pool.views(now, load_seconds())
+        backlog = total_backlog(self.books.values())
+        for ident, wid in self.assign_fn([b.ready_stage(s) for b, s in ready.values()], views, backlog):
             book, stage = ready[ident]
             worker = self.pool.workers[wid]
             req = book.request(stage.id, worker.tier, str(self.cache.root))
-            book.dispatched(stage.id, wid, worker.tier, req.preset, req.output_key, now,
-                            stage_seconds(book, stage.id, worker.tier), req.params)
+            expected = stage_seconds(book, stage.id, worker.tier)
+            if book.model_key(stage) not in worker.models:
+                expected += load_seconds().get(worker.tier, 0.0)
+            book.dispatched(stage.id, wid, worker.tier, req.preset, req.output_key, now, expected, req.params)
             # The scheduler's own delay: from the later of "stage ready" and "worker free" to dispatch.
-            self.dispatch_latency.append(now - max(self.ready_since.pop(ident, now), worker.freed_at))
-            self.pool.dispatched(wid, ident, book.model_key(stage))
+            ready_at = self.ready_since.pop(ident, now)
+            self.dispatch_latency.append(now - max(ready_at, worker.freed_at))
+            if ready_at <= worker.freed_at and worker.freed_at > 0:  # work was waiting when it freed
+                self.gap_watch.add(ident)
+            self.pool.dispatched(wid, ident, book.model_key(stage), now + expected)
             self.inflight[self.fleet.run(wid, req)] = (book.id, stage.id, wid)
             self.effects.apply(book)
 
@@ -299,7 +320,12 @@ class Director:
                 self.pool.forgive(f"{job}/{stage_id}", now)
         else:
             self.pool.succeeded(wid)
+            if isinstance(result, StageResult):
+                if f"{job}/{stage_id}" in self.gap_watch and result.idle_before_s is not None:
+                    self.gaps.setdefault(wid, deque(maxlen=2_000)).append(result.idle_before_s)
+                self.input_waits.append(result.input_s)
             book.on_success(stage_id, result, now)
+        self.gap_watch.discard(f"{job}/{stage_id}")
         self.effects.apply(book)
 
     def _finish_jobs(self) -> None:

@@ -1,12 +1,20 @@
-"""Scheduler benchmark: the real director dispatching a 120-shot storyboard to simulated workers.
+"""Scheduler benchmark: the real director dispatching storyboards to simulated workers.
 
-16 simulated GPUs (4 high, 8 mid, 4 low), every fifth shot chained to the previous one. Workers and
-encoders sleep per the simulator's cost model (scaled down by --time-scale), so what is measured is
-the director's own policy and overhead. Reported, for the farm policy and a FIFO round-robin baseline
-run the same way: makespan / lower bound (max of total work over capacity and the longest chain),
-the discrete-event simulation's prediction, and dispatch latency (stage ready -> dispatched).
+16 simulated GPUs (4 high, 8 mid, 4 low) and 2 encoders. Workers and encoders sleep per the
+simulator's cost model (scaled down by --time-scale), so what is measured is the director's own
+policy and overhead. Four cases: the standard one (120 shots, every fifth chained to the one
+before), no chains, half chained, and three 40-shot jobs at priorities 5, 0 and -5 submitted at
+once. For each, three policies run the same way: the farm's (earliest finish time with reservation,
+farm/schedule.py `assign`), the previous one (greedy: every idle worker gets work, `assign_greedy`)
+and FIFO round-robin. Reported: makespan / lower bound, the discrete-event simulation's prediction
+beside it, and dispatch latency (stage ready -> dispatched).
 
-    python -m bench.scheduler [--time-scale 0.01]
+The bound is the larger of the analytic one (farm/sim/engine.py `lower_bound`) and CP-SAT's proven
+bound on the same instance (bench/cpsat.py, needs ortools); `makespan / CP-SAT best` compares with
+the best schedule CP-SAT found in its time. Smaller instances are also solved, to show the policy's
+gap where CP-SAT can get close to the optimum.
+
+    python -m bench.scheduler [--time-scale 0.01] [--cpsat-s 120] [--no-cpsat]
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +37,47 @@ from farm.jobbook import JobBook
 from farm.jobsetup import setup_job
 from farm.manifest import validate_data
 from farm.pool import PoolConfig
-from farm.schedule import assign, assign_fifo
+from farm.schedule import Policy, assign, assign_fifo, assign_greedy
 from farm.sim.costs import CLIP_FRAME_S, MERGE_FRAME_S, QC_FRAME_S
 from farm.sim.engine import lower_bound, simulate
 from farm.sim.worker import SimWorker
 
 CLUSTER = {"high": 4, "mid": 8, "low": 4}
+POLICIES: dict[str, tuple[str, Policy]] = {
+    "farm": ("farm: earliest finish with reservation", assign),
+    "previous": ("previous: greedy (every idle GPU busy)", assign_greedy),
+    "fifo": ("FIFO round-robin", assign_fifo),
+}
 
 
-def storyboard(shots: int = 120, seed: int = 0) -> dict[str, Any]:
+def storyboard(shots: int = 120, seed: int = 0, chain_every: int = 5, prefix: str = "s") -> dict[str, Any]:
+    """`shots` shots of 2-5 s; every `chain_every`-th continues the one before (0: none, 2: half)."""
     rng = np.random.default_rng(seed)
     items = []
     for i in range(shots):
-        shot = {"id": f"s{i:03d}", "prompt": f"shot {i}", "duration": float(rng.choice([2.0, 3.0, 4.0, 5.0]))}
-        if i % 5 == 4:
+        shot = {"id": f"{prefix}{i:03d}", "prompt": f"shot {i}", "duration": float(rng.choice([2.0, 3.0, 4.0, 5.0]))}
+        if chain_every and i % chain_every == chain_every - 1:
             shot["continue_from"] = "previous"
         items.append(shot)
     # Real model ids (never loaded: the workers are simulated) so segments are SVD-XT's 25 frames.
-    return {"version": 1, "title": "scheduler benchmark", "seed": seed, "output": {"fps": 15, "resolution": "32x32"},
-            "steps": {"keyframe": 30, "video": 25}, "shots": items}
+    return {"version": 1, "title": f"scheduler benchmark {prefix}", "seed": seed,
+            "output": {"fps": 15, "resolution": "32x32"}, "steps": {"keyframe": 30, "video": 25}, "shots": items}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    jobs: list[tuple[dict[str, Any], int]]  # (manifest, priority), submitted together
+
+
+def cases() -> list[Case]:
+    return [
+        Case("standard: 120 shots, 20% chained", [(storyboard(), 0)]),
+        Case("no chains", [(storyboard(chain_every=0), 0)]),
+        Case("50% chained", [(storyboard(chain_every=2), 0)]),
+        Case("3 jobs x 40 shots, priorities 5/0/-5",
+             [(storyboard(40, seed=i, prefix=p), prio) for i, (p, prio) in enumerate((("a", 5), ("b", 0), ("c", -5)))]),
+    ]
 
 
 class SimEncoder:
@@ -55,9 +86,9 @@ class SimEncoder:
     def __init__(self, cache_dir: str, time_scale: float = 1.0) -> None:
         self.cache = ArtifactCache(cache_dir)
         self.scale = time_scale
-        self.frames = 0
+        self.frames: dict[str, int] = {}  # a job's output folder -> its film's frames (the merge's cost)
 
-    def set_frames(self, frames: int) -> None:
+    def set_frames(self, frames: dict[str, int]) -> None:
         self.frames = frames
 
     def write_keyframe(self, path: str, params: dict[str, Any], key: str) -> str:
@@ -76,7 +107,7 @@ class SimEncoder:
             frames = sum(len(self.cache.get_arrays(k)["frames"]) for k in req.inputs)
             seconds = frames * CLIP_FRAME_S
         else:  # the whole film's frames at the merge's per-frame cost, as in the simulator
-            frames, seconds = 0, self.frames * MERGE_FRAME_S
+            frames, seconds = 0, self.frames.get(str(Path(req.dest).parent.resolve()), 0) * MERGE_FRAME_S
         time.sleep(seconds * self.scale)
         Path(req.dest).parent.mkdir(parents=True, exist_ok=True)
         Path(req.dest).write_bytes(b"sim")
@@ -84,71 +115,129 @@ class SimEncoder:
         return EncodeResult(frames)
 
 
-def run_director(policy_name: str, assign_fn: Any, data: dict[str, Any], root: Path, scale: float) -> dict[str, Any]:
+def run_director(tag: str, policy: Policy, case: Case, root: Path, scale: float) -> dict[str, Any]:
     from actors.director import get_director
     from farm.config import PolicyConfig
 
-    director = get_director(PoolConfig(), name=f"bench-{policy_name}", store_path=str(root / f"{policy_name}.sqlite"),
-                            cache_dir=str(root / f"cache-{policy_name}"), policy=PolicyConfig(reconcile_s=1.0),
+    director = get_director(PoolConfig(), name=f"bench-{tag}", store_path=str(root / f"{tag}.sqlite"),
+                            cache_dir=str(root / f"cache-{tag}"), policy=PolicyConfig(reconcile_s=1.0),
                             backend=SimWorker, backend_args={"time_scale": scale}, encoder_backend=SimEncoder,
-                            encoder_args={"time_scale": scale}, assign_fn=assign_fn)
+                            encoder_args={"time_scale": scale}, assign_fn=policy)
     deadline = time.time() + 300
     while ray.get(director.stats.remote())["workers"] < sum(CLUSTER.values()):
         assert time.time() < deadline, "workers did not start"
         time.sleep(0.5)
-    plan = setup_job(data, root).plan
-    # the simulated encoder needs the film's length for the merge's cost
-    ray.get(ray.get(director.encoder_handle.remote()).set_frames.remote(sum(sp.frames for sp in plan.shots)))
-    job = ray.get(director.submit.remote(data, str(root), str(root / f"out-{policy_name}")))
-    while ray.get(director.status.remote(job["id"]))["state"] in ("queued", "running"):
-        time.sleep(0.2)
-    status = ray.get(director.status.remote(job["id"]))
-    assert status["state"] == "succeeded", status
+    outs = {str(root / f"out-{tag}-{i}"): data for i, (data, _) in enumerate(case.jobs)}
+    frames = {str(Path(out).resolve()): sum(sp.frames for sp in setup_job(data, root).plan.shots)
+              for out, data in outs.items()}
+    ray.get(ray.get(director.encoder_handle.remote()).set_frames.remote(frames))
+    jobs = [ray.get(director.submit.remote(data, str(root), out, priority=prio))
+            for (out, data), (_, prio) in zip(outs.items(), case.jobs, strict=True)]
+    statuses = []
+    for job in jobs:
+        while ray.get(director.status.remote(job["id"]))["state"] in ("queued", "running"):
+            time.sleep(0.2)
+        statuses.append(ray.get(director.status.remote(job["id"])))
+    assert all(s["state"] == "succeeded" for s in statuses), statuses
     stats = ray.get(director.stats.remote())
     ray.kill(director, no_restart=True)
-    return {"makespan": (status["finished"] - status["started"]) / scale, **stats}
+    span = max(s["finished"] for s in statuses) - min(s["started"] for s in statuses)
+    return {"makespan": span / scale, **stats}
+
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def books_of(case: Case, root: Path) -> list[JobBook]:
+    return [JobBook(f"job{i}", setup_job(validate_data(data, root), root), str(root), priority=prio)
+            for i, (data, prio) in enumerate(case.jobs)]
+
+
+def exact(case: Case, root: Path, cluster: dict[str, int], seconds: float) -> Any:
+    """CP-SAT on a one-job case (a several-job instance is left to the analytic bound)."""
+    from bench.cpsat import solve
+
+    return solve(books_of(case, root)[0], cluster, time_limit_s=seconds) if len(case.jobs) == 1 else None
+
+
+def small_instances(root: Path, seconds: float) -> str:
+    """Instances CP-SAT can get close to optimal: the policy's true gap there."""
+    rows = []
+    for shots, cluster in ((8, {"high": 1, "mid": 1, "low": 1}), (24, {"high": 2, "mid": 2, "low": 2})):
+        case = Case(f"{shots} shots", [(storyboard(shots), 0)])
+        found = exact(case, root, cluster, seconds)
+        bound = max(lower_bound(books_of(case, root), cluster), found.bound_s)
+        row: dict[str, object] = {"instance": f"{shots} shots (20% chained), {cluster}",
+                                  "CP-SAT": found.status, "CP-SAT bound s": f"{found.bound_s:.0f}",
+                                  "CP-SAT best s": f"{found.best_s:.0f}" if found.best_s else "-"}
+        for name, (_, policy) in POLICIES.items():
+            made = simulate(books_of(case, root), cluster, policy=policy).makespan
+            row[f"{name} / bound"] = f"{made / bound:.3f}"
+            row[f"{name} / CP-SAT best"] = f"{made / found.best_s:.3f}" if found.best_s else "-"
+        rows.append(row)
+    return table(rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--time-scale", type=float, default=0.01, help="real seconds per simulated second")
+    ap.add_argument("--cpsat-s", type=float, default=120.0, help="CP-SAT's time limit on the standard case")
+    ap.add_argument("--no-cpsat", action="store_true", help="the analytic bound only (no ortools needed)")
+    ap.add_argument("--cases", type=int, default=4, help="run the first N cases only (a quick look)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    data = storyboard()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", resources={f"farm_tier_{t}": n for t, n in CLUSTER.items()}, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    rows: list[dict[str, object]] = []
+    small = ""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        setup = setup_job(validate_data(data, root), root)
-        plan = setup.plan
-        bound = lower_bound(JobBook("bench", setup, str(root)), CLUSTER)
-        predicted = {name: simulate(JobBook("bench", setup, str(root)), CLUSTER, policy=fn).makespan
-                     for name, fn in (("farm", assign), ("fifo", assign_fifo))}
-        measured = {name: run_director(name, fn, data, root, args.time_scale)
-                    for name, fn in (("farm", assign), ("fifo", assign_fifo))}
-    ray.shutdown()
-    rows = []
-    for name, label in (("farm", "farm policy (residency, tier, longest chain first)"),
-                        ("fifo", "FIFO round-robin baseline")):
-        m = measured[name]
-        rows.append({"policy": label, "makespan s": f"{m['makespan']:.0f}", "lower bound s": f"{bound:.0f}",
-                     "makespan / bound": f"{m['makespan'] / bound:.3f}",
-                     "simulated / bound": f"{predicted[name] / bound:.3f}",
-                     "dispatch p50 ms": f"{m['dispatch_latency_p50'] * 1000:.1f}",
-                     "dispatch p99 ms": f"{m['dispatch_latency_p99'] * 1000:.1f}"})
-    shots = len(plan.shots)
-    body = (f"{shots} shots ({sum(1 for sp in plan.shots if sp.first_frame_from == 'previous')} chained), "
-            f"{len(plan.stages)} stages, {sum(sp.frames for sp in plan.shots)} frames at 15 fps; cluster "
-            f"{CLUSTER} simulated GPUs; time scale {args.time_scale} (real s per simulated s). Costs are the "
-            "simulator's assumed per-tier figures (farm/sim/costs.py; QC measured by bench/qc.py), not GPU "
-            "measurements. Makespan runs from the job's first dispatch to its end, with workers started "
-            "beforehand.\n\n")
+        solved: dict[str, Any] = {}
+        if not args.no_cpsat:  # before Ray starts: CP-SAT gets both cores to itself
+            solved["standard"] = exact(cases()[0], root, CLUSTER, args.cpsat_s)
+            small = small_instances(root, args.cpsat_s / 4)
+        ray.init(address="local", resources={f"farm_tier_{t}": n for t, n in CLUSTER.items()},
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+        for number, case in enumerate(cases()[:args.cases]):
+            analytic = lower_bound(books_of(case, root), CLUSTER)
+            found = solved.get("standard") if number == 0 else None
+            bound = max(analytic, found.bound_s if found else 0.0)
+            for name, (label, policy) in POLICIES.items():
+                predicted = simulate(books_of(case, root), CLUSTER, policy=policy).makespan
+                m = run_director(f"{number}-{name}", policy, case, root, args.time_scale)
+                rows.append({"case": case.name, "policy": label, "makespan s": f"{m['makespan']:.0f}",
+                             "bound s": f"{bound:.0f}", "makespan / bound": f"{m['makespan'] / bound:.3f}",
+                             "simulated / bound": f"{predicted / bound:.3f}",
+                             "makespan / CP-SAT best": f"{m['makespan'] / found.best_s:.3f}"
+                             if found and found.best_s else "-",
+                             "dispatch p50 ms": f"{m['dispatch_latency_p50'] * 1000:.1f}",
+                             "dispatch p99 ms": f"{m['dispatch_latency_p99'] * 1000:.1f}",
+                             "GPU gap p50 ms": ms(m["gap_p50"]),
+                             "worst worker's gap p50 ms": ms(max(m["gap_worker_p50"].values(), default=None)),
+                             "input read p50 ms": ms(m["input_p50"])})
+                print(rows[-1], flush=True)
+        ray.shutdown()
+        standard = books_of(cases()[0], root)[0].plan
+    body = (f"Standard case: {len(standard.shots)} shots "
+            f"({sum(1 for sp in standard.shots if sp.first_frame_from == 'previous')} chained), "
+            f"{len(standard.stages)} stages, {sum(sp.frames for sp in standard.shots)} frames at 15 fps; cluster "
+            f"{CLUSTER} simulated GPUs and 2 encoders; time scale {args.time_scale} (real s per simulated s). Costs "
+            "are the simulator's ASSUMED per-tier figures (farm/sim/costs.py; QC measured by bench/qc.py), not GPU "
+            "measurements. Makespan runs from the first job's first dispatch to the last job's end, workers started "
+            "beforehand. The bound is the larger of the analytic lower bound and CP-SAT's proven bound (standard "
+            "case only).\n\n")
     body += table(rows) + "\n"
+    found = solved.get("standard")
+    if found:
+        body += (f"\nCP-SAT on the standard case ({args.cpsat_s:.0f} s, 2 workers; loads relaxed to one per GPU, "
+                 f"durations rounded down to 10 ms): {found.status}, best schedule {found.best_s or 0:.0f} s, "
+                 f"proven bound {found.bound_s:.0f} s.\n")
+    if small:
+        body += f"\nSmaller instances, simulated (CP-SAT {args.cpsat_s / 4:.0f} s each):\n\n{small}\n"
     print(body)
     if not args.no_write:
-        write_section("scheduler", "Scheduler: makespan vs. lower bound (issue 3)",
-                      f"python -m bench.scheduler --time-scale {args.time_scale}", body)
+        write_section("scheduler", "Scheduler: makespan vs. lower bound (issues 3 and 16)",
+                      f"python -m bench.scheduler --time-scale {args.time_scale} --cpsat-s {args.cpsat_s:.0f}", body)
 
 
 if __name__ == "__main__":

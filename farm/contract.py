@@ -132,6 +132,8 @@ class StageResult:
     wall_seconds: float
     output_sha: str
     input_sha: str | None = None
+    idle_before_s: float | None = None  # the worker's gap since its previous stage ended (farm.observed.IdleClock)
+    input_s: float = 0.0  # reading the stage's input (a frame or latents another worker may have made)
 
     @property
     def peak_vram_bytes(self) -> int | None:

@@ -225,6 +225,8 @@ class JobBook:
         self.shots: dict[str, ShotPlan] = {sp.shot.id: sp for sp in self.plan.shots}
         self.seq = {sid: i for i, sid in enumerate(self.plan.stages)}
         self.ranks: dict[str, float] = {}
+        self.costs: dict[str, dict[str, float]] = {}
+        self._backlog: tuple[tuple[int, int, int], dict[str, float]] = ((-1, -1, -1), {})
         self.state = JobState.QUEUED
         self.error: str | None = None
         self.outbox: list[Effect] = []
@@ -281,13 +283,41 @@ class JobBook:
         return self.setup.specs[StageKind(stage.kind).role].key
 
     def ready_stage(self, stage: Stage) -> ReadyStage:
-        """The stage as the dispatch policy sees it (`farm.schedule.assign`)."""
+        """The stage as the dispatch policy sees it (`farm.schedule.assign`): its cost per tier (a
+        retake costs what its first take did) and the worker that rendered what it continues."""
+        base = take_id(stage.id.split("~take")[0], 1)
+        costs = tuple((tier, table.get(stage.id, table.get(base, 0.0))) for tier, table in self.costs.items())
+        prefer = next((self.done[d].record.get("worker") for d in stage.deps
+                       if d in self.done and self.plan.stages[d].gpu), None)
         return ReadyStage(f"{self.id}/{stage.id}", self.model_key(stage), self.priority, self.ranks.get(stage.id, 0.0),
-                          self.seq[stage.id], frozenset(self.avoid.get(stage.id, ())))
+                          self.seq[stage.id], frozenset(self.avoid.get(stage.id, ())), costs,
+                          prefer if isinstance(prefer, str) else None, str(stage.kind))
 
     def set_ranks(self, costs: Mapping[str, float]) -> None:
         """Rank stages by the work on the longest chain from each (costs: stage -> seconds)."""
         self.ranks = self.plan.tail_lengths(dict(costs))
+
+    def backlog(self) -> dict[str, float]:
+        """model key -> seconds of GPU work not finished (ready or not), at each stage's best tier.
+        Kept until a stage finishes or is added (the director asks at every dispatch)."""
+        if not self.active:
+            return {}
+        version = (len(self.done), len(self.plan.stages), id(self.costs))
+        if self._backlog[0] == version:
+            return self._backlog[1]
+        out: dict[str, float] = {}
+        for stage in self.plan.stages.values():
+            if stage.gpu and stage.id not in self.done:
+                seconds = min((t.get(stage.id, 0.0) for t in self.costs.values()), default=0.0)
+                key = self.model_key(stage)
+                out[key] = out.get(key, 0.0) + seconds
+        self._backlog = (version, out)
+        return out
+
+    def set_costs(self, table: Mapping[str, Mapping[str, float]]) -> None:
+        """tier -> stage -> seconds on one worker of that tier (model load excluded): what the
+        planning policy weighs workers by."""
+        self.costs = {tier: dict(stages) for tier, stages in table.items()}
 
     def remaining(self) -> list[Pending]:
         """The job's unfinished DAG, running stages with their expected end: what a planning policy

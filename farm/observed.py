@@ -6,6 +6,7 @@ Torch-free so the simulator reports the same shape as a real worker without impo
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,3 +33,19 @@ class Observed:
             "seconds": round(self.seconds, 4),
             "peak_vram_bytes": self.peak_vram_bytes,
         }
+
+
+class IdleClock:
+    """A worker's own view of how long it waited between one stage's end and the next one's start:
+    result handling, the director's decision and the request's transfer, all the time its GPU had
+    nothing to do. Wall clock (the director compares it with its own readiness times)."""
+
+    def __init__(self) -> None:
+        self.last_end: float | None = None
+
+    def start(self) -> float | None:
+        """The gap before the stage starting now (None for a worker's first stage)."""
+        return None if self.last_end is None else time.time() - self.last_end
+
+    def end(self) -> None:
+        self.last_end = time.time()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from farm.presets import GPU_TIERS, TIERS
@@ -96,6 +97,7 @@ class WorkerState:
     blame: list[str] = field(default_factory=list)  # stages that failed here since its last success
     quarantined_until: float | None = None
     freed_at: float = 0.0  # when its last stage ended (the dispatch-latency clock starts there)
+    expected_end: float | None = None  # when the stage it runs should end, by the cost model
 
 
 class WorkerBook:
@@ -123,20 +125,29 @@ class WorkerBook:
     def usable(self, now: float) -> list[WorkerState]:
         return [w for w in self.workers.values() if not self._out(w, now)]
 
-    def views(self, now: float) -> list[WorkerView]:
-        """The workers that may take work, as the dispatch policy sees them."""
-        return [WorkerView(w.id, w.tier, frozenset(w.models), w.busy is None) for w in self.usable(now)]
+    def views(self, now: float, loads: Mapping[str, float] | None = None) -> list[WorkerView]:
+        """The workers that may take work, as the dispatch policy sees them: a busy one with when it
+        should free (one already past its expected end is taken to need as long again as it has
+        overrun: the cost model was wrong for it), `loads` what a model load costs per tier."""
+        out = []
+        for w in self.usable(now):
+            free_in = None if w.expected_end is None else abs(w.expected_end - now)
+            out.append(WorkerView(w.id, w.tier, frozenset(w.models), w.busy is None, free_in,
+                                  (loads or {}).get(w.tier, 0.0)))
+        return out
 
-    def dispatched(self, wid: str, ident: str, model: str) -> None:
+    def dispatched(self, wid: str, ident: str, model: str, expected_end: float | None = None) -> None:
         worker = self.workers[wid]
         worker.busy = ident
         worker.models.add(model)
+        worker.expected_end = expected_end
 
     def freed(self, wid: str, now: float) -> None:
         worker = self.workers.get(wid)
         if worker is not None:
             worker.busy = None
             worker.freed_at = now
+            worker.expected_end = None
 
     def succeeded(self, wid: str) -> None:
         worker = self.workers.get(wid)

@@ -461,6 +461,10 @@ def test_web_pages_in_headless_chromium(api, tmp_path, ray_session):
         time.sleep(0.5)  # the fleet starts in the background
     bad = workers[0]["id"]
     ray_session.get(director.set_faults.remote(bad, [{"match": "*", "kind": "error", "times": 1000}]))
+    # Five keyframes ready at once: the failing worker, idle again at once after each failure, takes
+    # three of them before the other frees, and leaves the rotation. Runs while the pages are used.
+    wide = post(client, base_manifest(seed=207, shots=[{"id": f"w{i}", "prompt": f"wide {i}", "duration": 0.25}
+                                                       for i in range(5)])).json()
     wrong = base_manifest(seed=205, shots=[{"id": "a", "prompt": "misty valley at dawn", "duration": -1.0}])
     expected = client.post("/v1/validate", content=yaml.safe_dump(wrong)).json()["errors"]
     manifest = write_manifest(tmp_path, base_manifest(seed=205))
@@ -523,6 +527,9 @@ def test_web_pages_in_headless_chromium(api, tmp_path, ray_session):
         assert driver.find_element(By.ID, "page-text").text == "shots 51–100 of 500"
         assert driver.find_element(By.CSS_SELECTOR, "#shot-s057 [data-key=state]").text == fed["last"]["s057"]
         # Workers: both, the one that kept failing quarantined.
+        assert wait(client, wide["id"])["state"] == "succeeded"
+        states = {w["id"]: w["state"] for w in client.get("/v1/workers").json()}
+        assert states[bad] == "quarantined", states
         driver.get(f"{url}/ui/workers")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#workers tbody tr")) == 2)
         flagged = wait.until(lambda d: d.find_element(By.ID, f"worker-{bad}"))

@@ -45,3 +45,65 @@ def test_failed_stage_waits_for_another_worker_even_if_busy():
     assert assign([retry, ReadyStage("t", "svd")], workers) == [("t", "bad")]  # s waits for "ok"
     everywhere = ReadyStage("s", "svd", avoid=frozenset({"bad", "ok"}))
     assert assign([everywhere], workers) == [("s", "bad")]
+
+
+# --- the planning policy on hand-checkable cases (costs in seconds per tier) ------------------------
+
+def costs(high, low):
+    return (("high", float(high)), ("low", float(low)))
+
+
+def test_a_slow_worker_waits_when_a_fast_one_frees_soon_near_the_end():
+    """One stage left: 10 s on the high GPU (free in 5 s), 100 s on the idle low one. Waiting ends
+    it at 15 s, taking the low GPU at 100 s: the optimum is to wait."""
+    workers = [WorkerView("fast", "high", frozenset({"svd"}), idle=False, free_in=5.0),
+               WorkerView("slow", "low", frozenset({"svd"}))]
+    stage = ReadyStage("s", "svd", costs=costs(10, 100))
+    assert assign([stage], workers, {"svd": 10.0}) == []
+    # with hours of work still to come, the slow worker's 100 s cannot delay the end: it takes it
+    assert assign([stage], workers, {"svd": 3600.0}) == [("s", "slow")]
+
+
+def test_the_critical_chain_gets_the_fast_worker_and_the_rest_fills_in():
+    """A heads a long chain (rank 100), B is a leaf; both take 10 s on high, 30 s on low. A goes to
+    the high GPU. At the end of the work B waits for it (ends at 20 s, not 30 s); with much work
+    left the idle low GPU takes B."""
+    workers = [WorkerView("fast", "high", frozenset({"svd"})), WorkerView("slow", "low", frozenset({"svd"}))]
+    ready = [ReadyStage("b", "svd", rank=10, costs=costs(10, 30)),
+             ReadyStage("a", "svd", rank=100, costs=costs(10, 30))]
+    assert assign(ready, workers, {"svd": 20.0}) == [("a", "fast")]
+    assert sorted(assign(ready, workers, {"svd": 2000.0})) == [("a", "fast"), ("b", "slow")]
+
+
+def test_a_second_model_is_loaded_only_when_it_wins():
+    """The video model has most of the work left. A keyframe (2 s) on the worker that is fresh
+    would cost it the keyframe model's load now and the video model's after (2 x 20 s); the worker
+    that already holds the keyframe model frees in 10 s: the keyframe waits for it."""
+    workers = [WorkerView("kf", "high", frozenset({"sdxl"}), idle=False, free_in=10.0),
+               WorkerView("fresh", "high", frozenset(), load_s=20.0)]
+    keyframe = ReadyStage("k", "sdxl", costs=(("high", 2.0),))
+    assert assign([keyframe], [workers[0], workers[1]], {"svd": 500.0, "sdxl": 4.0}) == []
+    # a video stage on the fresh worker pays one load (22 s) and starts now: it goes
+    video = ReadyStage("v", "svd", costs=(("high", 2.0),))
+    assert assign([video], workers, {"svd": 500.0}) == [("v", "fresh")]
+
+
+def test_a_higher_priority_job_claims_the_fast_worker_first():
+    workers = [WorkerView("fast", "high", frozenset({"svd"})), WorkerView("slow", "low", frozenset({"svd"}))]
+    ready = [ReadyStage("long", "svd", rank=500, costs=costs(10, 30)),
+             ReadyStage("urgent", "svd", priority=5, rank=1, costs=costs(10, 30))]
+    assert assign(ready, workers, {"svd": 20.0})[0] == ("urgent", "fast")
+
+
+def test_a_chain_stays_on_the_worker_that_rendered_its_previous_segment():
+    workers = [WorkerView("a", "high", frozenset({"svd"})), WorkerView("b", "high", frozenset({"svd"}))]
+    assert assign([ReadyStage("next", "svd", costs=(("high", 5.0),), prefer="b")], workers, {"svd": 5.0}) == [
+        ("next", "b")]
+
+
+def test_decodes_go_before_long_video_stages():
+    """A decode is short and hands a shot to the encoders: it is dispatched first."""
+    workers = [WorkerView("w", "high", frozenset({"svd"}))]
+    ready = [ReadyStage("video", "svd", rank=300, costs=(("high", 50.0),), kind="video"),
+             ReadyStage("decode", "svd", rank=5, costs=(("high", 2.0),), kind="decode")]
+    assert assign(ready, workers, {"svd": 500.0}) == [("decode", "w")]

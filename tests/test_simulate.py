@@ -192,26 +192,32 @@ def test_policy_sees_what_the_director_shows():
     book = book_of(storyboard(3))
     seen = []
 
-    def spy(ready, workers):
-        seen.append((ready, workers))
+    def spy(ready, workers, backlog):
+        seen.append((ready, workers, backlog))
         return assign_fifo(ready, workers)
 
     simulate(book, {"high": 1, "low": 1}, policy=spy)
-    first_ready, first_workers = seen[0]
+    first_ready, first_workers, first_backlog = seen[0]
     keyframe_key, video_key = book.setup.specs["keyframe"].key, book.setup.specs["video"].key
+    # what a planning policy weighs: each stage's cost per tier, the work left per model, when busy
+    # workers free and what a load costs them
+    assert all(dict(s.costs)["high"] < dict(s.costs)["low"] for s in first_ready)
+    assert set(first_backlog) == {keyframe_key, video_key} and first_backlog[video_key] > first_backlog[keyframe_key]
+    assert all(w.load_s == DEFAULT_COSTS[w.tier].load_s for w in first_workers)
+    assert any(not w.idle and w.free_in is not None and w.free_in > 0 for _, ws, _ in seen for w in ws)
     assert [w.id for w in first_workers] == ["high-0", "low-0"] and all(w.idle for w in first_workers)
     assert {s.model for s in first_ready} == {keyframe_key}
     assert all(s.id.startswith("job/") for s in first_ready)
     assert [s.seq for s in first_ready] == sorted(s.seq for s in first_ready)
     assert all(s.rank > 0 for s in first_ready)
-    assert any(w.models == frozenset({keyframe_key, video_key}) for _, ws in seen for w in ws)
+    assert any(w.models == frozenset({keyframe_key, video_key}) for _, ws, _ in seen for w in ws)
 
 
 def test_bad_policy_is_refused():
     with pytest.raises(ValueError, match="not a ready stage"):
-        simulate(book_of(storyboard(2)), {"mid": 1}, policy=lambda ready, workers: [("job/merge", "mid-0")])
+        simulate(book_of(storyboard(2)), {"mid": 1}, policy=lambda ready, workers, backlog: [("job/merge", "mid-0")])
     with pytest.raises(RuntimeError, match="stalled"):
-        simulate(book_of(storyboard(2)), {"mid": 1}, policy=lambda ready, workers: [])
+        simulate(book_of(storyboard(2)), {"mid": 1}, policy=lambda ready, workers, backlog: [])
 
 
 def test_assign_fifo_ignores_tier_and_residency():
@@ -227,7 +233,7 @@ def test_assign_fifo_ignores_tier_and_residency():
 def test_simulated_failures_are_retried_by_the_farms_own_rules():
     manifest = storyboard(20)
     calm = simulate(book_of(manifest), {"mid": 4})
-    faulty = simulate(book_of(manifest), {"mid": 4}, faults=Faults(error_rate=0.1, seed=1))
+    faulty = simulate(book_of(manifest), {"mid": 4}, faults=Faults(error_rate=0.1, seed=2))  # seed 1: a stage fails 3x
     assert calm.retries == 0 and faulty.outcomes["failed"] > 0
     assert faulty.jobs == {"job": "succeeded"} and faulty.makespan > calm.makespan
     # every failed attempt shows as a run, and each stage ended once in success

@@ -26,6 +26,7 @@ from farm.gpu.speed import apply_speed_knobs, speed_knobs
 from farm.gpu.stages import run_decode, run_denoise, run_stage
 from farm.hashing import array_hash
 from farm.models import ModelSpec, missing
+from farm.observed import IdleClock
 from farm.presets import MemoryKnobs, Tier, memory_fraction
 
 # (spec, device=, dtype=, loras=, vae=, cpu_offload=[, embeddings=]) -> pipeline; bench/gpu.py passes one that builds
@@ -77,6 +78,7 @@ class StageWorker:
                                      torch.cuda.set_per_process_memory_fraction)
         self.pipelines: dict[tuple[Any, ...], tuple[MemoryKnobs, Any, dict[str, bool]]] = {}
         self.stages_run = 0
+        self.idle = IdleClock()
         self.faults: list[dict[str, Any]] = []
         self.cancelled: set[str] = set()
 
@@ -175,7 +177,9 @@ class StageWorker:
         """Run one keyframe, video (denoise to latents) or decode stage. Inputs and outputs go through
         the artifact cache by key, so a stage's result survives this process and is found again by
         whoever needs it next; a decode that runs out of memory leaves the latents where they were."""
+        idle_before = self.idle.start()
         started = time.perf_counter()
+        input_s = 0.0
         self._use_threads()
         cache = ArtifactCache(req.cache_dir)
         is_cancelled = lambda: req.ident in self.cancelled  # noqa: E731
@@ -188,11 +192,15 @@ class StageWorker:
                 # drawn at the family's multiple (1920x1088 for 1920x1080): cropped back to the keyframe size
                 hashes = cache.put_keyframe(req.output_key, fit_frames(images, req.frame_size)[0])
             elif req.kind == StageKind.VIDEO:
+                read = time.perf_counter()
                 first = cache.last_frame(req.input_key or "")
+                input_s = time.perf_counter() - read
                 latents, seen = run_denoise(pipe, req.model.family, req.params, first, is_cancelled)
                 hashes = cache.put_latents(req.output_key, latents) | {"input_sha": array_hash(first)}
             else:
+                read = time.perf_counter()
                 latents = cache.latents(req.input_key or "")
+                input_s = time.perf_counter() - read
                 frames, seen = run_decode(pipe, req.model.family, req.params, latents)
                 frames = fit_frames(frames, req.frame_size)  # a tier that renders smaller (I2VGen-XL below 16 GB)
                 frames = spoil(self.faults, req.ident, frames)
@@ -202,6 +210,7 @@ class StageWorker:
             raise self._out_of_memory(exc) from None
         finally:
             self.cancelled.discard(req.ident)
+            self.idle.end()
         self.stages_run += 1
         return StageResult(self.worker_id, self.tier, self.device, req.preset, applied, seen.as_dict(),
-                           time.perf_counter() - started, **hashes)
+                           time.perf_counter() - started, **hashes, idle_before_s=idle_before, input_s=input_s)

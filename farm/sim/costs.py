@@ -99,11 +99,18 @@ def fastest_tier(table: Mapping[str, Mapping[str, float]], book: JobBook) -> str
     return min(table, key=lambda t: sum(c for sid, c in table[t].items() if book.stage(sid).gpu))
 
 
-def rank_costs(book: JobBook, tiers: Iterable[str], costs: Mapping[str, TierCost] = DEFAULT_COSTS) -> dict[str, float]:
-    """Stage costs at the fastest of `tiers`: what both the director and the simulator rank stages by
-    (a stage's rank is the length of the longest chain from it), so they order work the same way."""
+def price(book: JobBook, tiers: Iterable[str], costs: Mapping[str, TierCost] = DEFAULT_COSTS) -> None:
+    """Give a job book what the dispatch policy weighs: every stage's cost on each of `tiers`, and
+    its rank (the longest chain from it, at the fastest tier's costs). The director and the
+    simulator both call this, so they plan with the same numbers."""
     table = cost_table(book, list(tiers) or ["mid"], costs)
-    return dict(table[fastest_tier(table, book)])
+    book.set_costs(table)
+    book.set_ranks(table[fastest_tier(table, book)])
+
+
+def load_seconds(costs: Mapping[str, TierCost] = DEFAULT_COSTS) -> dict[str, float]:
+    """tier -> seconds a model load costs a worker of it."""
+    return {tier: cost.load_s for tier, cost in costs.items()}
 
 
 def calibrate(ledger_rows: list[dict[str, Any]], stages: Mapping[str, tuple[str, int, int]],

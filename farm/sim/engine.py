@@ -9,20 +9,20 @@ retries with back-off, quarantine, the OOM ladder and cache hits all come from `
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from farm.contract import EncodeResult, FailureKind, StageResult
 from farm.jobbook import FailJob, JobBook, LedgerRow
+from farm.plan import Plan
 from farm.pool import PoolPolicy, WorkerBook
 from farm.presets import TIERS
-from farm.schedule import ReadyStage, WorkerView, assign
-from farm.sim.costs import DEFAULT_COSTS, TierCost, cost_table, params_seconds, rank_costs, stage_seconds
-
-Policy = Callable[[list[ReadyStage], list[WorkerView]], list[tuple[str, str]]]
+from farm.schedule import Policy, assign
+from farm.sim.costs import DEFAULT_COSTS, TierCost, cost_table, load_seconds, params_seconds, price, stage_seconds
 
 
 class StageRun(NamedTuple):
@@ -76,6 +76,15 @@ class _Gpu:
     models: set[str] = field(default_factory=set)
 
 
+def total_backlog(books: Iterable[JobBook]) -> dict[str, float]:
+    """model -> GPU seconds left over every active job: what the policy's model-awareness weighs."""
+    out: dict[str, float] = {}
+    for book in books:
+        for model, seconds in book.backlog().items():
+            out[model] = out.get(model, 0.0) + seconds
+    return out
+
+
 def cluster_tiers(cluster: Mapping[str, int]) -> list[str]:
     for tier, n in cluster.items():
         if tier not in TIERS:
@@ -104,7 +113,7 @@ def simulate(jobs: JobBook | Sequence[JobBook], cluster: Mapping[str, int], *,
         raise ValueError("need at least one encoder")
     arrival = dict(submitted or {})
     for book in books:
-        book.set_ranks(rank_costs(book, tiers, costs))
+        price(book, tiers, costs)
     gpus = {f"{tier}-{i}": _Gpu(f"{tier}-{i}", tier) for tier in tiers for i in range(cluster[tier])}
     pool = WorkerBook(pool_policy)
     for gpu in gpus.values():
@@ -168,10 +177,12 @@ def simulate(jobs: JobBook | Sequence[JobBook], cluster: Mapping[str, int], *,
             book.dispatched(sid, worker, "cpu", "encode", encode.output_key, now, seconds)
             start(book, sid, worker, seconds)
             settle(book)
-        views = pool.views(now)
+        views = pool.views(now, load_seconds(costs))
         if gpu_ready and any(v.idle for v in views):
             wanted = {f"{book.id}/{sid}": (book, sid) for book, sid in gpu_ready}
-            for ident, wid in policy([book.ready_stage(book.stage(sid)) for book, sid in wanted.values()], views):
+            backlog = total_backlog(books)
+            for ident, wid in policy([book.ready_stage(book.stage(sid)) for book, sid in wanted.values()], views,
+                                     backlog):
                 if ident not in wanted or wid not in gpus or pool.workers[wid].busy is not None:
                     raise ValueError(f"policy assigned {ident!r} to {wid!r}, which is not a ready stage "
                                      "on an idle worker")
@@ -189,7 +200,7 @@ def simulate(jobs: JobBook | Sequence[JobBook], cluster: Mapping[str, int], *,
                     failure, seconds = FailureKind.OOM.value, load
                 elif draw < faults.oom_rate + faults.error_rate:
                     failure, seconds = FailureKind.ERROR.value, load + work / 2
-                pool.dispatched(wid, ident, model)
+                pool.dispatched(wid, ident, model, now + load + params_seconds(req.kind, req.params, costs[gpu.tier]))
                 book.dispatched(sid, wid, gpu.tier, req.preset, req.output_key, now, seconds, req.params)
                 start(book, sid, wid, seconds, failure)
                 settle(book)
@@ -230,36 +241,60 @@ def simulate(jobs: JobBook | Sequence[JobBook], cluster: Mapping[str, int], *,
         raise RuntimeError(f"simulation stalled: jobs {', '.join(stuck)} still have stages no worker was given")
     result.jobs = {b.id: b.state.value for b in books}
     result.makespan = max((r.end for r in runs), default=0.0)
-    result.lower_bound = max(lower_bound(b, cluster, costs, encoders=encoders) for b in books)
+    result.lower_bound = lower_bound(books, cluster, costs, encoders=encoders)  # later arrivals only add
     result.ratio = result.makespan / result.lower_bound if result.lower_bound > 0 else 1.0
     result.tiers = {g.id: g.tier for g in gpus.values()} | {e: "cpu" for e in busy if e not in gpus}
     return result
 
 
-def lower_bound(book: JobBook, cluster: Mapping[str, int], costs: Mapping[str, TierCost] = DEFAULT_COSTS, *,
-                encoders: int = 2) -> float:
-    """No schedule of this job on this cluster finishes sooner (from a cold start):
+def lower_bound(jobs: JobBook | Sequence[JobBook], cluster: Mapping[str, int],
+                costs: Mapping[str, TierCost] = DEFAULT_COSTS, *, encoders: int = 2) -> float:
+    """No schedule of these jobs (all submitted at once) on this cluster finishes sooner, from a
+    cold start:
 
         c*(s)    = min over the cluster's tiers of stage s's cost   (the "fastest tier" per stage)
         speed(T) = max over GPU stages s of c*(s) / c_T(s)          (<= 1; 1 for the fastest tier)
-        LB = max( sum_GPU c*(s) / sum_T n_T speed(T),               GPU work over weighted capacity
+        LB = max( sum_GPU c*(s) / sum_T n_T speed(T) + tail,        GPU work over weighted capacity
                   critical_path(c*, clips and merge included) + min_T load_s(T),
                   sum_CPU c(s) / encoders )                         encoder pool's work
+        tail = min over shots of (its CPU stages after its last GPU stage) + the merge
 
-    The work term holds because a worker of tier T spends at least c*(s)/speed(T) on any stage s;
-    the chain term because the chain's first stage waits for its worker's first model load."""
+    The work term holds because a worker of tier T spends at least c*(s)/speed(T) on any stage s,
+    and whichever GPU stage ends last still has its shot's clip and QC and then the merge after it;
+    the chain term because the chain's first stage waits for its worker's first model load. Over
+    several jobs the sums run over all of them, the chain and tail terms take the longest and the
+    shortest job's."""
+    books = [jobs] if isinstance(jobs, JobBook) else list(jobs)
     tiers = cluster_tiers(cluster)
     if not tiers:
         raise ValueError("cluster has no GPU workers")
-    plan = book.plan
-    table = cost_table(book, tiers, costs)
-    best = {sid: min(table[t][sid] for t in tiers) for sid in plan.stages}
-    gpu_ids = [sid for sid, s in plan.stages.items() if s.gpu]
-    capacity = 0.0
-    for tier in tiers:
-        ratios = [best[sid] / table[tier][sid] for sid in gpu_ids if table[tier][sid] > 0]
-        capacity += cluster[tier] * (max(ratios) if ratios else 1.0)
-    work = sum(best[sid] for sid in gpu_ids)
-    cpu_work = sum(c for sid, c in best.items() if not plan.stages[sid].gpu)
-    chain = plan.critical_path(best) + min(costs[t].load_s for t in tiers)
-    return max(work / capacity if capacity else 0.0, chain, cpu_work / max(encoders, 1))
+    work = cpu_work = chain = 0.0
+    tail = math.inf
+    ratios: dict[str, float] = {tier: 0.0 for tier in tiers}
+    for book in books:
+        plan = book.plan
+        table = cost_table(book, tiers, costs)
+        best = {sid: min(table[t][sid] for t in tiers) for sid in plan.stages}
+        gpu_ids = [sid for sid, s in plan.stages.items() if s.gpu]
+        for tier in tiers:
+            ratios[tier] = max([ratios[tier], *(best[sid] / table[tier][sid] for sid in gpu_ids
+                                                if table[tier][sid] > 0)])
+        work += sum(best[sid] for sid in gpu_ids)
+        cpu_work += sum(c for sid, c in best.items() if not plan.stages[sid].gpu)
+        chain = max(chain, plan.critical_path(best) + min(costs[t].load_s for t in tiers))
+        tail = min(tail, cpu_tail(plan, best))
+    capacity = sum(cluster[tier] * (ratios[tier] or 1.0) for tier in tiers)
+    return max(work / capacity + tail if capacity else 0.0, chain, cpu_work / max(encoders, 1))
+
+
+def cpu_tail(plan: Plan, cost: Mapping[str, float]) -> float:
+    """The least CPU work that must follow the last GPU stage to end. That stage has no GPU stage
+    after it, so it is one of the GPU stages without GPU descendants (a shot's last decode); after it
+    come the longest chain of stages below it (its clip and QC, then the merge): the least of those."""
+    after = plan.dependents()
+    tail: dict[str, float] = {}
+    gpu_below: dict[str, bool] = {}
+    for sid in reversed(plan.topological()):
+        tail[sid] = (0.0 if plan.stages[sid].gpu else cost[sid]) + max((tail[d] for d in after[sid]), default=0.0)
+        gpu_below[sid] = any(plan.stages[d].gpu or gpu_below[d] for d in after[sid])
+    return min((tail[sid] for sid, s in plan.stages.items() if s.gpu and not gpu_below[sid]), default=0.0)

@@ -21,7 +21,7 @@ from farm.contract import StageKind, StageRequest, StageResult
 from farm.faults import OutOfMemory, StageCancelled, fire, spoil
 from farm.hashing import array_hash
 from farm.models import ModelSpec
-from farm.observed import Observed
+from farm.observed import IdleClock, Observed
 from farm.sim.costs import DEFAULT_COSTS, TierCost, decode_seconds, keyframe_seconds, video_seconds
 
 
@@ -109,6 +109,7 @@ class SimWorker:
         self.device = "sim"
         self.pipelines: dict[tuple[Any, ...], str] = {}  # resident key -> model name
         self.stages_run = 0
+        self.idle = IdleClock()
         self.faults: list[dict[str, Any]] = []
         self.cancelled: set[str] = set()
 
@@ -140,7 +141,9 @@ class SimWorker:
 
     def run(self, req: StageRequest) -> StageResult:
         """As StageWorker.run: inputs and outputs through the artifact cache, by key."""
+        idle_before = self.idle.start()
         started = time.perf_counter()
+        input_s = 0.0
         cache = ArtifactCache(req.cache_dir)
         is_cancelled = lambda: req.ident in self.cancelled  # noqa: E731
         try:
@@ -150,17 +153,22 @@ class SimWorker:
                 image, observed = sim_keyframe(req.params, self.cost, self.time_scale, is_cancelled)
                 hashes = cache.put_keyframe(req.output_key, image)
             elif req.kind == StageKind.VIDEO:
+                read = time.perf_counter()
                 first = cache.last_frame(req.input_key or "")
+                input_s = time.perf_counter() - read
                 frames, observed = sim_video(first, req.params, self.cost, self.time_scale, is_cancelled)
                 hashes = cache.put_latents(req.output_key, frames) | {"input_sha": array_hash(first)}
             else:
+                read = time.perf_counter()
                 latents = cache.latents(req.input_key or "")
+                input_s = time.perf_counter() - read
                 frames, observed = sim_decode(latents, req.params, self.cost, self.time_scale, is_cancelled)
                 frames = spoil(self.faults, req.ident, frames)
                 hashes = cache.put_segment(req.output_key, frames, req.drop, req.kept) | {
                     "input_sha": array_hash(latents)}
         finally:
             self.cancelled.discard(req.ident)
+            self.idle.end()
         self.stages_run += 1
         return StageResult(self.worker_id, self.tier, self.device, req.preset, applied, observed,
-                           time.perf_counter() - started, **hashes)
+                           time.perf_counter() - started, **hashes, idle_before_s=idle_before, input_s=input_s)
