@@ -17,6 +17,7 @@ import time
 import traceback
 import uuid
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from farm.plan import Stage
 from farm.pool import PoolConfig, PoolPolicy, WorkerBook
 from farm.schedule import Policy, assign
 from farm.schemas import job_status
-from farm.sim.costs import load_seconds, price, stage_seconds
+from farm.sim.costs import TierCost, load_seconds, price, stage_seconds
 from farm.sim.engine import total_backlog
 from farm.store import Store
 
@@ -51,15 +52,18 @@ ENCODER = "encoder"  # what CPU stages run on, in the ledger and events
 class Director:
     def __init__(self, pool: PoolConfig | None = None, store_path: str | None = None, cache_dir: str | None = None,
                  policy: PolicyConfig | None = None, threads: int | None = None, assign_fn: Policy = assign,
-                 name: str = DIRECTOR_NAME, config: FarmConfig | None = None, **backends: Any) -> None:
+                 name: str = DIRECTOR_NAME, config: FarmConfig | None = None,
+                 costs: Mapping[str, TierCost] | None = None, **backends: Any) -> None:
         """`assign_fn` swaps the dispatch policy, `backends` the worker and encoder classes (a FIFO
-        baseline and simulated workers, for bench/scheduler.py)."""
+        baseline and simulated workers, for bench/scheduler.py); `costs` the cost model it plans with
+        (default: the config's calibrated file, else the assumed figures)."""
         self.config = install(config or current())
         self.name = name  # jobs it owns in the store carry this name
         self.policy = policy or self.config.policy
         self.store = Store(store_path or self.config.store_path)
         self.cache = ArtifactCache(cache_dir or self.config.cache_path)
         self.assign_fn = assign_fn
+        self.costs = dict(costs) if costs is not None else self.config.cost_model()
         self.lock = threading.RLock()
         self.pool = WorkerBook(PoolPolicy(self.policy.quarantine_after, self.policy.quarantine_s))
         self.fleet = Fleet(pool or PoolConfig(), self.pool, self.config, str(self.cache.root),
@@ -257,7 +261,7 @@ class Director:
             except (ValueError, OSError) as exc:  # ManifestError and ModelError are ValueErrors
                 self.store.set_job_state(row.id, JobState.FAILED, str(exc))
                 continue
-            price(book, {w.tier for w in self.pool.workers.values()})
+            price(book, {w.tier for w in self.pool.workers.values()}, self.costs)
             self.books[row.id], self.streams[row.id] = book, []
             book.announce(time.time())
             self.effects.apply(book)
@@ -282,15 +286,15 @@ class Director:
             self.effects.apply(book)
         if not ready:
             return
-        views = self.pool.views(now, load_seconds())
+        views = self.pool.views(now, load_seconds(self.costs))
         backlog = total_backlog(self.books.values())
         for ident, wid in self.assign_fn([b.ready_stage(s) for b, s in ready.values()], views, backlog):
             book, stage = ready[ident]
             worker = self.pool.workers[wid]
             req = book.request(stage.id, worker.tier, str(self.cache.root))
-            expected = stage_seconds(book, stage.id, worker.tier)
+            expected = stage_seconds(book, stage.id, worker.tier, self.costs)
             if book.model_key(stage) not in worker.models:
-                expected += load_seconds().get(worker.tier, 0.0)
+                expected += self.costs[worker.tier].load_s
             book.dispatched(stage.id, wid, worker.tier, req.preset, req.output_key, now, expected, req.params)
             # The scheduler's own delay: from the later of "stage ready" and "worker free" to dispatch.
             ready_at = self.ready_since.pop(ident, now)

@@ -23,7 +23,7 @@ import argparse
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from farm.jobsetup import setup_job
 from farm.manifest import validate_data
 from farm.pool import PoolConfig
 from farm.schedule import Policy, assign, assign_fifo, assign_greedy
-from farm.sim.costs import CLIP_FRAME_S, MERGE_FRAME_S, QC_FRAME_S
+from farm.sim.costs import CLIP_FRAME_S, DEFAULT_COSTS, MERGE_FRAME_S, QC_FRAME_S, TierCost
 from farm.sim.engine import lower_bound, simulate
 from farm.sim.worker import SimWorker
 
@@ -119,8 +119,10 @@ def run_director(tag: str, policy: Policy, case: Case, root: Path, scale: float)
     from actors.director import get_director
     from farm.config import PolicyConfig
 
+    # The director plans in wall seconds: the sleeping workers' costs, scaled as they sleep.
+    scaled = {tier: TierCost(*(value * scale for value in astuple(c))) for tier, c in DEFAULT_COSTS.items()}
     director = get_director(PoolConfig(), name=f"bench-{tag}", store_path=str(root / f"{tag}.sqlite"),
-                            cache_dir=str(root / f"cache-{tag}"), policy=PolicyConfig(reconcile_s=1.0),
+                            cache_dir=str(root / f"cache-{tag}"), policy=PolicyConfig(reconcile_s=1.0), costs=scaled,
                             backend=SimWorker, backend_args={"time_scale": scale}, encoder_backend=SimEncoder,
                             encoder_args={"time_scale": scale}, assign_fn=policy)
     deadline = time.time() + 300

@@ -102,6 +102,24 @@ def cmd_families(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from farm.calibration import fit, read_render, write_costs
+
+    try:
+        renders = [read_render(Path(r)) for r in args.renders]
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    costs, measured = fit(renders)
+    write_costs(Path(args.output), costs, measured, [str(Path(r).resolve()) for r in args.renders])
+    rows = [{"tier": tier, "keyframe s/step": f"{c.keyframe_step_s:.4g}", "video s/frame-step":
+             f"{c.video_frame_step_s:.4g}", "decode s/frame": f"{c.decode_frame_s:.4g}", "load s": f"{c.load_s:.3g}",
+             "from": ", ".join(measured.get(tier, [])) or "ASSUMED"} for tier, c in costs.items()]
+    print_table(rows)
+    print(f"wrote {args.output}; set `costs: {args.output}` in the farm config (or FARM_COSTS) to plan with it")
+    return EXIT_OK
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from farm.jobsetup import setup_job
     from farm.manifest import load
@@ -115,12 +133,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     specs, plan = setup.specs, setup.plan
     if args.simulate:
+        from farm.calibration import load_costs
         from farm.sim.engine import Faults
         from farm.sim.report import simulate_file
 
         try:
+            from farm.config import current
+
             faults = Faults(error_rate=args.fail_rate, oom_rate=args.oom_rate, seed=args.seed)
-            print(simulate_file(args.file, args.simulate, models=args.models, faults=faults))
+            source = args.costs or current().costs
+            costs = load_costs(source) if source else None
+            label = f"calibrated, {source}" if source else "ASSUMED figures (farm/sim/costs.py): calibrate them"
+            print(simulate_file(args.file, args.simulate, models=args.models, faults=faults, costs=costs,
+                                costs_label=label))
         except (ValueError, OSError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_INVALID
@@ -327,7 +352,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--oom-rate", type=float, default=0.0, metavar="P",
                    help="with --simulate: the share of GPU attempts that run out of memory (walk the preset ladder)")
     s.add_argument("--seed", type=int, default=0, help="with --simulate: seed of the simulated faults")
+    s.add_argument("--costs", default=None, metavar="FILE",
+                   help="with --simulate: a `farm calibrate` costs file (default: the config's `costs:`, else "
+                        "the assumed figures)")
     s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("calibrate", help="fit the cost model to finished renders (their ledger and lockfile)")
+    s.add_argument("renders", nargs="+", metavar="RENDER",
+                   help="a finished render's output folder (or its ledger.parquet)")
+    s.add_argument("-o", "--output", required=True, help="the costs file to write (YAML)")
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("render", help="render a storyboard on a local Ray")
     s.add_argument("file")

@@ -11,13 +11,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from farm.paths import state_dir
 from farm.qc import QcRules
+
+if TYPE_CHECKING:
+    from farm.sim.costs import TierCost
 
 CONFIG_ENV = "FARM_CONFIG"
 CONFIG_NAME = "config.yaml"
@@ -67,6 +70,7 @@ class FarmConfig(_Section):
     models: ModelsConfig = ModelsConfig()
     families: dict[str, dict[str, Any]] = {}  # per model family: default overrides
     prices: dict[str, Annotated[float, Field(ge=0)]] = {}  # per VRAM tier: price of one GPU-hour
+    costs: str | None = None  # a `farm calibrate` costs file: the cost model the director plans with
     qc: QcRules = QcRules()  # quality gates for every job, under each job's own `qc:` (docs/qc.md)
 
     @property
@@ -85,6 +89,13 @@ class FarmConfig(_Section):
     def store_path(self) -> Path:
         return self.home / "farm.sqlite"
 
+    def cost_model(self) -> dict[str, TierCost]:
+        """tier -> TierCost: the calibrated file named by `costs`, else the assumed defaults."""
+        from farm.calibration import load_costs
+        from farm.sim.costs import DEFAULT_COSTS
+
+        return load_costs(self.costs) if self.costs else dict(DEFAULT_COSTS)
+
 
 class ConfigError(ValueError):
     """A config file or variable the farm cannot use; the message names the key."""
@@ -100,6 +111,7 @@ ENV_KEYS: dict[str, str] = {
     "FARM_MAX_BODY_BYTES": "api.max_body_bytes",
     "FARM_WEBHOOK_SECRET": "webhook.secret",
     "FARM_ALLOW_DOWNLOAD": "models.allow_download",
+    "FARM_COSTS": "costs",
 }
 
 

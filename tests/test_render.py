@@ -275,3 +275,28 @@ def test_render_with_ui_serves_the_job_page_on_loopback(tmp_path, ray_session, t
     finally:
         serve.shutdown()
     assert seen == {"page": True, "state": "succeeded", "range": True}
+
+
+def test_calibrate_a_real_render_and_simulate_with_it(tmp_path, ray_session, tiny_models, capsys):
+    """`farm calibrate` over a finished render fits the tier it ran on (cpu here) from its ledger and
+    lockfile, marks the rest assumed; `farm plan --simulate --costs` plans with the file and says so."""
+    import yaml
+
+    path = write_manifest(tmp_path, base_manifest(seed=233))
+    out = tmp_path / "out"
+    assert cli.main(["render", str(path), "-o", str(out), "--models", "tiny", "--tier", "cpu", "--workers", "2",
+                     "--quiet", "--no-cache"]) == 0
+    costs = tmp_path / "costs.yaml"
+    assert cli.main(["calibrate", str(out), "-o", str(costs)]) == 0
+    fitted = yaml.safe_load(costs.read_text())["tiers"]
+    assert fitted["cpu"]["assumed"] is False and {"keyframe", "video", "decode"} <= set(fitted["cpu"]["measured"])
+    assert fitted["high"]["assumed"] is True
+    ledger = pq.read_table(out / "ledger.parquet").to_pylist()
+    keyframes = [r["seconds"] for r in ledger if r["stage"].startswith("keyframe:") and r["outcome"] == "succeeded"]
+    assert min(keyframes) / 2 <= fitted["cpu"]["keyframe_step_s"] <= max(keyframes) / 2  # 2 steps each
+    (tmp_path / "cluster.yaml").write_text("tiers: {cpu: 2}\n")
+    capsys.readouterr()
+    assert cli.main(["plan", str(path), "--models", "tiny", "--simulate", str(tmp_path / "cluster.yaml"),
+                     "--costs", str(costs)]) == 0
+    assert f"costs: calibrated, {costs}" in capsys.readouterr().out
+    assert cli.main(["calibrate", str(tmp_path / "nothing"), "-o", str(costs)]) != 0

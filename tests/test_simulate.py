@@ -421,3 +421,47 @@ def test_sim_worker_cancel_and_faults(tmp_path):
         worker.run(req)
     worker.time_scale = 0
     assert worker.run(req).output_sha  # the fault fired once; the retry succeeds
+
+
+def test_calibration_fits_per_tier_costs_and_load_time_from_ledgers():
+    """Two renders' ledgers: the median s/step per tier, and the load time a worker's first stage of
+    each model paid on top of its cost; a tier no ledger ran stays assumed, and says so."""
+    from farm.calibration import fit
+
+    work = {f"keyframe:{s}": ("keyframe", 30, 1) for s in "abcde"}
+    work |= {f"video:{s}:0": ("video", 25, 25) for s in "abcde"} | {f"decode:{s}:0": ("decode", 0, 25) for s in "abcde"}
+
+    def ledger(worker_offset):
+        rows, start = [], 0.0
+        for sid, (kind, steps, frames) in work.items():
+            seconds = {"keyframe": steps * 0.05, "video": steps * frames * 0.07, "decode": frames * 0.04}[kind]
+            first = sid in ("keyframe:a", "video:a:0")  # each model's first stage on this worker: +12 s load
+            rows.append({"stage": sid, "tier": "high", "worker": f"w{worker_offset}", "start": start,
+                         "seconds": seconds + (12.0 if first else 0.0), "outcome": "succeeded", "cache_hit": 0})
+            start += 100
+        return rows, dict(work)
+
+    costs, measured = fit([ledger(0), ledger(1)])
+    assert costs["high"].keyframe_step_s == pytest.approx(0.05)
+    assert costs["high"].video_frame_step_s == pytest.approx(0.07)
+    assert costs["high"].decode_frame_s == pytest.approx(0.04)
+    assert costs["high"].load_s == pytest.approx(12.0)
+    assert sorted(measured["high"]) == ["decode", "keyframe", "load", "video"] and "low" not in measured
+    assert costs["low"] == DEFAULT_COSTS["low"]
+
+
+def test_costs_file_round_trip_and_refusals(tmp_path):
+    from farm.calibration import load_costs, write_costs
+
+    path = tmp_path / "costs.yaml"
+    mine = dict(DEFAULT_COSTS) | {"mid": TierCost(0.1, 0.2, 9.0, 0.05)}
+    write_costs(path, mine, {"mid": ["keyframe", "load"]}, ["/renders/one"])
+    text = yaml.safe_load(path.read_text())
+    assert text["tiers"]["mid"]["assumed"] is False and text["tiers"]["low"]["assumed"] is True
+    assert load_costs(path) == mine
+    (tmp_path / "bad.yaml").write_text("tiers: {huge: {load_s: 1}}\n")
+    with pytest.raises(ValueError, match=r"tiers\.huge"):
+        load_costs(tmp_path / "bad.yaml")
+    (tmp_path / "neg.yaml").write_text("tiers: {mid: {load_s: -1}}\n")
+    with pytest.raises(ValueError, match="negative"):
+        load_costs(tmp_path / "neg.yaml")

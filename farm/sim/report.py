@@ -11,6 +11,7 @@ from farm.jobsetup import JobSetup, setup_job
 from farm.manifest import load
 from farm.presets import TIERS
 from farm.sim.cluster import load_cluster
+from farm.sim.costs import DEFAULT_COSTS, TierCost
 from farm.sim.engine import Faults, SimResult, simulate
 
 
@@ -63,7 +64,8 @@ def simulated_book(setup: JobSetup, job_id: str = "simulated") -> JobBook:
 
 
 def simulate_file(manifest_path: str | Path, cluster_path: str | Path, *, models: str | None = None,
-                  faults: Faults | None = None) -> str:
+                  faults: Faults | None = None, costs: Mapping[str, TierCost] | None = None,
+                  costs_label: str = "assumed figures (farm/sim/costs.py)") -> str:
     """Load both files, plan the job with the farm's own job book, simulate, and report."""
     path = Path(manifest_path)
     manifest = load(path)
@@ -71,5 +73,5 @@ def simulate_file(manifest_path: str | Path, cluster_path: str | Path, *, models
     setup = setup_job(manifest, path.parent, {"models": models})
     book = simulated_book(setup)
     faults = faults or Faults()
-    result = simulate(book, cluster, faults=faults)
-    return format_report(result, cluster, faults)
+    result = simulate(book, cluster, faults=faults, costs=costs or DEFAULT_COSTS)
+    return format_report(result, cluster, faults) + f"\ncosts: {costs_label}"
