@@ -47,16 +47,22 @@ log = logging.getLogger("farm.director")
 DIRECTOR_NAME = "farm-director"
 NAMESPACE = "farm"
 ENCODER = "encoder"  # what CPU stages run on, in the ledger and events
+# A worker's next stage goes to it this many seconds (by the cost model) before its current one should
+# end: long enough to cover the director's loop (<= 0.1 s wait) and the request's transfer, short enough
+# that little is committed early (a prefetched stage is no longer re-planned).
+PREFETCH_S = 1.0
 
 
 class Director:
     def __init__(self, pool: PoolConfig | None = None, store_path: str | None = None, cache_dir: str | None = None,
                  policy: PolicyConfig | None = None, threads: int | None = None, assign_fn: Policy = assign,
                  name: str = DIRECTOR_NAME, config: FarmConfig | None = None,
-                 costs: Mapping[str, TierCost] | None = None, **backends: Any) -> None:
+                 costs: Mapping[str, TierCost] | None = None, prefetch_s: float | None = PREFETCH_S,
+                 **backends: Any) -> None:
         """`assign_fn` swaps the dispatch policy, `backends` the worker and encoder classes (a FIFO
         baseline and simulated workers, for bench/scheduler.py); `costs` the cost model it plans with
-        (default: the config's calibrated file, else the assumed figures)."""
+        (default: the config's calibrated file, else the assumed figures); `prefetch_s` how soon before
+        a busy worker frees its next stage is sent to it (None: never; a policy without prefetch)."""
         self.config = install(config or current())
         self.name = name  # jobs it owns in the store carry this name
         self.policy = policy or self.config.policy
@@ -64,6 +70,9 @@ class Director:
         self.cache = ArtifactCache(cache_dir or self.config.cache_path)
         self.assign_fn = assign_fn
         self.costs = dict(costs) if costs is not None else self.config.cost_model()
+        self.prefetch_s = prefetch_s
+        self.prefetched = 0  # stages sent to a worker ahead of its current one ending
+        self.sent_ahead: set[str] = set()  # those still in flight
         self.lock = threading.RLock()
         self.pool = WorkerBook(PoolPolicy(self.policy.quarantine_after, self.policy.quarantine_s))
         self.fleet = Fleet(pool or PoolConfig(), self.pool, self.config, str(self.cache.root),
@@ -176,7 +185,7 @@ class Director:
         return {"dispatches": len(lat), "dispatch_latency_p50": pick(0.5), "dispatch_latency_p99": pick(0.99),
                 "gap_p50": middle(gaps), "gap_p99": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else None,
                 "gap_worker_p50": {w: middle(sorted(g)) for w, g in self.gaps.items()},
-                "input_p50": middle(waits),
+                "input_p50": middle(waits), "prefetched": self.prefetched,
                 "workers": len(self.pool.workers), "quarantined": quarantined}
 
     def metrics_data(self) -> tuple[dict[str, Any], list[tuple[str, str, float]], list[dict[str, Any]]]:
@@ -288,27 +297,35 @@ class Director:
             return
         views = self.pool.views(now, load_seconds(self.costs))
         backlog = total_backlog(self.books.values())
-        for ident, wid in self.assign_fn([b.ready_stage(s) for b, s in ready.values()], views, backlog):
+        extra = {} if self.prefetch_s is None else {"prefetch_s": self.prefetch_s}
+        for ident, wid in self.assign_fn([b.ready_stage(s) for b, s in ready.values()], views, backlog, **extra):
             book, stage = ready[ident]
             worker = self.pool.workers[wid]
             req = book.request(stage.id, worker.tier, str(self.cache.root))
             expected = stage_seconds(book, stage.id, worker.tier, self.costs)
             if book.model_key(stage) not in worker.models:
                 expected += self.costs[worker.tier].load_s
-            book.dispatched(stage.id, wid, worker.tier, req.preset, req.output_key, now, expected, req.params)
-            # The scheduler's own delay: from the later of "stage ready" and "worker free" to dispatch.
             ready_at = self.ready_since.pop(ident, now)
-            self.dispatch_latency.append(now - max(ready_at, worker.freed_at))
-            if ready_at <= worker.freed_at and worker.freed_at > 0:  # work was waiting when it freed
+            if worker.busy is None:
+                # The scheduler's own delay: from the later of "stage ready" and "worker free" to dispatch.
+                self.dispatch_latency.append(now - max(ready_at, worker.freed_at))
+                if ready_at <= worker.freed_at and worker.freed_at > 0:  # work was waiting when it freed
+                    self.gap_watch.add(ident)
+                ends = now + expected
+            else:  # prefetched: it starts in the worker the moment its current stage ends
                 self.gap_watch.add(ident)
-            self.pool.dispatched(wid, ident, book.model_key(stage), now + expected)
+                self.sent_ahead.add(ident)
+                self.prefetched += 1
+                ends = max(worker.expected_end or now, now) + expected
+            book.dispatched(stage.id, wid, worker.tier, req.preset, req.output_key, now, ends - now, req.params)
+            self.pool.dispatched(wid, ident, book.model_key(stage), ends, expected)
             self.inflight[self.fleet.run(wid, req)] = (book.id, stage.id, wid)
             self.effects.apply(book)
 
     def _result(self, ref: Any) -> None:
         job, stage_id, wid = self.inflight.pop(ref)
         book, now = self.books[job], time.time()
-        self.pool.freed(wid, now)
+        self.pool.freed(wid, now, f"{job}/{stage_id}")
         try:
             result = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - sorted by kind below
@@ -325,11 +342,14 @@ class Director:
         else:
             self.pool.succeeded(wid)
             if isinstance(result, StageResult):
+                if f"{job}/{stage_id}" in self.sent_ahead:
+                    book.began(stage_id, now - result.wall_seconds)
                 if f"{job}/{stage_id}" in self.gap_watch and result.idle_before_s is not None:
                     self.gaps.setdefault(wid, deque(maxlen=2_000)).append(result.idle_before_s)
                 self.input_waits.append(result.input_s)
             book.on_success(stage_id, result, now)
         self.gap_watch.discard(f"{job}/{stage_id}")
+        self.sent_ahead.discard(f"{job}/{stage_id}")
         self.effects.apply(book)
 
     def _finish_jobs(self) -> None:

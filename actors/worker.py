@@ -27,8 +27,9 @@ class ActorWorker(StageWorker):
         super().__init__(worker_id, tier, threads, config=config)
 
 
-# Threaded (2): `cancel` must run while a stage is denoising. The director never sends a worker two stages.
-GpuWorker = actor_class(ActorWorker, max_restarts=0, max_concurrency=2)
+# Threaded (3): `cancel` must run while a stage is denoising, and the director may send a worker its next
+# stage before the current one ends (prefetch); `run` takes them one at a time, in order.
+GpuWorker = actor_class(ActorWorker, max_restarts=0, max_concurrency=3)
 
 
 def start_worker(worker_id: str, tier: str, *, gpu: bool, threads: int | None = None, node_id: str | None = None,
@@ -39,7 +40,7 @@ def start_worker(worker_id: str, tier: str, *, gpu: bool, threads: int | None = 
     `backend` swaps in another worker class with the same methods (the simulator's SimWorker)."""
     # CPU workers need no resource: every node can run one.
     resources = {tier_resource(tier): 1} if tier not in ("auto", "cpu") else {}
-    cls = GpuWorker if backend is None else actor_class(backend, max_restarts=0, max_concurrency=2)
+    cls = GpuWorker if backend is None else actor_class(backend, max_restarts=0, max_concurrency=3)
     options: dict[str, Any] = {"num_gpus": 1 if gpu else 0, "num_cpus": 0, "resources": resources}
     if node_id is not None:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)

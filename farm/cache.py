@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from farm.contract import StageKind
 from farm.hashing import array_hash, content_hash, file_hash
 from farm.models import ModelSpec, model_revision
 from farm.paths import atomic_path
@@ -100,6 +101,13 @@ class ArtifactCache:
             return {name: data[name] for name in data.files}
 
     # A stage's frames: "last" is what the next stage starts from, "frames" what the clip shows.
+
+    def stage_input(self, kind: str, key: str | None) -> Any:
+        """What a GPU stage starts from: a video call the previous frame (its keyframe, or the segment
+        before), a decode its latents; a keyframe nothing."""
+        if kind == StageKind.KEYFRAME:
+            return None
+        return self.last_frame(key or "") if kind == StageKind.VIDEO else self.latents(key or "")
 
     def last_frame(self, key: str) -> np.ndarray:
         return self.get_arrays(key)["last"]

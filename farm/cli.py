@@ -135,7 +135,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.simulate:
         from farm.calibration import load_costs
         from farm.sim.engine import Faults
-        from farm.sim.report import simulate_file
+        from farm.sim.report import deadline_answer, simulate_file
+        from farm.sim.sizing import parse_duration
 
         try:
             from farm.config import current
@@ -146,6 +147,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             label = f"calibrated, {source}" if source else "ASSUMED figures (farm/sim/costs.py): calibrate them"
             print(simulate_file(args.file, args.simulate, models=args.models, faults=faults, costs=costs,
                                 costs_label=label))
+            deadline = parse_duration(args.deadline) if args.deadline else manifest.deadline_s
+            if deadline is not None:
+                print(deadline_answer(args.file, args.simulate, deadline, models=args.models, costs=costs,
+                                      prices=current().prices))
         except (ValueError, OSError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_INVALID
@@ -352,6 +357,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--oom-rate", type=float, default=0.0, metavar="P",
                    help="with --simulate: the share of GPU attempts that run out of memory (walk the preset ladder)")
     s.add_argument("--seed", type=int, default=0, help="with --simulate: seed of the simulated faults")
+    s.add_argument("--deadline", default=None, metavar="T",
+                   help="with --simulate: how many GPUs of which tier (within the cluster file's) finish by T "
+                        "(5400, 90m, 2h), and at what cost (the config's `prices:`); default: the manifest's")
     s.add_argument("--costs", default=None, metavar="FILE",
                    help="with --simulate: a `farm calibrate` costs file (default: the config's `costs:`, else "
                         "the assumed figures)")

@@ -506,6 +506,13 @@ class JobBook:
         self._emit(now, "stage_started", stage=stage_id, kind=stage.kind, shot=stage.shot, worker=worker, tier=tier,
                    preset=preset)
 
+    def began(self, stage_id: str, when: float) -> None:
+        """A stage sent to its worker ahead of time (prefetch) began there at `when`, not when it was
+        sent: its ledger row counts from then, so one worker's rows never overlap."""
+        run = self.running.get(stage_id)
+        if run is not None and when > run.started:
+            self.running[stage_id] = replace(run, started=when)
+
     def on_success(self, stage_id: str, result: StageResult | EncodeResult, now: float) -> None:
         """A dispatched stage finished: GPU stages report a StageResult, CPU stages an EncodeResult. A
         result for a stage the book does not see running (it was requeued meanwhile) is dropped."""

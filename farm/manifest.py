@@ -200,7 +200,24 @@ class Manifest(Strict):
     speed: Speed = Speed()
     webhook: str | None = None
     qc: QcRules | None = None  # quality gates and retakes for every shot (farm.qc, docs/qc.md)
+    # finish within this long of submission (5400, 90m, 2h): `farm plan --simulate` sizes the cluster for it
+    deadline: str | float | None = None
     shots: Annotated[list[Shot], Field(min_length=1, max_length=10_000)]
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline(cls, value: str | float | None) -> str | float | None:
+        if value is not None:
+            from farm.sim.sizing import parse_duration
+
+            parse_duration(value)  # refuses what is not a duration, naming it
+        return value
+
+    @property
+    def deadline_s(self) -> float | None:
+        from farm.sim.sizing import parse_duration
+
+        return None if self.deadline is None else parse_duration(self.deadline)
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,8 @@ class WorkerState:
     quarantined_until: float | None = None
     freed_at: float = 0.0  # when its last stage ended (the dispatch-latency clock starts there)
     expected_end: float | None = None  # when the stage it runs should end, by the cost model
+    queued: str | None = None  # `job/stage` handed to it ahead, to start when `busy` ends (prefetch)
+    queued_s: float = 0.0  # that stage's expected seconds
 
 
 class WorkerBook:
@@ -133,21 +135,33 @@ class WorkerBook:
         for w in self.usable(now):
             free_in = None if w.expected_end is None else abs(w.expected_end - now)
             out.append(WorkerView(w.id, w.tier, frozenset(w.models), w.busy is None, free_in,
-                                  (loads or {}).get(w.tier, 0.0)))
+                                  (loads or {}).get(w.tier, 0.0), w.busy is not None and w.queued is None))
         return out
 
-    def dispatched(self, wid: str, ident: str, model: str, expected_end: float | None = None) -> None:
+    def dispatched(self, wid: str, ident: str, model: str, expected_end: float | None = None,
+                   seconds: float = 0.0) -> None:
+        """`ident` runs on `wid` from now, or, handed to a busy worker, next in its queue (`seconds`
+        long once it starts)."""
         worker = self.workers[wid]
-        worker.busy = ident
         worker.models.add(model)
-        worker.expected_end = expected_end
+        if worker.busy is None:
+            worker.busy, worker.expected_end = ident, expected_end
+        else:
+            worker.queued, worker.queued_s = ident, seconds
 
-    def freed(self, wid: str, now: float) -> None:
+    def freed(self, wid: str, now: float, ident: str | None = None) -> None:
+        """`ident` (default: the running stage) ended on `wid`; a stage in its queue starts now."""
         worker = self.workers.get(wid)
-        if worker is not None:
-            worker.busy = None
-            worker.freed_at = now
-            worker.expected_end = None
+        if worker is None:
+            return
+        if ident is not None and ident == worker.queued:  # the queued one ended first (its worker was lost)
+            worker.queued = None
+            return
+        worker.freed_at = now
+        if worker.queued is not None:
+            worker.busy, worker.expected_end, worker.queued = worker.queued, now + worker.queued_s, None
+        else:
+            worker.busy, worker.expected_end = None, None
 
     def succeeded(self, wid: str) -> None:
         worker = self.workers.get(wid)

@@ -31,6 +31,7 @@ class WorkerView:
     idle: bool = True
     free_in: float | None = None  # a busy worker: seconds until its stage is expected to end (None: unknown)
     load_s: float = 0.0  # what loading a model it does not hold costs it
+    queue_free: bool = False  # a busy worker that can be handed its next stage now (prefetch)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def worker_score(stage: ReadyStage, worker: WorkerView) -> tuple[int, int]:
 
 
 def assign(ready: list[ReadyStage], workers: list[WorkerView],
-           backlog: Mapping[str, float] | None = None) -> list[tuple[str, str]]:
+           backlog: Mapping[str, float] | None = None, prefetch_s: float | None = None) -> list[tuple[str, str]]:
     """Earliest finish time with reservation (list scheduling, as HEFT does over a DAG).
 
     The most urgent stage first (priority, then the longest chain behind it): it goes to the worker
@@ -77,7 +78,12 @@ def assign(ready: list[ReadyStage], workers: list[WorkerView],
     `backlog` (model -> seconds of work not yet finished, ready or not) makes it model-aware: the
     model with the most work left will be needed on every worker, so loading another model onto a
     worker that lacks it costs that worker a second load later, and is charged so. Keyframes then
-    gather on a few workers while the rest wait for the video model's work. Called
+    gather on a few workers while the rest wait for the video model's work.
+
+    `prefetch_s` (the director's, never the simulator's): a busy worker whose queue is free and
+    that should free within that many seconds is handed the stage reserved for it now, so the
+    request and its input are there when its current stage ends and its GPU does not wait on the
+    director. Called
     again at every event, so reservations are never stale. A failed stage avoids the workers it
     failed on unless it has failed on all of them."""
     everyone = {w.id for w in workers}
@@ -85,6 +91,7 @@ def assign(ready: list[ReadyStage], workers: list[WorkerView],
     models = {w.id: set(w.models) for w in workers}
     dominant = max(backlog, key=lambda m: backlog[m]) if backlog else None
     planned: set[str] = set()  # workers given a stage in this call: no longer free now
+    queued: set[str] = set()  # busy workers handed their next stage in this call
     out: list[tuple[str, str]] = []
 
     def switches(stage: ReadyStage, worker: WorkerView) -> bool:
@@ -112,6 +119,10 @@ def assign(ready: list[ReadyStage], workers: list[WorkerView],
         end = finish(stage, best)
         if best.idle and best.id not in planned:  # free now: dispatch; otherwise the stage waits for it
             out.append((stage.id, best.id))
+        elif (prefetch_s is not None and best.queue_free and best.id not in queued
+              and start[best.id] <= prefetch_s):
+            out.append((stage.id, best.id))  # next on a worker about to free: into its queue now
+            queued.add(best.id)
         else:
             waiting.append((stage, candidates))
         planned.add(best.id)

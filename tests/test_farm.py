@@ -396,3 +396,41 @@ def test_a_bad_take_is_detected_retaken_and_replaced(farm):
         assert tags["title"] == "test" and tags["farm_job"] == job["id"] and tags["ai_generated"] == "true"
         assert tags["farm_lockfile_sha256"] == file_hash(str(out / "manifest.lock.json"))
         assert "AI-generated" in tags["comment"] and "tiny" in tags["farm_models"]
+
+
+def test_prefetch_hands_workers_their_next_stage_before_the_current_one_ends(ray_session, tmp_path):
+    """The real director with sleeping workers (bench/scheduler.py's): with a prefetch window, stages
+    go to busy workers ahead, each worker still runs one at a time (its ledger rows never overlap),
+    and the gap a GPU waits between stages where work was ready is a few milliseconds."""
+    from dataclasses import astuple
+
+    from actors.director import get_director
+    from bench.scheduler import SimEncoder, storyboard
+    from farm.config import PolicyConfig
+    from farm.pool import PoolConfig
+    from farm.sim.costs import DEFAULT_COSTS, TierCost
+    from farm.sim.worker import SimWorker
+
+    scale = 0.002
+    scaled = {tier: TierCost(*(v * scale for v in astuple(c))) for tier, c in DEFAULT_COSTS.items()}
+    director = get_director(PoolConfig(tier="mid", workers=2), name="prefetch-test",
+                            store_path=str(tmp_path / "s.sqlite"), cache_dir=str(tmp_path / "cache"),
+                            policy=PolicyConfig(reconcile_s=0.5), backend=SimWorker, backend_args={"time_scale": scale},
+                            encoder_backend=SimEncoder, encoder_args={"time_scale": scale}, costs=scaled,
+                            prefetch_s=0.1)
+    try:
+        deadline = time.time() + 120
+        while ray_session.get(director.stats.remote())["workers"] < 2:  # they answer which models they hold
+            assert time.time() < deadline, "workers did not start"
+            time.sleep(0.2)
+        data = storyboard(6, chain_every=3)
+        job = ray_session.get(director.submit.remote(data, str(tmp_path), str(tmp_path / "out")))
+        assert wait_state(ray_session, director, job["id"])["state"] == "succeeded"
+        stats = ray_session.get(director.stats.remote())
+        assert stats["prefetched"] > 0 and stats["gap_p50"] is not None and stats["gap_p50"] < 0.005, stats
+        rows = [r for r in ray_session.get(director.attempts.remote(job["id"])) if r["worker"] != "encoder"]
+        for worker in {r["worker"] for r in rows}:
+            spans = sorted((r["start"], r["end"]) for r in rows if r["worker"] == worker)
+            assert all(a_end <= b_start + 0.005 for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
+    finally:
+        ray_session.kill(director, no_restart=True)

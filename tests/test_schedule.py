@@ -107,3 +107,33 @@ def test_decodes_go_before_long_video_stages():
     ready = [ReadyStage("video", "svd", rank=300, costs=(("high", 50.0),), kind="video"),
              ReadyStage("decode", "svd", rank=5, costs=(("high", 2.0),), kind="decode")]
     assert assign(ready, workers, {"svd": 500.0}) == [("decode", "w")]
+
+
+def test_prefetch_hands_a_worker_about_to_free_its_next_stage():
+    """With a prefetch window the director sends a busy worker the stage reserved for it when it
+    frees within the window and its queue is empty; one per worker per call; never otherwise."""
+    soon = WorkerView("soon", "high", frozenset({"svd"}), idle=False, free_in=0.5, queue_free=True)
+    later = WorkerView("later", "high", frozenset({"svd"}), idle=False, free_in=30.0, queue_free=True)
+    full = WorkerView("full", "high", frozenset({"svd"}), idle=False, free_in=0.2, queue_free=False)
+    ready = [ReadyStage(f"s{i}", "svd", seq=i, costs=(("high", 5.0),)) for i in range(3)]
+    assert assign(ready, [soon, later, full], {"svd": 15.0}) == []  # no window: every stage waits
+    # s0 waits for "full" (it frees first, but its queue is taken); s1 goes into "soon"'s queue
+    assert assign(ready, [soon, later, full], {"svd": 15.0}, prefetch_s=1.0) == [("s1", "soon")]
+    assert assign(ready, [later, full], {"svd": 15.0}, prefetch_s=1.0) == []
+
+
+def test_worker_book_runs_a_queued_stage_when_the_current_one_ends():
+    from farm.pool import WorkerBook
+
+    pool = WorkerBook()
+    pool.add("w", "high")
+    pool.dispatched("w", "j/a", "svd", expected_end=10.0, seconds=10.0)
+    view = pool.views(0.0)[0]
+    assert not view.idle and view.queue_free and view.free_in == 10.0
+    pool.dispatched("w", "j/b", "svd", expected_end=14.0, seconds=4.0)
+    assert not pool.views(0.0)[0].queue_free
+    pool.freed("w", 9.0, "j/a")  # b starts now, 4 s long
+    worker = pool.workers["w"]
+    assert worker.busy == "j/b" and worker.queued is None and worker.expected_end == 13.0
+    pool.freed("w", 13.0, "j/b")
+    assert pool.views(13.0)[0].idle

@@ -465,3 +465,38 @@ def test_costs_file_round_trip_and_refusals(tmp_path):
     (tmp_path / "neg.yaml").write_text("tiers: {mid: {load_s: -1}}\n")
     with pytest.raises(ValueError, match="negative"):
         load_costs(tmp_path / "neg.yaml")
+
+
+# --- deadlines: how many GPUs of which tier ---------------------------------------------------------
+
+def test_durations_parse_and_refuse_naming_the_field():
+    from farm.sim.sizing import parse_duration
+
+    assert [parse_duration(x) for x in (90, "90s", "45m", "2h", "1.5d")] == [90, 90, 2700, 7200, 129600]
+    for bad in ("soon", "-5m", "0", "31d"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    with pytest.raises(Exception, match="deadline"):
+        manifest_of([{"id": "a", "prompt": "x", "duration": 2.0}], deadline="tomorrow")
+    assert manifest_of([{"id": "a", "prompt": "x", "duration": 2.0}], deadline="2h").deadline_s == 7200
+
+
+def test_sizing_meets_a_deadline_with_the_fewest_gpus_that_do_and_prices_it():
+    from farm.sim.sizing import size_for_deadline
+
+    manifest = storyboard(12)
+    limits = {"high": 4, "low": 4}
+    prices = {"high": 4.0, "low": 1.0}
+    alone = {t: simulate(book_of(manifest), {t: 1}).makespan for t in limits}
+    everything = simulate(book_of(manifest), limits).makespan
+    deadline = (everything + min(alone.values())) / 2  # needs more than one GPU, fewer than all
+    sized = size_for_deadline(lambda: book_of(manifest), limits, deadline, prices)
+    assert sized.met and sized.makespan_s <= deadline
+    assert sized.makespan_s == pytest.approx(simulate(book_of(manifest), sized.cluster).makespan)
+    assert 1 < sum(sized.cluster.values()) <= 8
+    assert sized.cost == pytest.approx(sum(n * prices[t] for t, n in sized.cluster.items()) * sized.makespan_s / 3600)
+    # a deadline below the longest chain cannot be met: it says so, with the most that helped
+    tight = size_for_deadline(lambda: book_of(manifest), limits, 1.0, prices)
+    assert not tight.met and tight.makespan_s > 1.0
+    # no price for a tier: the cost is unknown, not made up
+    assert size_for_deadline(lambda: book_of(manifest), {"low": 2}, deadline * 10, {}).cost is None

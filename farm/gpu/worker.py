@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -79,6 +80,7 @@ class StageWorker:
         self.pipelines: dict[tuple[Any, ...], tuple[MemoryKnobs, Any, dict[str, bool]]] = {}
         self.stages_run = 0
         self.idle = IdleClock()
+        self.turn = threading.Lock()  # one stage at a time, in the order they came (a prefetched one waits)
         self.faults: list[dict[str, Any]] = []
         self.cancelled: set[str] = set()
 
@@ -177,11 +179,19 @@ class StageWorker:
         """Run one keyframe, video (denoise to latents) or decode stage. Inputs and outputs go through
         the artifact cache by key, so a stage's result survives this process and is found again by
         whoever needs it next; a decode that runs out of memory leaves the latents where they were."""
+        cache = ArtifactCache(req.cache_dir)
+        read = time.perf_counter()
+        # Read before taking the GPU's turn: a stage sent ahead (prefetch) has its input in hand when
+        # the stage before it ends.
+        source = cache.stage_input(req.kind, req.input_key)
+        input_s = time.perf_counter() - read
+        with self.turn:
+            return self._run(req, cache, source, input_s)
+
+    def _run(self, req: StageRequest, cache: ArtifactCache, source: Any, input_s: float) -> StageResult:
         idle_before = self.idle.start()
         started = time.perf_counter()
-        input_s = 0.0
         self._use_threads()
-        cache = ArtifactCache(req.cache_dir)
         is_cancelled = lambda: req.ident in self.cancelled  # noqa: E731
         try:
             fire(self.faults, req.ident, torch.OutOfMemoryError)
@@ -192,15 +202,11 @@ class StageWorker:
                 # drawn at the family's multiple (1920x1088 for 1920x1080): cropped back to the keyframe size
                 hashes = cache.put_keyframe(req.output_key, fit_frames(images, req.frame_size)[0])
             elif req.kind == StageKind.VIDEO:
-                read = time.perf_counter()
-                first = cache.last_frame(req.input_key or "")
-                input_s = time.perf_counter() - read
+                first = source
                 latents, seen = run_denoise(pipe, req.model.family, req.params, first, is_cancelled)
                 hashes = cache.put_latents(req.output_key, latents) | {"input_sha": array_hash(first)}
             else:
-                read = time.perf_counter()
-                latents = cache.latents(req.input_key or "")
-                input_s = time.perf_counter() - read
+                latents = source
                 frames, seen = run_decode(pipe, req.model.family, req.params, latents)
                 frames = fit_frames(frames, req.frame_size)  # a tier that renders smaller (I2VGen-XL below 16 GB)
                 frames = spoil(self.faults, req.ident, frames)

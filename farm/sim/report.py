@@ -75,3 +75,23 @@ def simulate_file(manifest_path: str | Path, cluster_path: str | Path, *, models
     faults = faults or Faults()
     result = simulate(book, cluster, faults=faults, costs=costs or DEFAULT_COSTS)
     return format_report(result, cluster, faults) + f"\ncosts: {costs_label}"
+
+
+def deadline_answer(manifest_path: str | Path, cluster_path: str | Path, deadline_s: float, *,
+                    models: str | None = None, costs: Mapping[str, TierCost] | None = None,
+                    prices: Mapping[str, float] | None = None) -> str:
+    """`farm plan --simulate CLUSTER --deadline T`: the GPUs per tier (the cluster file's counts are
+    the limits) that finish by T in simulation, the makespan there, and the cost at `prices`."""
+    from farm.sim.sizing import size_for_deadline
+
+    path = Path(manifest_path)
+    setup = setup_job(load(path), path.parent, {"models": models})
+    limits = load_cluster(cluster_path)
+    prices = dict(prices or {})
+    sized = size_for_deadline(lambda: simulated_book(setup), limits, deadline_s, prices, costs or DEFAULT_COSTS)
+    gpus = " + ".join(f"{n} {tier}" for tier, n in sized.cluster.items())
+    cost = ("unknown: set `prices:` per tier in the farm config" if sized.cost is None
+            else f"{sized.cost:.2f} (GPU-hours x prices over the makespan)")
+    verdict = "meets it" if sized.met else f"cannot meet it within {limits} (the most that helps)"
+    return (f"\ndeadline {deadline_s / 3600:.2f} h: {gpus} GPUs, simulated makespan {sized.makespan_s / 3600:.2f} h, "
+            f"{verdict}\ncost: {cost}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -110,6 +111,7 @@ class SimWorker:
         self.pipelines: dict[tuple[Any, ...], str] = {}  # resident key -> model name
         self.stages_run = 0
         self.idle = IdleClock()
+        self.turn = threading.Lock()  # one stage at a time, in the order they came (a prefetched one waits)
         self.faults: list[dict[str, Any]] = []
         self.cancelled: set[str] = set()
 
@@ -141,10 +143,18 @@ class SimWorker:
 
     def run(self, req: StageRequest) -> StageResult:
         """As StageWorker.run: inputs and outputs through the artifact cache, by key."""
+        cache = ArtifactCache(req.cache_dir)
+        read = time.perf_counter()
+        # Read before taking the GPU's turn: a stage sent ahead (prefetch) has its input in hand when
+        # the stage before it ends.
+        source = cache.stage_input(req.kind, req.input_key)
+        input_s = time.perf_counter() - read
+        with self.turn:
+            return self._run(req, cache, source, input_s)
+
+    def _run(self, req: StageRequest, cache: ArtifactCache, source: Any, input_s: float) -> StageResult:
         idle_before = self.idle.start()
         started = time.perf_counter()
-        input_s = 0.0
-        cache = ArtifactCache(req.cache_dir)
         is_cancelled = lambda: req.ident in self.cancelled  # noqa: E731
         try:
             fire(self.faults, req.ident, OutOfMemory)
@@ -153,15 +163,11 @@ class SimWorker:
                 image, observed = sim_keyframe(req.params, self.cost, self.time_scale, is_cancelled)
                 hashes = cache.put_keyframe(req.output_key, image)
             elif req.kind == StageKind.VIDEO:
-                read = time.perf_counter()
-                first = cache.last_frame(req.input_key or "")
-                input_s = time.perf_counter() - read
+                first = source
                 frames, observed = sim_video(first, req.params, self.cost, self.time_scale, is_cancelled)
                 hashes = cache.put_latents(req.output_key, frames) | {"input_sha": array_hash(first)}
             else:
-                read = time.perf_counter()
-                latents = cache.latents(req.input_key or "")
-                input_s = time.perf_counter() - read
+                latents = source
                 frames, observed = sim_decode(latents, req.params, self.cost, self.time_scale, is_cancelled)
                 frames = spoil(self.faults, req.ident, frames)
                 hashes = cache.put_segment(req.output_key, frames, req.drop, req.kept) | {
