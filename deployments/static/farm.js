@@ -100,6 +100,10 @@ function paint(row, shot) {
     if (version && el.dataset.version !== String(version)) {
       el.dataset.version = String(version);
       el.src = `/v1/jobs/${job.id}/shots/${shot.id}/${kind}?v=${version}`;
+      // The event can come before the file is written (the encoder writes keyframes beside the loop):
+      // try again a little later, a few times.
+      let tries = 0;
+      el.onerror = () => { if (++tries <= 5) setTimeout(() => { el.src = `${el.src.split("&")[0]}&r=${tries}`; }, 500 * tries); };
       el.classList.remove("pending");  // the cell's size is fixed: showing it moves nothing
     }
   }
@@ -192,6 +196,7 @@ async function watchJob(id) {
     showJob(done);
     // The last stage, worker and preset stay shown; the state and QC are the job's final word.
     for (const shot of done.shots) update(shot.id, {state: shot.state, ...(shot.qc ? {qc: shot.qc} : {})});
+    if (done.state === "succeeded") for (const shot of done.shots) { showMedia(shot.id, "keyframe"); showMedia(shot.id, "clip"); }
   });
 }
 
