@@ -473,7 +473,7 @@ def test_web_pages_in_headless_chromium(api, tmp_path, ray_session):
     for flag in [*BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    wait = WebDriverWait(driver, 180, poll_frequency=0.2)
+    until = WebDriverWait(driver, 180, poll_frequency=0.2).until
     shots = Path(os.environ.get("FARM_UI_SCREENSHOTS", tmp_path))
     try:
         driver.get(f"{url}/ui/login")
@@ -485,7 +485,7 @@ def test_web_pages_in_headless_chromium(api, tmp_path, ray_session):
         assert status == 401  # a wrong token gets no data
         assert driver.switch_to.active_element.get_attribute("id") == "token"  # focused: type, then Enter
         driver.switch_to.active_element.send_keys(TOKEN, Keys.ENTER)
-        wait.until(lambda d: d.current_url.endswith("/ui/queue"))
+        until(lambda d: d.current_url.endswith("/ui/queue"))
         assert driver.get_cookie("farm_session")["httpOnly"] and TOKEN not in driver.page_source
         # Submit: pasted text with an error shows it at its field path; an uploaded file plans and submits.
         driver.get(f"{url}/ui/submit")
@@ -493,10 +493,10 @@ def test_web_pages_in_headless_chromium(api, tmp_path, ray_session):
                               "t.dispatchEvent(new Event('input'))", yaml.safe_dump(wrong))
         for error in expected:
             loc = ".".join(str(part) for part in error["loc"])
-            wait.until(lambda d, loc=loc: d.find_elements(By.CSS_SELECTOR, f'#problems li.error[data-loc="{loc}"]'))
+            until(lambda d, loc=loc: d.find_elements(By.CSS_SELECTOR, f'#problems li.error[data-loc="{loc}"]'))
         assert not driver.find_element(By.ID, "submit").is_enabled()
         driver.find_element(By.ID, "file").send_keys(str(manifest))
-        wait.until(lambda d: d.find_element(By.ID, "verdict").text.startswith("Valid"))
+        until(lambda d: d.find_element(By.ID, "verdict").text.startswith("Valid"))
         plan = client.post("/v1/simulate", content=manifest.read_text()).json()
         assert len(driver.find_elements(By.CSS_SELECTOR, "#stages tbody tr")) == len(plan["stages"])
         assert driver.find_element(By.ID, "makespan").text.endswith((" s", " min"))
@@ -504,17 +504,17 @@ def test_web_pages_in_headless_chromium(api, tmp_path, ray_session):
         driver.save_screenshot(str(shots / "ui-submit.png"))
         driver.execute_script("document.getElementById('submit').focus()")
         driver.switch_to.active_element.send_keys(Keys.ENTER)
-        wait.until(lambda d: "/ui/jobs/" in d.current_url)
+        until(lambda d: "/ui/jobs/" in d.current_url)
         job = {"id": driver.current_url.rsplit("/", 1)[1]}
         # The job page: shots appear and finish while the page stays loaded (SSE), then the film plays.
         driver.execute_script("window.loadedOnce = true")
-        wait.until(lambda d: d.find_element(By.ID, "state").text == "succeeded")
+        until(lambda d: d.find_element(By.ID, "state").text == "succeeded")
         assert driver.execute_script("return window.loadedOnce") is True  # no reload happened
         rows = driver.find_elements(By.CSS_SELECTOR, "#shots tbody tr")
         assert [r.find_element(By.CSS_SELECTOR, "[data-key=id]").text for r in rows] == ["a", "b"]
         assert all(r.find_element(By.CSS_SELECTOR, "[data-key=qc]").text.startswith("pass") for r in rows)
-        wait.until(lambda d: d.execute_script("return document.getElementById('film').readyState") >= 2)
-        wait.until(lambda d: d.execute_script(
+        until(lambda d: d.execute_script("return document.getElementById('film').readyState") >= 2)
+        until(lambda d: d.execute_script(
             "return document.querySelector('#shot-a [data-key=keyframe]').naturalWidth") > 0)
         driver.save_screenshot(str(shots / "ui-job.png"))
         # 500 shots and 5,000 progress events: every update well inside a frame, nothing shifts.
@@ -531,9 +531,9 @@ def test_web_pages_in_headless_chromium(api, tmp_path, ray_session):
         states = {w["id"]: w["state"] for w in client.get("/v1/workers").json()}
         assert states[bad] == "quarantined", states
         driver.get(f"{url}/ui/workers")
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#workers tbody tr")) == 2)
-        flagged = wait.until(lambda d: d.find_element(By.ID, f"worker-{bad}"))
-        wait.until(lambda d: "quarantined" in flagged.get_attribute("class"))
+        until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#workers tbody tr")) == 2)
+        flagged = until(lambda d: d.find_element(By.ID, f"worker-{bad}"))
+        until(lambda d: "quarantined" in flagged.get_attribute("class"))
         assert all(t.text == "cpu" for t in driver.find_elements(By.CSS_SELECTOR, "#workers [data-key=tier]"))
         driver.save_screenshot(str(shots / "ui-workers.png"))
         # A phone's width: every page fits without sideways scrolling.
@@ -547,15 +547,15 @@ def test_web_pages_in_headless_chromium(api, tmp_path, ray_session):
         slow = post(client, base_manifest(seed=206, shots=[{"id": "s", "prompt": "slow", "duration": 1.0,
                                                             "steps": {"video": 150}}])).json()  # the limit
         driver.get(f"{url}/ui/queue")
-        row = wait.until(lambda d: d.find_element(By.ID, f"job-{job['id']}"))
-        wait.until(lambda d: row.find_element(By.CSS_SELECTOR, "[data-key=requeue]").is_enabled())
+        row = until(lambda d: d.find_element(By.ID, f"job-{job['id']}"))
+        until(lambda d: row.find_element(By.CSS_SELECTOR, "[data-key=requeue]").is_enabled())
         row.find_element(By.CSS_SELECTOR, "[data-key=requeue]").click()
-        wait.until(lambda d: (client.get(f"/v1/jobs/{job['id']}").json()["finished"] or 0) > before)
-        slow_row = wait.until(lambda d: d.find_element(By.ID, f"job-{slow['id']}"))
-        wait.until(lambda d: slow_row.find_element(By.CSS_SELECTOR, "[data-key=cancel]").is_enabled())
+        until(lambda d: (client.get(f"/v1/jobs/{job['id']}").json()["finished"] or 0) > before)
+        slow_row = until(lambda d: d.find_element(By.ID, f"job-{slow['id']}"))
+        until(lambda d: slow_row.find_element(By.CSS_SELECTOR, "[data-key=cancel]").is_enabled())
         slow_row.find_element(By.CSS_SELECTOR, "[data-key=cancel]").click()
-        wait.until(lambda d: client.get(f"/v1/jobs/{slow['id']}").json()["state"] == "cancelled")
-        wait.until(lambda d: slow_row.get_attribute("data-state") == "cancelled")
+        until(lambda d: client.get(f"/v1/jobs/{slow['id']}").json()["state"] == "cancelled")
+        until(lambda d: slow_row.get_attribute("data-state") == "cancelled")
         driver.save_screenshot(str(shots / "ui-queue.png"))
     finally:
         driver.quit()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -16,15 +17,19 @@ from ray.cluster_utils import Cluster
 from actors.director import get_director
 from farm.config import PolicyConfig
 from farm.pool import PoolConfig
+from farm.sim.costs import DEFAULT_COSTS
 
 
 def main(root: Path) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = {t: cluster.add_node(num_cpus=1, resources={f"farm_tier_{t}": 1}) for t in ("high", "mid", "low")}
     ray.init(address=cluster.address, log_to_driver=False)
+    # Tiny models load in well under a second; the assumed load times (20-60 s) are real weights', and
+    # would rightly keep a planning policy from loading them onto the slower tiers for so small a job.
+    costs = {tier: replace(cost, load_s=0.5) for tier, cost in DEFAULT_COSTS.items()}
     director = get_director(PoolConfig(), name="multinode", store_path=str(root / "farm.sqlite"),
                             cache_dir=str(root / "cache"), policy=PolicyConfig(backoff_s=0.05, reconcile_s=0.5),
-                            threads=1)
+                            threads=1, costs=costs)
     deadline = time.time() + 180
     while len(ray.get(director.workers_info.remote())) < 3:
         assert time.time() < deadline, "workers did not start"
