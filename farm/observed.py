@@ -6,9 +6,14 @@ Torch-free so the simulator reports the same shape as a real worker without impo
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from farm.cache import ArtifactCache
+    from farm.contract import StageRequest, StageResult
 
 
 @dataclass
@@ -49,3 +54,28 @@ class IdleClock:
 
     def end(self) -> None:
         self.last_end = time.time()
+
+
+class TakesTurns:
+    """A worker's `run`, shared by the GPU worker and the simulator's: read the stage's input first,
+    then wait for the GPU's turn (one stage at a time, in the order they came), then `_run`. A stage
+    sent ahead of time (prefetch) so has its input in hand when the stage before it ends."""
+
+    turn: threading.Lock
+    idle: IdleClock
+
+    def _run(self, req: StageRequest, cache: ArtifactCache, source: Any, input_s: float) -> StageResult:
+        raise NotImplementedError
+
+    def run(self, req: StageRequest) -> StageResult:
+        """Run one keyframe, video (denoise to latents) or decode stage. Inputs and outputs go through
+        the artifact cache by key, so a stage's result survives this process and is found again by
+        whoever needs it next; a decode that runs out of memory leaves the latents where they were."""
+        from farm.cache import ArtifactCache
+
+        cache = ArtifactCache(req.cache_dir)
+        read = time.perf_counter()
+        source = cache.stage_input(req.kind, req.input_key)
+        input_s = time.perf_counter() - read
+        with self.turn:
+            return self._run(req, cache, source, input_s)

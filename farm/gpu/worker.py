@@ -27,7 +27,7 @@ from farm.gpu.speed import apply_speed_knobs, speed_knobs
 from farm.gpu.stages import run_decode, run_denoise, run_stage
 from farm.hashing import array_hash
 from farm.models import ModelSpec, missing
-from farm.observed import IdleClock
+from farm.observed import IdleClock, TakesTurns
 from farm.presets import MemoryKnobs, Tier, memory_fraction
 
 # (spec, device=, dtype=, loras=, vae=, cpu_offload=[, embeddings=]) -> pipeline; bench/gpu.py passes one that builds
@@ -59,7 +59,7 @@ def cap_memory(setting: str, tier: Tier, gpu: GpuInfo | None,
     return fraction
 
 
-class StageWorker:
+class StageWorker(TakesTurns):
     def __init__(self, worker_id: str, tier: str = "auto", threads: int | None = None,
                  loader: Loader = load_pipeline, config: FarmConfig | None = None) -> None:
         self.config = config or current()
@@ -174,19 +174,6 @@ class StageWorker:
             "stages_run": self.stages_run,
             "pid": os.getpid(),
         }
-
-    def run(self, req: StageRequest) -> StageResult:
-        """Run one keyframe, video (denoise to latents) or decode stage. Inputs and outputs go through
-        the artifact cache by key, so a stage's result survives this process and is found again by
-        whoever needs it next; a decode that runs out of memory leaves the latents where they were."""
-        cache = ArtifactCache(req.cache_dir)
-        read = time.perf_counter()
-        # Read before taking the GPU's turn: a stage sent ahead (prefetch) has its input in hand when
-        # the stage before it ends.
-        source = cache.stage_input(req.kind, req.input_key)
-        input_s = time.perf_counter() - read
-        with self.turn:
-            return self._run(req, cache, source, input_s)
 
     def _run(self, req: StageRequest, cache: ArtifactCache, source: Any, input_s: float) -> StageResult:
         idle_before = self.idle.start()

@@ -22,7 +22,7 @@ from farm.contract import StageKind, StageRequest, StageResult
 from farm.faults import OutOfMemory, StageCancelled, fire, spoil
 from farm.hashing import array_hash
 from farm.models import ModelSpec
-from farm.observed import IdleClock, Observed
+from farm.observed import IdleClock, Observed, TakesTurns
 from farm.sim.costs import DEFAULT_COSTS, TierCost, decode_seconds, keyframe_seconds, video_seconds
 
 
@@ -94,7 +94,7 @@ def sim_decode(latents: np.ndarray, params: Mapping[str, Any], cost: TierCost, t
     return latents.astype(np.uint8), observed
 
 
-class SimWorker:
+class SimWorker(TakesTurns):
     """`farm.contract.Worker`, sleeping `cost x time_scale` instead of rendering."""
 
     def __init__(self, worker_id: str, tier: str = "cpu", threads: int | None = None, *,
@@ -140,17 +140,6 @@ class SimWorker:
         return {"id": self.worker_id, "node": platform.node(), "tier": self.tier, "device": self.device,
                 "gpu": f"simulated {self.tier}", "vram_total": None, "vram_used": None, "utilization": None,
                 "loaded_models": self.loaded_models(), "stages_run": self.stages_run, "pid": os.getpid()}
-
-    def run(self, req: StageRequest) -> StageResult:
-        """As StageWorker.run: inputs and outputs through the artifact cache, by key."""
-        cache = ArtifactCache(req.cache_dir)
-        read = time.perf_counter()
-        # Read before taking the GPU's turn: a stage sent ahead (prefetch) has its input in hand when
-        # the stage before it ends.
-        source = cache.stage_input(req.kind, req.input_key)
-        input_s = time.perf_counter() - read
-        with self.turn:
-            return self._run(req, cache, source, input_s)
 
     def _run(self, req: StageRequest, cache: ArtifactCache, source: Any, input_s: float) -> StageResult:
         idle_before = self.idle.start()
