@@ -72,6 +72,7 @@ class Director:
         self.costs = dict(costs) if costs is not None else self.config.cost_model()
         self.prefetch_s = prefetch_s
         self.prefetched = 0  # stages sent to a worker ahead of its current one ending
+        self.deadline_demand: dict[str, dict[str, int]] = {}  # job -> GPUs per tier its deadline needs
         self.sent_ahead: set[str] = set()  # those still in flight
         self.lock = threading.RLock()
         self.pool = WorkerBook(PoolPolicy(self.policy.quarantine_after, self.policy.quarantine_s))
@@ -166,6 +167,36 @@ class Director:
                     self.store.set_job_state(job_id, JobState.QUEUED)
         return self.status(job_id)
 
+    def _size_for_deadline(self, job_id: str, setup: Any, deadline_s: float) -> None:
+        """Size the cluster for a job's deadline in the background (simulations take seconds): the
+        GPUs per tier, within `autoscale_max`, that the plan needs to finish in time."""
+        from farm.sim.report import simulated_book
+        from farm.sim.sizing import size_for_deadline
+
+        def size() -> None:
+            try:
+                sized = size_for_deadline(lambda: simulated_book(setup), self.config.autoscale_max, deadline_s,
+                                          self.config.prices, self.costs)
+            except Exception:  # noqa: BLE001 - sizing is advice; the job runs either way
+                log.error("sizing job %s for its deadline failed:\n%s", job_id, traceback.format_exc())
+                return
+            with self.lock:
+                if job_id in self.books and self.books[job_id].active:
+                    self.deadline_demand[job_id] = sized.cluster
+
+        threading.Thread(target=size, name=f"size-{job_id}", daemon=True).start()
+
+    def tier_demand(self) -> dict[str, int]:
+        """GPUs per tier the active jobs' deadlines need (what the autoscaler is asked for by tier)."""
+        with self.lock:
+            for job_id in [j for j in self.deadline_demand if j not in self.books or not self.books[j].active]:
+                del self.deadline_demand[job_id]
+            out: dict[str, int] = {}
+            for cluster in self.deadline_demand.values():
+                for tier, n in cluster.items():
+                    out[tier] = out.get(tier, 0) + n
+            return out
+
     def workers_info(self) -> list[dict[str, Any]]:
         return self.fleet.infos(time.time())
 
@@ -237,7 +268,7 @@ class Director:
         while not self._stop.is_set():
             try:
                 with self.lock:
-                    self.fleet.reconcile(sum(b.waiting_gpu() for b in self.books.values()))
+                    self.fleet.reconcile(sum(b.waiting_gpu() for b in self.books.values()), self.tier_demand())
                     self._admit()
                     self._dispatch()
                     self._finish_jobs()  # a job served wholly from the cache never has a stage in flight
@@ -271,6 +302,8 @@ class Director:
                 self.store.set_job_state(row.id, JobState.FAILED, str(exc))
                 continue
             price(book, {w.tier for w in self.pool.workers.values()}, self.costs)
+            if setup.manifest.deadline_s is not None and self.config.autoscale_max:
+                self._size_for_deadline(row.id, setup, setup.manifest.deadline_s)
             self.books[row.id], self.streams[row.id] = book, []
             book.announce(time.time())
             self.effects.apply(book)

@@ -8,6 +8,7 @@ only place that holds their handles.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import ray
@@ -68,9 +69,9 @@ class Fleet:
         self.encoder = cls.options(resources=HEAD).remote(self.cache_root, **(args or {}))
         return self.encoder
 
-    def reconcile(self, gpu_demand: int) -> None:
+    def reconcile(self, gpu_demand: int, tier_demand: Mapping[str, int] | None = None) -> None:
         """Follow nodes joining and leaving: create missing workers, drop those on dead nodes, and tell
-        the autoscaler about `gpu_demand` waiting GPU stages."""
+        the autoscaler about `gpu_demand` waiting GPU stages and the GPUs per tier deadlines need."""
         from actors.worker import start_worker
 
         now = time.monotonic()
@@ -101,7 +102,7 @@ class Fleet:
         try:
             from ray.autoscaler.sdk import request_resources
 
-            request_resources(bundles=autoscaler_bundles(gpu_demand))
+            request_resources(bundles=autoscaler_bundles(gpu_demand, tier_demand))
         except Exception:  # noqa: BLE001 - local clusters have no autoscaler
             pass
 

@@ -71,6 +71,9 @@ class FarmConfig(_Section):
     families: dict[str, dict[str, Any]] = {}  # per model family: default overrides
     prices: dict[str, Annotated[float, Field(ge=0)]] = {}  # per VRAM tier: price of one GPU-hour
     costs: str | None = None  # a `farm calibrate` costs file: the cost model the director plans with
+    # the most GPUs per tier the autoscaler may start (cluster.yaml's node types): jobs with a deadline
+    # are sized within these, and the autoscaler is asked for that many of each tier
+    autoscale_max: dict[str, Annotated[int, Field(ge=0)]] = {}
     qc: QcRules = QcRules()  # quality gates for every job, under each job's own `qc:` (docs/qc.md)
 
     @property

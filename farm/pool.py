@@ -67,9 +67,14 @@ def worker_threads(slot: Slot, slots: list[Slot], nodes: list[dict], forced: int
     return max(1, int(cpus) // max(1, len(sharing)))
 
 
-def autoscaler_bundles(waiting_gpu_stages: int, cap: int = 1000) -> list[dict[str, float]]:
-    """What to tell the autoscaler: one GPU bundle per GPU stage that waits (capped)."""
-    return [{"GPU": 1}] * min(waiting_gpu_stages, cap)
+def autoscaler_bundles(waiting_gpu_stages: int, per_tier: Mapping[str, int] | None = None,
+                       cap: int = 1000) -> list[dict[str, float]]:
+    """What to tell the autoscaler: first the GPUs per tier that jobs with a deadline need (their
+    sizing: a GPU of that tier each), then one GPU bundle per other waiting GPU stage; capped."""
+    tiered = [{"GPU": 1.0, f"farm_tier_{tier}": 1.0} for tier, n in sorted((per_tier or {}).items())
+              for _ in range(max(n, 0))]
+    rest = [{"GPU": 1.0}] * max(0, waiting_gpu_stages - len(tiered))
+    return (tiered + rest)[:cap]
 
 
 def resources_for_local(config: PoolConfig) -> dict[str, float]:
