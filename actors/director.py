@@ -204,19 +204,18 @@ class Director:
         self.fleet.set_faults(worker_id, faults)
 
     def stats(self) -> dict[str, Any]:
-        def middle(xs: list[float]) -> float | None:
-            return xs[len(xs) // 2] if xs else None
+        def quantile(xs: list[float], q: float, empty: float | None = None) -> float | None:
+            return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else empty
 
         with self.lock:
             lat = sorted(self.dispatch_latency)
             quarantined = self.pool.quarantined(time.time())
-        pick = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]) if lat else (lambda q: 0.0)
         gaps = sorted(g for per in self.gaps.values() for g in per)
-        waits = sorted(self.input_waits)
-        return {"dispatches": len(lat), "dispatch_latency_p50": pick(0.5), "dispatch_latency_p99": pick(0.99),
-                "gap_p50": middle(gaps), "gap_p99": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else None,
-                "gap_worker_p50": {w: middle(sorted(g)) for w, g in self.gaps.items()},
-                "input_p50": middle(waits), "prefetched": self.prefetched,
+        return {"dispatches": len(lat), "dispatch_latency_p50": quantile(lat, 0.5, 0.0),
+                "dispatch_latency_p99": quantile(lat, 0.99, 0.0),
+                "gap_p50": quantile(gaps, 0.5), "gap_p99": quantile(gaps, 0.99),
+                "gap_worker_p50": {w: quantile(sorted(g), 0.5) for w, g in self.gaps.items()},
+                "input_p50": quantile(sorted(self.input_waits), 0.5), "prefetched": self.prefetched,
                 "workers": len(self.pool.workers), "quarantined": quarantined}
 
     def metrics_data(self) -> tuple[dict[str, Any], list[tuple[str, str, float]], list[dict[str, Any]]]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from farm.contract import StageKind
 from farm.sim.costs import DEFAULT_COSTS, TierCost, calibrate, params_seconds
 
 Work = tuple[str, int, int]  # kind, steps, frames as the stage ran
@@ -69,27 +70,23 @@ def fit(renders: Iterable[tuple[list[dict[str, Any]], dict[str, Work]]],
         stages |= {f"{number}/{sid}": w for sid, w in work.items()}
     fitted = calibrate(rows, stages, base)
     measured: dict[str, list[str]] = {}
-    for row in rows:
-        info = stages.get(row["stage"])
-        if info and row.get("outcome") == "succeeded" and not row.get("cache_hit") and row.get("tier") in fitted:
-            measured.setdefault(row["tier"], [])
-            if info[0] not in measured[row["tier"]]:
-                measured[row["tier"]].append(info[0])
     loads: dict[str, list[float]] = {}
     seen: set[tuple[int, str, str]] = set()
     for row in sorted(rows, key=lambda r: (r.get("job_run", 0), r.get("start") or 0.0)):
         info = stages.get(row["stage"])
-        tier, worker = row.get("tier"), row.get("worker")
+        tier = row.get("tier")
         if not info or row.get("outcome") != "succeeded" or row.get("cache_hit") or tier not in fitted:
             continue
-        model = "keyframe" if info[0] == "keyframe" else "video"  # decode uses the video model
-        first = (row.get("job_run", 0), str(worker), model)
+        kinds = measured.setdefault(tier, [])
+        if info[0] not in kinds:
+            kinds.append(info[0])
+        first = (row.get("job_run", 0), str(row.get("worker")), StageKind(info[0]).role)  # its model's first stage
         if first in seen:
             continue
         seen.add(first)
         params = {"num_inference_steps": info[1], "num_frames": info[2]}
-        extra = float(row["seconds"]) - params_seconds(info[0], params, fitted[tier])
-        loads.setdefault(tier, []).append(max(0.0, extra))
+        loads.setdefault(tier, []).append(max(0.0, float(row["seconds"]) - params_seconds(info[0], params,
+                                                                                          fitted[tier])))
     for tier, extras in loads.items():
         fitted[tier] = replace(fitted[tier], load_s=statistics.median(extras))
         measured.setdefault(tier, []).append("load")

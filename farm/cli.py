@@ -134,23 +134,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     specs, plan = setup.specs, setup.plan
     if args.simulate:
         from farm.calibration import load_costs
+        from farm.config import current
         from farm.sim.engine import Faults
         from farm.sim.report import deadline_answer, simulate_file
         from farm.sim.sizing import parse_duration
 
+        config = current()
         try:
-            from farm.config import current
-
             faults = Faults(error_rate=args.fail_rate, oom_rate=args.oom_rate, seed=args.seed)
-            source = args.costs or current().costs
+            source = args.costs or config.costs
             costs = load_costs(source) if source else None
             label = f"calibrated, {source}" if source else "ASSUMED figures (farm/sim/costs.py): calibrate them"
             print(simulate_file(args.file, args.simulate, models=args.models, faults=faults, costs=costs,
                                 costs_label=label))
             deadline = parse_duration(args.deadline) if args.deadline else manifest.deadline_s
             if deadline is not None:
-                print(deadline_answer(args.file, args.simulate, deadline, models=args.models, costs=costs,
-                                      prices=current().prices))
+                print(deadline_answer(setup, args.simulate, deadline, costs=costs, prices=config.prices))
         except (ValueError, OSError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_INVALID
@@ -164,11 +163,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _until_ctrl_c() -> None:
-    import signal as signals
+    from farm.driver import until_ctrl_c
 
     print("rendered; the pages stay up until Ctrl-C", flush=True)
-    signals.pthread_sigmask(signals.SIG_BLOCK, {signals.SIGINT, signals.SIGTERM})
-    signals.sigwait({signals.SIGINT, signals.SIGTERM})
+    until_ctrl_c()
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -198,28 +196,22 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
-    import signal as signals
 
-    from farm.config import current
-    from farm.tokens import ensure_token
-
-    token, where = ensure_token(current())  # the farm always has a token (loopback too)
     import ray
     from ray import serve
 
-    from deployments.app import FarmAPI, Settings
+    from farm.config import current
+    from farm.driver import serve_api, until_ctrl_c
 
     if not ray.is_initialized():
         # RAY_ADDRESS set: join that cluster; otherwise a local one.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    settings = Settings.from_config(models=args.models, tier=args.tier, workers=args.workers, token=token)
-    serve.run(FarmAPI.bind(settings), name="farm", route_prefix="/")
+    where = serve_api(current(), args.host, args.port, models=args.models, tier=args.tier, workers=args.workers)
     print(f"farm API on http://{args.host}:{args.port} (OpenAPI at /openapi.json), web pages at "
           f"http://{args.host}:{args.port}/ui; Ctrl-C stops it", flush=True)
     print(f"API token: {where if where else 'from FARM_API_TOKEN / api.token'} (the CLI reads it there)", flush=True)
-    signals.sigwait({signals.SIGINT, signals.SIGTERM})
+    until_ctrl_c()
     serve.shutdown()
     return EXIT_OK
 

@@ -86,22 +86,37 @@ def local_director(pool: PoolConfig, config: FarmConfig) -> Any:
     return get_director(pool, name=name, config=config)
 
 
-def serve_pages(pool: PoolConfig, config: FarmConfig, models: str | None, root: Path, port: int, job_id: str) -> str:
-    """The farm's API and web pages over this render's director, on loopback only; prints the page's
-    URL and where the token to log in with is (never the token itself)."""
+def serve_api(config: FarmConfig, host: str, port: int, **settings: Any) -> Path | None:
+    """The farm's HTTP API and web pages (Ray Serve, on this process's Ray) on host:port; `settings`
+    override the config's (deployments.app.Settings). Returns where the generated token is kept (None
+    when the config gives one): the farm always has a token."""
     from ray import serve
 
     from deployments.app import FarmAPI, Settings
     from farm.tokens import ensure_token
 
     token, where = ensure_token(config)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = Settings.from_config(config, token=token, director_name=local_name(pool), tier=pool.tier,
-                                    workers=pool.workers, models=models, root=str(root))
-    serve.run(FarmAPI.bind(settings), name="farm", route_prefix="/")
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(FarmAPI.bind(Settings.from_config(config, token=token, **settings)), name="farm", route_prefix="/")
+    return where
+
+
+def serve_pages(pool: PoolConfig, config: FarmConfig, models: str | None, root: Path, port: int, job_id: str) -> str:
+    """The farm's API and web pages over this render's director, on loopback only; prints the page's
+    URL and where the token to log in with is (never the token itself)."""
+    where = serve_api(config, "127.0.0.1", port, director_name=local_name(pool), tier=pool.tier,
+                      workers=pool.workers, models=models, root=str(root))
     url = f"http://127.0.0.1:{port}/ui/jobs/{job_id}"
     print(f"watch it at {url} (log in with the token in {where or 'FARM_API_TOKEN / api.token'})", flush=True)
     return url
+
+
+def until_ctrl_c() -> None:
+    """Block this thread until SIGINT or SIGTERM (both blocked first, so neither kills it meanwhile)."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.sigwait({signal.SIGINT, signal.SIGTERM})
 
 
 def follow(director: Any, job_id: str, bars: ProgressBars, poll_s: float = 0.2) -> str:

@@ -226,13 +226,13 @@ class JobBook:
         self.seq = {sid: i for i, sid in enumerate(self.plan.stages)}
         self.ranks: dict[str, float] = {}
         self.costs: dict[str, dict[str, float]] = {}
-        self._backlog: tuple[tuple[int, int, int], dict[str, float]] = ((-1, -1, -1), {})
         self.state = JobState.QUEUED
         self.error: str | None = None
         self.outbox: list[Effect] = []
         self._reset()
 
     def _reset(self) -> None:
+        self._backlog: dict[str, float] | None = None  # backlog(), until a stage finishes or is added
         self.done: dict[str, Done] = {}
         self.running: dict[str, Running] = {}
         self.tries: dict[str, int] = {}  # dispatches, for the ledger's attempt numbers
@@ -299,25 +299,25 @@ class JobBook:
 
     def backlog(self) -> dict[str, float]:
         """model key -> seconds of GPU work not finished (ready or not), at each stage's best tier.
-        Kept until a stage finishes or is added (the director asks at every dispatch)."""
+        Kept until a stage finishes, stages are added or repriced (the director asks at every dispatch)."""
         if not self.active:
             return {}
-        version = (len(self.done), len(self.plan.stages), id(self.costs))
-        if self._backlog[0] == version:
-            return self._backlog[1]
+        if self._backlog is not None:
+            return self._backlog
         out: dict[str, float] = {}
         for stage in self.plan.stages.values():
             if stage.gpu and stage.id not in self.done:
                 seconds = min((t.get(stage.id, 0.0) for t in self.costs.values()), default=0.0)
                 key = self.model_key(stage)
                 out[key] = out.get(key, 0.0) + seconds
-        self._backlog = (version, out)
+        self._backlog = out
         return out
 
     def set_costs(self, table: Mapping[str, Mapping[str, float]]) -> None:
         """tier -> stage -> seconds on one worker of that tier (model load excluded): what the
         planning policy weighs workers by."""
         self.costs = {tier: dict(stages) for tier, stages in table.items()}
+        self._backlog = None
 
     def remaining(self) -> list[Pending]:
         """The job's unfinished DAG, running stages with their expected end: what a planning policy
@@ -357,6 +357,7 @@ class JobBook:
         """Stages added while the job runs: a QC retake, a job-level stage several shots wait for (a
         character's identity). `rewire` gives unfinished stages new dependencies (the merge waits for
         the retake's clip instead of the first take's)."""
+        self._backlog = None
         for stage in stages:
             self.plan.add(stage)
             self.seq[stage.id] = len(self.seq)
@@ -669,6 +670,7 @@ class JobBook:
                 preset: str | None, started: float, now: float, attempt: int, cache_hit: bool, peak: int | None,
                 frames: int, note: str | None = None, qc: str | None = None) -> None:
         self.done[stage.id] = Done(key, record)
+        self._backlog = None
         self.not_before.pop(stage.id, None)
         self.outbox.append(SaveStage(stage.id, "succeeded", worker, tier, key, record))
         self.outbox.append(LedgerRow(self._row(stage, attempt, worker, tier, preset, started, now, Outcome.SUCCEEDED,

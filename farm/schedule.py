@@ -46,9 +46,6 @@ class ReadyStage:
     prefer: str | None = None  # the worker that rendered the chain's previous segment
     kind: str = ""  # keyframe | video | decode
 
-    def seconds(self, tier: str) -> float:
-        return dict(self.costs).get(tier, 0.0)
-
 
 def order(ready: list[ReadyStage]) -> list[ReadyStage]:
     """Higher-priority jobs first; then decodes, which are short and hand a shot's frames to the
@@ -114,8 +111,8 @@ def assign(ready: list[ReadyStage], workers: list[WorkerView],
         candidates = [w for w in allowed if start[w.id] < math.inf]
         if not candidates:
             continue
-        best = min(candidates, key=lambda w: (finish(stage, w), w.id in planned, -(stage.model in w.models),
-                                              -TIER_RANK.get(w.tier, 0), w.id))
+        best = min(candidates, key=lambda w: (finish(stage, w), w.id in planned,
+                                              *(-x for x in worker_score(stage, w)), w.id))
         end = finish(stage, best)
         if best.idle and best.id not in planned:  # free now: dispatch; otherwise the stage waits for it
             out.append((stage.id, best.id))
@@ -140,7 +137,7 @@ def assign(ready: list[ReadyStage], workers: list[WorkerView],
         own = cost[stage.id]
         fastest = min(own.values(), default=0.0)
         capacity = sum(fastest / own[w.tier] if own.get(w.tier, 0.0) > 0 else 1.0 for w in workers)
-        worker = min(idle, key=lambda w: (finish(stage, w), -TIER_RANK.get(w.tier, 0), w.id))
+        worker = min(idle, key=lambda w: (finish(stage, w), -worker_score(stage, w)[1], w.id))
         if finish(stage, worker) <= left / max(capacity, 1e-9):
             out.append((stage.id, worker.id))
             planned.add(worker.id)

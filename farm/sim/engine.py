@@ -200,7 +200,7 @@ def simulate(jobs: JobBook | Sequence[JobBook], cluster: Mapping[str, int], *,
                     failure, seconds = FailureKind.OOM.value, load
                 elif draw < faults.oom_rate + faults.error_rate:
                     failure, seconds = FailureKind.ERROR.value, load + work / 2
-                pool.dispatched(wid, ident, model, now + load + params_seconds(req.kind, req.params, costs[gpu.tier]))
+                pool.dispatched(wid, ident, model, now + load + work)
                 book.dispatched(sid, wid, gpu.tier, req.preset, req.output_key, now, seconds, req.params)
                 start(book, sid, wid, seconds, failure)
                 settle(book)

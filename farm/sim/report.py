@@ -77,15 +77,13 @@ def simulate_file(manifest_path: str | Path, cluster_path: str | Path, *, models
     return format_report(result, cluster, faults) + f"\ncosts: {costs_label}"
 
 
-def deadline_answer(manifest_path: str | Path, cluster_path: str | Path, deadline_s: float, *,
-                    models: str | None = None, costs: Mapping[str, TierCost] | None = None,
-                    prices: Mapping[str, float] | None = None) -> str:
+def deadline_answer(setup: JobSetup, cluster_path: str | Path, deadline_s: float, *,
+                    costs: Mapping[str, TierCost] | None = None, prices: Mapping[str, float] | None = None) -> str:
     """`farm plan --simulate CLUSTER --deadline T`: the GPUs per tier (the cluster file's counts are
-    the limits) that finish by T in simulation, the makespan there, and the cost at `prices`."""
+    the limits) that finish the planned job by T in simulation, the makespan there, and the cost at
+    `prices`."""
     from farm.sim.sizing import size_for_deadline
 
-    path = Path(manifest_path)
-    setup = setup_job(load(path), path.parent, {"models": models})
     limits = load_cluster(cluster_path)
     prices = dict(prices or {})
     sized = size_for_deadline(lambda: simulated_book(setup), limits, deadline_s, prices, costs or DEFAULT_COSTS)
