@@ -9,6 +9,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.remote import actor_class
 from farm.config import FarmConfig, install
 from farm.gpu.worker import StageWorker
+from farm.rayenv import take_back_priority
 
 
 def tier_resource(tier: str) -> str:
@@ -18,10 +19,12 @@ def tier_resource(tier: str) -> str:
 
 class ActorWorker(StageWorker):
     """A StageWorker that owns its process: the config its director handed it is the process's config
-    (model downloads, compile), whatever node it runs on."""
+    (model downloads, compile), whatever node it runs on, and the process's priority: Ray starts
+    workers at nice 15, which slows a pipeline call that shares cores (farm/rayenv.py)."""
 
     def __init__(self, worker_id: str, tier: str = "auto", threads: int | None = None,
                  config: FarmConfig | None = None) -> None:
+        take_back_priority()
         if config is not None:
             install(config)
         super().__init__(worker_id, tier, threads, config=config)

@@ -19,6 +19,7 @@ import httpx
 import yaml
 
 from bench.report import table, write_section
+from farm.rayenv import local_ray_options, prepare_local_ray
 
 TOKEN = "bench-token"
 
@@ -48,7 +49,8 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    prepare_local_ray()
+    ray.init(address="local", log_to_driver=False, configure_logging=False, **local_ray_options())
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(FarmAPI.bind(Settings(token=TOKEN, tier="cpu", workers=1, models="tiny", director_name="load")),
               name="farm", route_prefix="/")

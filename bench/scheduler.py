@@ -20,7 +20,6 @@ gap where CP-SAT can get close to the optimum.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from dataclasses import astuple, dataclass
@@ -37,6 +36,7 @@ from farm.jobbook import JobBook
 from farm.jobsetup import setup_job
 from farm.manifest import validate_data
 from farm.pool import PoolConfig
+from farm.rayenv import local_ray_options, prepare_local_ray
 from farm.schedule import Policy, assign, assign_fifo, assign_greedy
 from farm.sim.costs import CLIP_FRAME_S, DEFAULT_COSTS, MERGE_FRAME_S, QC_FRAME_S, TierCost
 from farm.sim.engine import lower_bound, simulate
@@ -199,7 +199,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=4, help="run the first N cases only (a quick look)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    prepare_local_ray()
     rows: list[dict[str, object]] = []
     small = ""
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,7 +209,7 @@ def main() -> None:
             solved["standard"] = exact(cases()[0], root, CLUSTER, args.cpsat_s)
             small = small_instances(root, args.cpsat_s / 4)
         ray.init(address="local", resources={f"farm_tier_{t}": n for t, n in CLUSTER.items()},
-                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+                 log_to_driver=False, configure_logging=False, **local_ray_options())
         for number, case in enumerate(cases()[:args.cases]):
             analytic = lower_bound(books_of(case, root), CLUSTER)
             found = solved.get("standard") if number == 0 else None

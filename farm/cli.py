@@ -202,11 +202,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from farm.config import current
     from farm.driver import serve_api, until_ctrl_c
+    from farm.rayenv import local_ray_options, prepare_local_ray
 
     if not ray.is_initialized():
         # RAY_ADDRESS set: join that cluster; otherwise a local one.
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+        prepare_local_ray()
+        joining = os.environ.get("RAY_ADDRESS")
+        ray.init(address=joining or "local", log_to_driver=False,
+                 **({"include_dashboard": False} if joining else local_ray_options()))
     where = serve_api(current(), args.host, args.port, models=args.models, tier=args.tier, workers=args.workers)
     print(f"farm API on http://{args.host}:{args.port} (OpenAPI at /openapi.json), web pages at "
           f"http://{args.host}:{args.port}/ui; Ctrl-C stops it", flush=True)

@@ -5,7 +5,6 @@ import actors and Ray; the core below it may not."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from farm.manifest import ManifestError, load
 from farm.paths import OutputLayout
 from farm.pool import PoolConfig, resources_for_local
 from farm.progress import ProgressBars
+from farm.rayenv import local_ray_options, prepare_local_ray
 
 
 class RenderError(RuntimeError):
@@ -49,10 +49,10 @@ def start_ray(pool: PoolConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    prepare_local_ray()
     # address="local": always a fresh local cluster, never someone else's that happens to be running.
-    ray.init(address="local", resources=resources_for_local(pool), include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    ray.init(address="local", resources=resources_for_local(pool), log_to_driver=False, configure_logging=False,
+             **local_ray_options())
     return True
 
 
@@ -96,8 +96,9 @@ def serve_api(config: FarmConfig, host: str, port: int, **settings: Any) -> Path
     from farm.tokens import ensure_token
 
     token, where = ensure_token(config)
+    api = Settings.from_config(config, token=token, host=host, **settings)  # refuses a weak token off loopback
     serve.start(http_options={"host": host, "port": port})
-    serve.run(FarmAPI.bind(Settings.from_config(config, token=token, **settings)), name="farm", route_prefix="/")
+    serve.run(FarmAPI.bind(api), name="farm", route_prefix="/")
     return where
 
 

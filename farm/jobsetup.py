@@ -213,7 +213,7 @@ def setup_job(manifest_data: dict[str, Any] | Manifest, root: Path | str, option
     return JobSetup(manifest, root, plan, specs, {role: model_identity(s) for role, s in specs.items()},
                     encode_settings(manifest), merge_options(manifest, plan.film_fps), overrides,
                     preview=drafting, drafts=drafts, step_cache=step_cache,
-                    warnings=unused_input_warnings(manifest, plan, specs),
+                    warnings=unused_input_warnings(manifest, plan, specs) + long_prompt_warnings(plan, specs),
                     qc_defaults=current().qc.model_dump(exclude_none=True))
 
 
@@ -235,6 +235,21 @@ def keyframe_overrides(manifest: Manifest, root: Path, keyframe: ModelSpec) -> K
         vae = str(beside)
     embeddings = tuple((str(inside_root(root, e.path)), e.token) for e in models.embeddings)
     return KeyframeOverrides(tuple(loras), vae, embeddings)
+
+
+def long_prompt_warnings(plan: Plan, specs: dict[str, ModelSpec]) -> list[FieldError]:
+    """Prompts longer than a model that reads them keeps (77 CLIP tokens for SDXL): diffusers cuts
+    the rest off silently, so the writer hears it here, and the lockfile records the exact count."""
+    out = []
+    for sp in plan.shots:
+        readers = ([specs["keyframe"].rules] if sp.first_frame_from == "keyframe" else []) + (
+            [specs["video"].rules] if specs["video"].rules.takes_prompt else [])
+        for rules in readers:
+            warning = rules.prompt_warning(sp.shot.prompt)
+            if warning:
+                out.append(FieldError(("shots", sp.index, "prompt"), warning))
+                break
+    return out
 
 
 def unused_input_warnings(manifest: Manifest, plan: Plan, specs: dict[str, ModelSpec]) -> list[FieldError]:

@@ -6,8 +6,8 @@ Torch-free so the simulator reports the same shape as a real worker without impo
 from __future__ import annotations
 
 import statistics
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,8 @@ class Observed:
     unet_seconds: list[float] = field(default_factory=list)  # time inside each UNet call
     seconds: float = 0.0
     peak_vram_bytes: int | None = None
+    prompt_tokens: int | None = None  # the prompt as the reading tokenizer counts it, start and end included
+    prompt_limit: int | None = None  # what the family keeps; more and the rest was cut off
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -37,6 +39,9 @@ class Observed:
             "unet_seconds": round(sum(self.unet_seconds), 4),
             "seconds": round(self.seconds, 4),
             "peak_vram_bytes": self.peak_vram_bytes,
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_truncated": None if self.prompt_tokens is None or self.prompt_limit is None
+            else self.prompt_tokens > self.prompt_limit,
         }
 
 
@@ -56,12 +61,22 @@ class IdleClock:
         self.last_end = time.time()
 
 
+def stage_thread() -> ThreadPoolExecutor:
+    """The one thread every stage of a worker runs on, one at a time, in the order they came.
+
+    One thread, not whichever of the threaded actor's threads a call lands on: each thread that runs
+    torch's parallel CPU ops gets an OpenMP team of its own, and once the teams' threads outnumber the
+    cores libgomp stops spinning between parallel regions, which made every pipeline call on a CPU
+    worker 1.3x slower than the same loop on one thread (BENCHMARKS.md, "Farm overhead")."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
+
+
 class TakesTurns:
     """A worker's `run`, shared by the GPU worker and the simulator's: read the stage's input first,
-    then wait for the GPU's turn (one stage at a time, in the order they came), then `_run`. A stage
-    sent ahead of time (prefetch) so has its input in hand when the stage before it ends."""
+    then wait for the GPU's turn (the worker's stage thread), then `_run`. A stage sent ahead of time
+    (prefetch) so has its input in hand when the stage before it ends."""
 
-    turn: threading.Lock
+    turn: ThreadPoolExecutor
     idle: IdleClock
 
     def _run(self, req: StageRequest, cache: ArtifactCache, source: Any, input_s: float) -> StageResult:
@@ -77,5 +92,4 @@ class TakesTurns:
         read = time.perf_counter()
         source = cache.stage_input(req.kind, req.input_key)
         input_s = time.perf_counter() - read
-        with self.turn:
-            return self._run(req, cache, source, input_s)
+        return self.turn.submit(self._run, req, cache, source, input_s).result()

@@ -74,6 +74,7 @@ class WorkerInfo(_Body):
     stage: str | None = None  # `job/stage` it runs now
     stages_run: int = 0
     pid: int | None = None
+    nice: int | None = None  # its process priority: above 0 it yields the cores to Ray's daemons (farm/rayenv.py)
     failures: int = 0
 
 

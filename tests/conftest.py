@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from farm.rayenv import local_ray_options, prepare_local_ray
+
 # Isolate every run before anything imports Ray or builds models: Ray 2.60 writes its auth token
 # under HOME, and the tiny models are cached under FARM_HOME.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="farm-tests-"))
@@ -21,8 +23,9 @@ _TOKEN.write_text(secrets.token_hex(32))
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
 os.environ.setdefault("FARM_HOME", str(_SESSION_HOME / "farm"))
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+prepare_local_ray()  # the environment the farm starts its own Ray with
 os.environ["FARM_WEBHOOK_SECRET"] = "webhook-test-secret"  # the director signs job-end webhooks with it
+os.environ["FARM_WEBHOOK_ALLOW_HOSTS"] = "localhost"  # test receivers listen there; 127.0.0.1 stays refused
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HOME"] = str(_SESSION_HOME / "hf")
 
@@ -36,8 +39,8 @@ def ray_session():
     can be placed on this CPU machine."""
     import ray
 
-    ray.init(num_cpus=2, resources={f"farm_tier_{t}": 8 for t in TIERS}, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, resources={f"farm_tier_{t}": 8 for t in TIERS}, log_to_driver=False,
+             configure_logging=False, **local_ray_options())
     yield ray
     ray.shutdown()
 

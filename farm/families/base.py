@@ -88,6 +88,15 @@ class ShotInputs:
     subjects: int = 1
 
 
+_WORDS = re.compile(r"[^\W\d_]+|\d|[^\w\s]")
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens a BPE or SentencePiece tokenizer makes of `text`, estimated from above: a word per 5
+    letters, each digit and each punctuation mark its own, plus the start and end tokens."""
+    return 2 + sum(max(1, -(-len(w) // 5)) if w[0].isalpha() else 1 for w in _WORDS.findall(text))
+
+
 class Family:
     """The pure half of a model family. Subclasses set the class attributes and may override the
     mapping methods; `farm.families.FAMILIES` holds one instance of each."""
@@ -107,6 +116,9 @@ class Family:
     frame_step: ClassVar[int] = 1  # video: valid frame counts are frame_step * k + 1 (1: any count)
     min_frames: ClassVar[int] = 2
     takes_prompt: ClassVar[bool] = True  # video: the model reads the shot's prompt
+    # (the pipeline's tokenizer attribute that reads the whole prompt, the tokens it keeps): CLIP's 77
+    # by default; the rest of a longer prompt is cut off without a word from diffusers
+    prompt_encoder: ClassVar[tuple[str, int] | None] = ("tokenizer", 77)
     takes_negative_prompt: ClassVar[bool] = True  # FLUX (distilled guidance) and SVD read none
     embeddings: ClassVar[bool] = False  # keyframe: takes textual-inversion embeddings (CLIP text encoders)
     decode_chunk: ClassVar[bool] = False  # video: the VAE decodes in chunks of `decode_chunk_size` frames
@@ -121,6 +133,18 @@ class Family:
         for tier, p in TIER_PRESETS.items()}
     ladder: ClassVar[tuple[frozenset[str], ...]] = (
         frozenset({"cpu_offload"}), frozenset({"vae_slicing"}), frozenset({"forward_chunking"}))
+
+    def prompt_warning(self, prompt: str) -> str | None:
+        """A warning when `prompt` is likely longer than this family reads, estimated without the
+        tokenizer (the worker counts exactly and records it in the lockfile)."""
+        if self.prompt_encoder is None:
+            return None
+        limit = self.prompt_encoder[1]
+        estimate = estimate_tokens(prompt)
+        if estimate <= limit:
+            return None
+        return (f"about {estimate} tokens: {self.title} reads the first {limit} and drops the rest "
+                "(put what matters first, or shorten it)")
 
     @property
     def draft_key(self) -> str:

@@ -15,6 +15,7 @@ from farm.families.base import Draft, Family, ShotInputs, Variant
 class Flux(Family):
     name = "flux"
     title = "FLUX.1 (text-to-image)"
+    prompt_encoder = ("tokenizer_2", 512)  # T5 reads the prompt (CLIP only its first 77 tokens, pooled)
     role = "keyframe"
     pipeline = "FluxPipeline"
     classes = ("FluxPipeline",)

@@ -18,6 +18,7 @@ LICENCE = "LTX-Video open weights licence (OpenRAIL-M; commercial use allowed wi
 class LTX(Family):
     name = "ltx"
     title = "LTX-Video (image-to-video)"
+    prompt_encoder = ("tokenizer", 128)  # T5 at the pipeline's max_sequence_length
     role = "video"
     pipeline = "LTXImageToVideoPipeline"
     classes = ("LTXImageToVideoPipeline", "LTXPipeline", "LTXConditionPipeline")

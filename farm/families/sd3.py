@@ -16,6 +16,7 @@ LICENCE = "Stability AI Community License (commercial use free under USD 1M annu
 class SD3(Family):
     name = "sd3"
     title = "Stable Diffusion 3.5 (text-to-image)"
+    prompt_encoder = ("tokenizer_3", 256)  # T5 at the pipeline's max_sequence_length (the CLIPs stop at 77)
     role = "keyframe"
     pipeline = "StableDiffusion3Pipeline"
     classes = ("StableDiffusion3Pipeline",)

@@ -42,6 +42,7 @@ def noise_for(variant: str, strength: float) -> float:
 class SVD(Family):
     name = "svd"
     title = "Stable Video Diffusion (image-to-video)"
+    prompt_encoder = None
     role = "video"
     pipeline = "StableVideoDiffusionPipeline"
     classes = ("StableVideoDiffusionPipeline",)

@@ -24,6 +24,7 @@ STEPS = {"high": 50, "balanced": 40, "fast": 30}
 class Wan(Family):
     name = "wan"
     title = "Wan 2.x (image-to-video)"
+    prompt_encoder = ("tokenizer", 512)  # umT5 at the pipeline's max_sequence_length
     role = "video"
     pipeline = "WanImageToVideoPipeline"
     classes = ("WanImageToVideoPipeline", "WanPipeline")  # TI2V-5B is published as a WanPipeline

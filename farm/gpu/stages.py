@@ -139,3 +139,15 @@ def run_decode(pipe: Any, family: str, params: Mapping[str, Any],
     with observe(pipe) as seen, torch.no_grad():
         frames = gpu_family(family).decode(pipe, torch.from_numpy(latents), params, generator(int(params["seed"])))
     return tensor_to_uint8(frames), seen
+
+
+def count_prompt(pipe: Any, family: str, params: Mapping[str, Any], seen: Observed) -> None:
+    """Record how many tokens the family's reading tokenizer makes of the prompt (and its limit), so
+    the lockfile says exactly where a long prompt was cut off."""
+    encoder = gpu_family(family).rules.prompt_encoder
+    prompt = params.get("prompt")
+    tokenizer = getattr(pipe, encoder[0], None) if encoder else None
+    if encoder is None or tokenizer is None or not isinstance(prompt, str):
+        return
+    seen.prompt_tokens = len(tokenizer(prompt, truncation=False, add_special_tokens=True)["input_ids"])
+    seen.prompt_limit = encoder[1]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import platform
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -24,10 +23,10 @@ from farm.frames import fit_frames
 from farm.gpu.loading import apply_memory_knobs, load_pipeline, use_sampler, use_step_cache
 from farm.gpu.nvml import GpuInfo, gpus, resolve_tier
 from farm.gpu.speed import apply_speed_knobs, speed_knobs
-from farm.gpu.stages import run_decode, run_denoise, run_stage
+from farm.gpu.stages import count_prompt, run_decode, run_denoise, run_stage
 from farm.hashing import array_hash
 from farm.models import ModelSpec, missing
-from farm.observed import IdleClock, TakesTurns
+from farm.observed import IdleClock, TakesTurns, stage_thread
 from farm.presets import MemoryKnobs, Tier, memory_fraction
 
 # (spec, device=, dtype=, loras=, vae=, cpu_offload=[, embeddings=]) -> pipeline; bench/gpu.py passes one that builds
@@ -80,13 +79,13 @@ class StageWorker(TakesTurns):
         self.pipelines: dict[tuple[Any, ...], tuple[MemoryKnobs, Any, dict[str, bool]]] = {}
         self.stages_run = 0
         self.idle = IdleClock()
-        self.turn = threading.Lock()  # one stage at a time, in the order they came (a prefetched one waits)
+        self.turn = stage_thread()  # one stage at a time, in the order they came (a prefetched one waits)
         self.faults: list[dict[str, Any]] = []
         self.cancelled: set[str] = set()
 
     def _use_threads(self) -> None:
-        """OpenMP's thread count is per calling thread, and a threaded actor runs each call on one of
-        Ray's executor threads (which keep Ray's OMP_NUM_THREADS=1): set it where the work runs."""
+        """OpenMP's thread count is per calling thread, and Ray's OMP_NUM_THREADS=1 holds on every thread
+        that has not set its own: set it where the work runs (the stage thread, farm/observed.py)."""
         if self.threads:
             torch.set_num_threads(self.threads)
 
@@ -173,6 +172,7 @@ class StageWorker(TakesTurns):
             "loaded_models": self.loaded_models(),
             "stages_run": self.stages_run,
             "pid": os.getpid(),
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),  # above 0: its calls yield the cores to Ray's daemons
         }
 
     def _run(self, req: StageRequest, cache: ArtifactCache, source: Any, input_s: float) -> StageResult:
@@ -186,11 +186,13 @@ class StageWorker(TakesTurns):
                                           req.embeddings)
             if req.kind == StageKind.KEYFRAME:
                 images, seen = run_stage(pipe, req.model.family, req.params, cancelled=is_cancelled)
+                count_prompt(pipe, req.model.family, req.params, seen)
                 # drawn at the family's multiple (1920x1088 for 1920x1080): cropped back to the keyframe size
                 hashes = cache.put_keyframe(req.output_key, fit_frames(images, req.frame_size)[0])
             elif req.kind == StageKind.VIDEO:
                 first = source
                 latents, seen = run_denoise(pipe, req.model.family, req.params, first, is_cancelled)
+                count_prompt(pipe, req.model.family, req.params, seen)
                 hashes = cache.put_latents(req.output_key, latents) | {"input_sha": array_hash(first)}
             else:
                 latents = source

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -22,7 +21,7 @@ from farm.contract import StageKind, StageRequest, StageResult
 from farm.faults import OutOfMemory, StageCancelled, fire, spoil
 from farm.hashing import array_hash
 from farm.models import ModelSpec
-from farm.observed import IdleClock, Observed, TakesTurns
+from farm.observed import IdleClock, Observed, TakesTurns, stage_thread
 from farm.sim.costs import DEFAULT_COSTS, TierCost, decode_seconds, keyframe_seconds, video_seconds
 
 
@@ -111,7 +110,7 @@ class SimWorker(TakesTurns):
         self.pipelines: dict[tuple[Any, ...], str] = {}  # resident key -> model name
         self.stages_run = 0
         self.idle = IdleClock()
-        self.turn = threading.Lock()  # one stage at a time, in the order they came (a prefetched one waits)
+        self.turn = stage_thread()  # one stage at a time, in the order they came (a prefetched one waits)
         self.faults: list[dict[str, Any]] = []
         self.cancelled: set[str] = set()
 

@@ -1,0 +1,76 @@
+"""How the farm starts and runs inside Ray: the environment a local Ray gets, and the priority a
+worker process takes back.
+
+Why the niceness: Ray starts every worker process at `nice 15` (its `worker_niceness`), so that its
+own daemons stay responsive. A stage's pipeline call then loses the core to every nice-0 process that
+wakes (raylet, GCS, the driver), and with OpenMP each lost slice stalls the call's other threads at
+the next barrier too: `bench/overhead.py` measured pipeline calls 1.14x slower in the worker than in
+a bare loop, and parity once the worker ran at nice 0 (BENCHMARKS.md, "Farm overhead").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Any
+
+# What every Ray the farm starts itself gets (a cluster's `ray start` lines in cluster.yaml set the same):
+# no usage reports leave the machine, and workers run at the same priority as everything else.
+LOCAL_RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_worker_niceness": "0",
+    # Ray's single-machine mode (its default on macOS and Windows): the node's address is 127.0.0.1,
+    # so the GCS, raylet, agents and workers listen on loopback only, and Ray does not open a socket
+    # towards 8.8.8.8 to find an address of its own. (ray.init's _node_ip_address="127.0.0.1" is
+    # turned back into the machine's address by Ray.)
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Ray's dashboard process still runs its usage-stats module, which probes the cloud-metadata
+    # address (169.254.169.254, metadata.google.internal) to name the cloud, and would send its report
+    # to usage-stats.ray.io. There is no switch for the probe: plain-http requests from the local
+    # farm's processes go to a closed loopback port instead (refused at once, no DNS lookup), and the
+    # report URL is that port too. Loopback is exempt; https (opted-in model downloads) is untouched;
+    # a proxy the user set wins; the farm's webhooks do not read these variables.
+    "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
+    "http_proxy": "http://127.0.0.1:9",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "no_proxy": "localhost,127.0.0.1,::1",
+    "NO_PROXY": "localhost,127.0.0.1,::1",
+}
+
+# A cluster's nodes are started by `ray start` (cluster.yaml), on their private addresses, with Ray's
+# token auth; none of the above applies to them but the niceness.
+
+
+def local_ray_options() -> dict[str, Any]:
+    """ray.init(address="local", ...) options every local Ray the farm starts gets (with the
+    environment of `prepare_local_ray`, which puts its node on loopback)."""
+    return {"include_dashboard": False}
+
+
+# The niceness a stage worker asks for: the same as a process started from a shell.
+WORKER_NICENESS = 0
+
+
+def prepare_local_ray() -> None:
+    """Set the environment a Ray started from this process passes to its daemons and workers; what
+    the user set already wins."""
+    proxied = any(os.environ.get(v) for v in ("http_proxy", "HTTP_PROXY"))
+    for name, value in LOCAL_RAY_ENV.items():
+        if not (proxied and "proxy" in name.lower()):  # the user's own proxy settings stay as they are
+            os.environ.setdefault(name, value)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        # Ray imported before this call read the variable then; its address lookup reads the constant
+        constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
+
+
+def take_back_priority(target: int = WORKER_NICENESS) -> int:
+    """Lower this process's niceness to `target` where Ray started it higher (a cluster started
+    without RAY_worker_niceness=0). Lowering niceness needs CAP_SYS_NICE or RLIMIT_NICE: without
+    them the process keeps what it has. Returns the niceness it runs at, for the worker's info."""
+    now = os.getpriority(os.PRIO_PROCESS, 0)
+    if now > target:
+        with contextlib.suppress(PermissionError):
+            os.setpriority(os.PRIO_PROCESS, 0, target)
+    return os.getpriority(os.PRIO_PROCESS, 0)
