@@ -222,6 +222,7 @@ class Director:
         """Plain data for /metrics (farm.metrics turns it into Prometheus text)."""
         with self.lock:
             data = snapshot(list(self.books.values()), self.pool, self.store, time.time())
+        data["webhooks"] = dict(self.effects.webhooks)
         return data, self.store.attempt_seconds(), self.workers_info()
 
     def ping(self) -> bool:

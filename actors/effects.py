@@ -6,6 +6,8 @@ to `Effects.apply`, the one place that turns them into writes and actor calls.
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from typing import Any
 
 from actors.fleet import Fleet
@@ -23,6 +25,12 @@ class Effects:
         self.store, self.cache, self.fleet = store, cache, fleet
         self.streams: dict[str, list[dict[str, Any]]] = {}  # job -> its events so far (SSE, progress bars)
         self.side: dict[str, list[Any]] = {}  # job -> pending keyframe PNG writes
+        self.webhooks: Counter[str] = Counter()  # delivery outcomes (their threads add to it)
+        self._webhooks_lock = threading.Lock()
+
+    def _delivered(self, outcome: str) -> None:
+        with self._webhooks_lock:
+            self.webhooks[outcome] += 1
 
     def apply(self, book: JobBook) -> None:
         for effect in book.drain():
@@ -34,7 +42,8 @@ class Effects:
             row = self.store.job(book.id)
             if effect.event["type"] == "job_finished" and row is not None and row.webhook:
                 deliver_later(row.webhook, {"id": book.id, "title": row.title, "state": effect.event["state"],
-                                            "error": effect.event.get("error"), "out_dir": row.out_dir})
+                                            "error": effect.event.get("error"), "out_dir": row.out_dir},
+                              done=self._delivered)
         elif isinstance(effect, jb.LedgerRow):
             self.store.add_attempt(effect.row)
         elif isinstance(effect, jb.SaveStage):

@@ -29,6 +29,7 @@ from fastapi.responses import (
 )
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from ray import serve
+from ray.exceptions import RayActorError
 
 from farm import __version__
 from farm.config import FarmConfig, current
@@ -36,6 +37,8 @@ from farm.contract import ACTIVE_STATES, JobState
 from farm.manifest import SHOT_ID, FieldError, Manifest, ManifestError, parse_text, validate_data
 from farm.paths import OutputLayout
 from farm.schemas import FieldProblem, Health, JobStatus, Preflight, PriorityChange, Problem, WorkerInfo
+from farm.store import IdempotencyConflict
+from farm.tokens import token_problem
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class Limits:
 @dataclass(frozen=True)
 class Settings:
     token: str | None = None
+    host: str = "127.0.0.1"  # the address the API is bound to: which Host headers it answers
+    allowed_hosts: tuple[str, ...] = ()  # more Host names (an ingress, a KubeRay service)
+    metrics_open: bool | None = None  # /metrics without the token; None: only when bound to loopback
     root: str = field(default_factory=lambda: str(current().inputs_root))  # where manifest paths may point
     limits: Limits = Limits()
     director_name: str = "farm-director"
@@ -68,8 +74,42 @@ class Settings:
         config = config or current()
         token: str = over.pop("token", None) or ensure_token(config)[0]  # a farm always has a token
         base: dict[str, Any] = {"token": token, "limits": Limits(max_body_bytes=config.api.max_body_bytes),
-                "root": str(config.inputs_root), "config": config}
-        return cls(**(base | over))
+                "root": str(config.inputs_root), "config": config,
+                "allowed_hosts": tuple(config.api.allowed_hosts), "metrics_open": config.api.metrics_open}
+        settings = cls(**(base | over))
+        problem = token_problem(token, settings.host)
+        if problem:
+            raise ValueError(problem)
+        return settings
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+    def host_allowed(self, header: str) -> bool:
+        """Whether a request's Host is one this farm answers to: a browser page from elsewhere whose
+        name resolves to this address (DNS rebinding) sends its own name, and is refused. Bound to every
+        interface without a list, any name is answered (the token guards it)."""
+        name = host_name(header)
+        if self.host in ("0.0.0.0", "::", "") and not self.allowed_hosts:
+            return True
+        allowed = {self.host.lower().strip("[]"), *LOOPBACK_NAMES} | {h.lower() for h in self.allowed_hosts}
+        return name in allowed
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    return host.lower().strip("[]") in LOOPBACK_NAMES or host.startswith("127.")
+
+
+def host_name(header: str) -> str:
+    """The name in a Host (or Origin netloc) header, without its port: `[::1]:8000` -> `::1`."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 def limit_errors(manifest: Manifest, limits: Limits) -> list[FieldError]:
@@ -125,8 +165,44 @@ def unprocessable(errors: list[FieldError]) -> JSONResponse:
     return JSONResponse(status_code=422, content=[{"loc": list(e.loc), "msg": e.msg} for e in errors])
 
 
-app = FastAPI(title="farm", version=__version__,
+# /docs and /redoc would load their JavaScript from a CDN (nothing is fetched from the internet at run
+# time): off. The OpenAPI document stays at /openapi.json.
+app = FastAPI(title="farm", version=__version__, docs_url=None, redoc_url=None,
               description="Submit storyboards to a Ray render farm for AI video and follow them to a film.")
+
+
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def cross_origin(request: Request) -> bool:
+    """Whether a browser sent this request from another site's page: its Origin is not this Host
+    (or is `null`), or the browser says so (Sec-Fetch-Site). Scripts and the CLI send neither."""
+    origin = request.headers.get("origin")
+    if origin is not None:
+        if origin == "null":
+            return True
+        return origin.split("://", 1)[-1].rstrip("/").lower() != request.headers.get("host", "").lower()
+    return request.headers.get("sec-fetch-site", "") == "cross-site"
+
+
+@app.middleware("http")
+async def _guard(request: Request, call_next: Any) -> Response:
+    """Before any route: the Host must be one of this farm's names, and a state change must not come
+    from another site's page (docs/security.md)."""
+    settings = getattr(request.app.state, "settings", None)
+    if settings is not None and request.url.path != "/healthz":
+        if not settings.host_allowed(request.headers.get("host", "")):
+            return JSONResponse(status_code=400, content={"detail": "unknown Host: add it to api.allowed_hosts"})
+        if request.method not in SAFE_METHODS and cross_origin(request):
+            return JSONResponse(status_code=403, content={"detail": "cross-origin requests may not change state"})
+    return await call_next(request)
+
+
+@app.exception_handler(RayActorError)
+async def _director_away(request: Request, exc: RayActorError) -> JSONResponse:
+    # The director died and Ray is restarting it (it reloads its jobs from SQLite): a pause, not a fault.
+    return JSONResponse(status_code=503, content={"detail": "the farm's director is restarting; try again"},
+                        headers={"Retry-After": "1"})
 
 
 @app.exception_handler(RequestValidationError)
@@ -151,7 +227,8 @@ def bearer(request: Request, authorization: str | None = Header(default=None)) -
     token = request.app.state.settings.token
     if token is None:
         return  # only a Settings built by hand (no config) has none: every entry point makes one
-    given = authorization[7:] if authorization and authorization.startswith("Bearer ") else ""
+    scheme, _, value = (authorization or "").strip().partition(" ")
+    given = value.strip() if scheme.lower() == "bearer" else ""  # the scheme is case-insensitive (RFC 7235)
     if hmac.compare_digest(given.encode(), token.encode()):  # constant time: no token guessing by timing
         return
     csrf = session_csrf(request)
@@ -219,10 +296,25 @@ class FarmIngress:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise HTTPException(status_code=413, detail=f"body over {limit} bytes")
-        body = await request.body()
-        if len(body) > limit:
-            raise HTTPException(status_code=413, detail=f"body over {limit} bytes")
-        return body.decode("utf-8", errors="replace")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: a chunked body declares no length
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(status_code=413, detail=f"body over {limit} bytes")
+            chunks.append(chunk)
+        try:
+            return b"".join(chunks).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise HTTPException(status_code=400, detail=f"the body is not UTF-8 text (byte {exc.start})") from None
+
+    def _check(self, text: str) -> tuple[Any, list[FieldError]]:
+        """Parse and validate a submitted storyboard under the API's rules (model paths confined to the
+        input root, the per-job limits). Raises ManifestError; returns (data, further errors)."""
+        root = Path(self.settings.root)
+        data = parse_text(text)
+        manifest = validate_data(data, root, confine=True)
+        return data, limit_errors(manifest, self.settings.limits) + model_path_errors(manifest, root,
+                                                                                      self.settings.models)
 
     async def _out_file(self, job_id: str, path: Path, media_type: str) -> FileResponse:
         if not path.is_file():
@@ -234,18 +326,17 @@ class FarmIngress:
         return Health(status="ok", version=__version__)
 
     @app.post("/v1/jobs", status_code=202, dependencies=[Depends(bearer)], response_model=JobStatus,
-              responses={413: {"model": Problem, "description": "body too large"}, **UNPROCESSABLE, **UNAUTHORIZED})
+              responses={413: {"model": Problem, "description": "body too large"}, **UNPROCESSABLE, **UNAUTHORIZED,
+                         409: {"model": Problem, "description": "Idempotency-Key reused with another request"}})
     async def submit(self, request: Request, priority: int = Query(0, ge=-100, le=100),
                      idempotency_key: str | None = Header(default=None, max_length=200)) -> Any:
         """Queue a storyboard: the manifest as JSON or YAML in the body."""
-        limits = self.settings.limits
         root = Path(self.settings.root)
-        try:
-            data = parse_text(await self._body(request))
-            manifest = validate_data(data, root)
+        text = await self._body(request)
+        try:  # parsing and validation run off the event loop: other requests go on meanwhile
+            data, errors = await asyncio.to_thread(self._check, text)
         except ManifestError as exc:
             return unprocessable(exc.errors)
-        errors = limit_errors(manifest, limits) + model_path_errors(manifest, root, self.settings.models)
         if errors:
             return unprocessable(errors)
         try:
@@ -253,6 +344,8 @@ class FarmIngress:
                                                     priority=priority, idempotency_key=idempotency_key)
         except ManifestError as exc:
             return unprocessable(exc.errors)
+        except IdempotencyConflict as exc:
+            raise HTTPException(status_code=409, detail=str(exc)) from None
         return JSONResponse(status_code=202, content=job)
 
     @app.get("/v1/jobs", dependencies=[Depends(bearer)], response_model=list[JobStatus], responses=UNAUTHORIZED)
@@ -298,13 +391,12 @@ class FarmIngress:
         from farm.preflight import preflight
 
         root = Path(self.settings.root)
+        text = await self._body(request)
         try:
-            data = parse_text(await self._body(request))
-            manifest = validate_data(data, root)
+            data, extra = await asyncio.to_thread(self._check, text)
         except ManifestError as exc:
             return Preflight(valid=False, errors=[FieldProblem(loc=list(e.loc), msg=e.msg) for e in exc.errors],
                              warnings=[], stages=[], cluster={}, cluster_assumed=True).model_dump(mode="json")
-        extra = limit_errors(manifest, self.settings.limits) + model_path_errors(manifest, root, self.settings.models)
         cluster: dict[str, int] = {}
         for worker in await self.director.workers_info.remote():
             if worker["state"] != "unreachable":
@@ -339,14 +431,19 @@ class FarmIngress:
 
     @app.get("/v1/jobs/{job_id}/events", dependencies=[Depends(bearer)],
              responses={200: {"content": {"text/event-stream": {}}}})
-    async def events(self, job_id: str) -> StreamingResponse:
-        """Server-sent events: stage started/finished/failed, job finished. Ends when the job does."""
+    async def events(self, job_id: str, last_event_id: str | None = Header(default=None, max_length=20)) -> Any:
+        """Server-sent events: stage started/finished/failed, job finished. Ends when the job does; a
+        client that reconnects with Last-Event-ID gets the events after that one."""
         await self._status(job_id)
+        start = int(last_event_id) + 1 if last_event_id and last_event_id.isdigit() else 0
 
         async def stream():  # noqa: ANN202
-            since, finished = 0, False
+            since, finished = start, False
             while True:
-                events, state = await self.director.events.remote(job_id, since)
+                try:
+                    events, state = await self.director.events.remote(job_id, since)
+                except RayActorError:
+                    return  # the director is restarting: the client reconnects with Last-Event-ID
                 for i, event in enumerate(events):
                     finished |= event["type"] == "job_finished"
                     yield f"id: {since + i}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
@@ -443,9 +540,14 @@ class FarmIngress:
         return FileResponse(UI / "static" / name, media_type=UI_ASSETS[name])
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics(self) -> PlainTextResponse:
+    async def metrics(self, request: Request, authorization: str | None = Header(default=None)) -> PlainTextResponse:
+        """Prometheus text: counts and timings only, never a prompt, path or token. Open on a loopback
+        bind (or where the config says a private network's Prometheus scrapes it), else the token."""
         from farm.metrics import render
 
+        opened = self.settings.metrics_open
+        if not (self.settings.loopback if opened is None else opened):
+            bearer(request, authorization)
         snapshot, seconds, workers = await self.director.metrics_data.remote()
         return PlainTextResponse(render(snapshot, seconds, workers).decode(),
                                  media_type="text/plain; version=0.0.4")
@@ -461,5 +563,5 @@ FarmAPI = serve.deployment(name="FarmAPI", num_replicas=1, max_ongoing_requests=
 def build(args: dict[str, Any]) -> Any:
     """Builder for `serve run`/`serve deploy` (deployments/serve_config.yaml): args override the env."""
     settings = Settings.from_config(**{k: v for k, v in args.items() if k in ("director_name", "tier", "workers",
-                                                                            "models", "root")})
+                                                                            "models", "root", "host")})
     return FarmAPI.bind(settings)

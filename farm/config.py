@@ -35,6 +35,7 @@ class ApiConfig(_Section):
     token: str | None = None  # bearer token of every /v1 route
     max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 1 << 20
     allowed_hosts: list[str] = []  # Host names besides the bound one (an ingress, a KubeRay service)
+    metrics_open: bool | None = None  # /metrics without the token (None: only on a loopback bind)
 
 
 class WebhookConfig(_Section):
@@ -113,6 +114,8 @@ ENV_KEYS: dict[str, str] = {
     "FARM_API_TOKEN": "api.token",
     "FARM_MAX_BODY_BYTES": "api.max_body_bytes",
     "FARM_WEBHOOK_SECRET": "webhook.secret",
+    "FARM_WEBHOOK_ALLOW_HOSTS": "webhook.allow_hosts",  # comma-separated
+    "FARM_API_ALLOWED_HOSTS": "api.allowed_hosts",  # comma-separated
     "FARM_ALLOW_DOWNLOAD": "models.allow_download",
     "FARM_COSTS": "costs",
 }
@@ -172,6 +175,8 @@ def load_config(explicit: str | Path | None = None,
             value: Any = env[var]
             if key == "models.allow_download":
                 value = value.strip().lower() in ("1", "true", "yes", "on")
+            elif key.endswith("_hosts"):
+                value = [h.strip() for h in value.split(",") if h.strip()]
             _set(data, key, value)
             sources[key] = var
     try:

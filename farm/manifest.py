@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from farm.presets import MotionLevel, Quality, Scene
 from farm.qc import QcRules
@@ -24,6 +33,15 @@ SHOT_ID = r"^[A-Za-z0-9_-]{1,64}$"
 KEYFRAME_SCALE = 1920 / 1024
 DEFAULT_KEYFRAME_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_VIDEO_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # YAML reads `yes` as true, and pydantic would take true as 1
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+NoBool = BeforeValidator(_not_bool)
 
 
 class Strict(BaseModel):
@@ -44,39 +62,49 @@ def parse_size(value: str, field: str) -> tuple[int, int]:
 
 
 class Steps(Strict):
-    keyframe: Annotated[int, Field(ge=1, le=500)] | None = None
-    video: Annotated[int, Field(ge=1, le=500)] | None = None
+    keyframe: Annotated[int, Field(ge=1, le=500), NoBool] | None = None
+    video: Annotated[int, Field(ge=1, le=500), NoBool] | None = None
+
+
+# Lengths every string of a manifest stays within (farm/manifest.py is their one place; docs/security.md).
+MAX_DEPTH = 32  # nesting of mappings and lists; a real manifest needs 6
+MAX_NODES = 200_000  # YAML nodes composed, aliases counted as often as they are used
+MAX_STRING = 4000  # any string not given a tighter limit below
+MAX_PROMPT = 2000
+MAX_PATH = 1024
+MAX_URL = 2048
+PathText = Annotated[str, Field(min_length=1, max_length=MAX_PATH)]
 
 
 class Lora(Strict):
-    path: Annotated[str, Field(min_length=1)]
-    scale: Annotated[float, Field(ge=-4.0, le=4.0)] = 1.0
+    path: PathText
+    scale: Annotated[float, Field(ge=-4.0, le=4.0), NoBool] = 1.0
 
 
 class Embedding(Strict):
     """A textual-inversion embedding (safetensors only) and the token a prompt names it by."""
 
-    path: Annotated[str, Field(min_length=1)]
+    path: PathText
     token: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^\S+$")]
 
 
 class Models(Strict):
-    keyframe: str = DEFAULT_KEYFRAME_MODEL
-    video: str = DEFAULT_VIDEO_MODEL
-    keyframe_revision: str | None = None
-    video_revision: str | None = None
-    lora: str | None = None  # one LoRA at scale 1 on the keyframe model (`loras` takes several, with scales)
+    keyframe: PathText = DEFAULT_KEYFRAME_MODEL
+    video: PathText = DEFAULT_VIDEO_MODEL
+    keyframe_revision: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    video_revision: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    lora: PathText | None = None  # one LoRA at scale 1 on the keyframe model (`loras` takes several, with scales)
     loras: list[Lora] = []  # applied to the keyframe model, in order, each at its scale
     embeddings: list[Embedding] = []  # textual inversions for the keyframe model (SDXL)
     # VAE override for the keyframe model. Without one, a single-file keyframe checkpoint picks up a
     # VAE saved beside it under its own name (`model.safetensors` + `model.vae.safetensors`, as in the WebUI).
-    vae: str | None = None
+    vae: PathText | None = None
     allow_pickle: bool = False
     # Drafts (--preview, quality: draft): the family's distilled path, where it is on disk: a
     # step-distillation LoRA (SDXL's LCM-LoRA, a Wan LoRA) or a distilled model (FLUX.1 schnell, LTX
     # distilled). Without one the farm config's models.paths["draft:<family>"] is used.
-    keyframe_draft: str | None = None
-    video_draft: str | None = None
+    keyframe_draft: PathText | None = None
+    video_draft: PathText | None = None
 
 
 class Speed(Strict):
@@ -85,11 +113,11 @@ class Speed(Strict):
     whose denoiser takes it (FLUX, Wan, LTX); never combined with a distilled draft."""
 
     step_cache: Literal["first_block"] | None = None
-    step_cache_threshold: Annotated[float, Field(gt=0, le=1)] = 0.05
+    step_cache_threshold: Annotated[float, Field(gt=0, le=1), NoBool] = 0.05
 
 
 class Output(Strict):
-    fps: Annotated[int, Field(ge=1, le=120)] | None = None  # None: the quality template's fps
+    fps: Annotated[int, Field(ge=1, le=120), NoBool] | None = None  # None: the quality template's fps
     resolution: str = "1024x576"
     # The keyframes' own size; None: the seed's ratio (1920x1080 keyframes for 1024x576 video: 1.875x
     # the video size), rounded to what the keyframe family can make. Written full size as PNGs, and
@@ -97,7 +125,7 @@ class Output(Strict):
     keyframe_resolution: str | None = None
     keyframe_fit: Literal["crop", "pad"] = "crop"  # user keyframe images of another aspect ratio
     final_resolution: str | None = None
-    crf: Annotated[int, Field(ge=0, le=51)] | None = None
+    crf: Annotated[int, Field(ge=0, le=51), NoBool] | None = None
     preset: Literal[
         "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"
     ] | None = None
@@ -105,8 +133,8 @@ class Output(Strict):
     # fallback by size (10000k at 1080p, 6500k at 720p).
     bitrate: Annotated[str, Field(max_length=16)] | None = None
     transition: Literal["cut", "crossfade"] = "cut"
-    crossfade_seconds: Annotated[float, Field(gt=0, le=5)] = 0.5
-    interpolate_fps: Annotated[int, Field(ge=1, le=120)] | None = None
+    crossfade_seconds: Annotated[float, Field(ge=0.01, le=5), NoBool] = 0.5
+    interpolate_fps: Annotated[int, Field(ge=1, le=120), NoBool] | None = None
 
     @field_validator("resolution")
     @classmethod
@@ -147,34 +175,38 @@ class Output(Strict):
         return parse_size(self.final_resolution, "final_resolution") if self.final_resolution else None
 
 
-Guidance = Annotated[float, Field(ge=0, le=30)]
+Guidance = Annotated[float, Field(ge=0, le=30), NoBool]
 VideoPreset = Annotated[str, Field(min_length=1, max_length=40)]
 
 
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT)]
+
+
 class Defaults(Strict):
-    negative_prompt: str = "blurry, distorted"
+    negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT)] = "blurry, distorted"
     guidance_scale: Guidance | None = None  # the keyframe model's CFG; None: the family's (SDXL 7.5)
-    guidance_rescale: Annotated[float, Field(ge=0, le=1)] = 0.7
+    guidance_rescale: Annotated[float, Field(ge=0, le=1), NoBool] = 0.7
     video_guidance_scale: Guidance | None = None  # the video model's; None: its preset, rule or default
     video_preset: VideoPreset | None = None  # a preset of the video family (I2VGen-XL: preview, standard, ...)
 
 
 class Shot(Strict):
     id: Annotated[str, Field(pattern=SHOT_ID)]
-    prompt: Annotated[str, Field(min_length=1, max_length=2000)]
-    duration: Annotated[float, Field(gt=0, le=600)]
+    prompt: Prompt
+    # at least a frame at the fastest frame rate (1/120 s), at most ten minutes
+    duration: Annotated[float, Field(ge=0.01, le=600), NoBool]
     motion: MotionLevel | None = None
-    motion_bucket_id: Annotated[int, Field(ge=1, le=255)] | None = None
+    motion_bucket_id: Annotated[int, Field(ge=1, le=255), NoBool] | None = None
     scene: Scene | None = None  # None: the quality template's motion and noise (see farm presets)
-    noise_aug_strength: Annotated[float, Field(ge=0, le=1)] | None = None  # SVD only
-    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
-    keyframe: str | None = None
+    noise_aug_strength: Annotated[float, Field(ge=0, le=1), NoBool] | None = None  # SVD only
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1), NoBool] | None = None
+    keyframe: PathText | None = None
     continue_from: Literal["previous"] | None = None
-    negative_prompt: str | None = None
+    negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT)] | None = None
     guidance_scale: Guidance | None = None  # the keyframe's CFG (drives the keyframe model only)
     video_guidance_scale: Guidance | None = None  # the video model's guidance
     video_preset: VideoPreset | None = None
-    subjects: Annotated[int, Field(ge=1, le=3)] = 1  # I2VGen-XL adaptive guidance
+    subjects: Annotated[int, Field(ge=1, le=3), NoBool] = 1  # I2VGen-XL adaptive guidance
     steps: Steps | None = None
     keyframe_fit: Literal["crop", "pad"] | None = None  # a user keyframe image of another aspect ratio
     qc: QcRules | None = None  # this shot's quality gates, over the job's (farm.qc)
@@ -190,19 +222,29 @@ class Shot(Strict):
 
 class Manifest(Strict):
     version: Literal[1]
-    title: Annotated[str, Field(min_length=1, max_length=200)]
-    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    title: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\r\n]+$")]  # one line
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1), NoBool] = 0
     quality: Quality = "balanced"
     steps: Steps = Steps()
     models: Models = Models()
     output: Output = Output()
     defaults: Defaults = Defaults()
     speed: Speed = Speed()
-    webhook: str | None = None
+    webhook: Annotated[str, Field(max_length=MAX_URL)] | None = None  # http(s), delivered to public addresses only
     qc: QcRules | None = None  # quality gates and retakes for every shot (farm.qc, docs/qc.md)
     # finish within this long of submission (5400, 90m, 2h): `farm plan --simulate` sizes the cluster for it
-    deadline: str | float | None = None
+    deadline: Annotated[str, Field(max_length=32)] | float | None = None
     shots: Annotated[list[Shot], Field(min_length=1, max_length=10_000)]
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook(cls, value: str | None) -> str | None:
+        from farm.egress import url_problem
+
+        problem = url_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("deadline")
     @classmethod
@@ -274,8 +316,25 @@ def inside_root(root: Path, relative: str) -> Path:
     return target
 
 
-def _semantic_errors(manifest: Manifest, root: Path | None) -> list[FieldError]:
-    """Checks that need the whole manifest or the filesystem."""
+OUTSIDE_ROOT = "must name a model inside the farm's input root (or a hub id)"
+
+
+def outside_root(text: str, root: Path) -> bool:
+    """Whether a model the manifest names as a local path lies outside `root`: decided on the text
+    first (no disk access, so the answer says nothing about what exists out there), then with the
+    symlinks inside the root followed."""
+    path = Path(os.path.expanduser(text)) if text.startswith("~") else Path(text)
+    path = Path(os.path.abspath(path if path.is_absolute() else root / path))
+    base = Path(os.path.abspath(root))
+    if path != base and base not in path.parents:
+        return True
+    real, real_base = path.resolve(), base.resolve()
+    return real != real_base and real_base not in real.parents
+
+
+def _semantic_errors(manifest: Manifest, root: Path | None, confine: bool = False) -> list[FieldError]:
+    """Checks that need the whole manifest or the filesystem. `confine`: every model path must lie
+    inside `root` (the API's rule), refused with one message before the disk is read."""
     from farm.models import ModelError, local_path, resolve_model
 
     errors: list[FieldError] = []
@@ -292,6 +351,9 @@ def _semantic_errors(manifest: Manifest, root: Path | None) -> list[FieldError]:
     width, height = manifest.output.size
     specs = {}
     for role in ("keyframe", "video"):
+        if confine and root is not None and outside_root(getattr(manifest.models, role), root):
+            errors.append(FieldError(("models", role), OUTSIDE_ROOT))
+            continue
         try:
             spec = specs[role] = resolve_model(role, getattr(manifest.models, role), base_dir=root,
                                                allow_pickle=manifest.models.allow_pickle)
@@ -336,7 +398,9 @@ def _semantic_errors(manifest: Manifest, root: Path | None) -> list[FieldError]:
             errors.append(FieldError(at, f"{keyframe_family.title} takes no textual-inversion embeddings (SDXL does)"))
     for role in ("keyframe", "video"):
         draft = getattr(manifest.models, f"{role}_draft")
-        if draft is not None and local_path(draft, root) is not None:  # a LoRA or model on disk (else a hub id)
+        if draft is not None and confine and root is not None and outside_root(draft, root):
+            errors.append(FieldError(("models", f"{role}_draft"), OUTSIDE_ROOT))
+        elif draft is not None and local_path(draft, root) is not None:  # a LoRA or model on disk (else a hub id)
             errors.extend(_weights_file_errors(draft, root, manifest.models.allow_pickle, ("models", f"{role}_draft")))
     if manifest.speed.step_cache and not any(s.rules.step_cache for s in specs.values()):
         errors.append(FieldError(("speed", "step_cache"), "none of the job's model families takes a step cache "
@@ -393,30 +457,130 @@ def _weights_file_errors(value: str, root: Path | None, allow_pickle: bool,
     return []
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with the nesting and the node count bounded while it composes: a
+    10,000-deep document or a billion-laughs of aliases is refused before it can exhaust the stack
+    or the memory of whoever validates it."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+        self._sizes: dict[int, int] = {}
+
+    def _size(self, node: yaml.Node) -> int:
+        """Nodes under `node`, aliases counted at every use (memoized: aliases of aliases stay cheap)."""
+        if id(node) not in self._sizes:
+            if isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                children = list(node.value)
+            else:
+                children = []
+            self._sizes[id(node)] = 1 + sum(self._size(c) for c in children)
+        return self._sizes[id(node)]
+
+    def _count(self, n: int) -> None:
+        self._nodes += n
+        if self._nodes > MAX_NODES:
+            raise ManifestError([FieldError((), f"more than {MAX_NODES} values (aliases counted where used)")])
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            self._count(self._size(node) if node is not None else 1)
+            return node
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise ManifestError([FieldError((), f"nested deeper than {MAX_DEPTH} levels")])
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._count(1)
+        return node
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON text nests deeper than `limit`, read without parsing it (json recurses per level)."""
+    depth = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if match.group() in "[{" else -1
+        if depth > limit:
+            return True
+    return False
+
+
 def parse_text(text: str) -> Any:
-    """YAML or JSON (JSON is YAML, but json gives better messages for JSON-looking input)."""
+    """YAML or JSON (JSON is YAML, but json gives better messages for JSON-looking input); the
+    nesting and size are bounded before anything recurses over them."""
     stripped = text.lstrip()
     try:
-        if stripped.startswith("{"):
+        if stripped.startswith(("{", "[")):
+            if json_too_deep(text):
+                raise ManifestError([FieldError((), f"nested deeper than {MAX_DEPTH} levels")])
             return json.loads(text)
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader, bounded
     except json.JSONDecodeError as exc:
         raise ManifestError([FieldError((), f"invalid JSON at line {exc.lineno}: {exc.msg}")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ManifestError([FieldError((), f"invalid YAML{where}: {getattr(exc, 'problem', exc)}")]) from None
+    except RecursionError:  # a belt under the braces above: never a server error
+        raise ManifestError([FieldError((), f"nested deeper than {MAX_DEPTH} levels")]) from None
 
 
-def validate_data(data: Any, root: Path | None = None) -> Manifest:
-    """Validate parsed manifest data; `root` is the folder relative paths are confined to."""
+# Characters with no meaning in a storyboard that hide or disguise text: C0/C1 controls (tab and
+# newlines excepted), DEL, and the bidirectional overrides and isolates (a "Trojan Source" prompt).
+_HIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def text_errors(data: Any, loc: tuple[str | int, ...] = ()) -> list[FieldError]:
+    """Every string of parsed manifest data that no field may hold: not Unicode text (a lone
+    surrogate from a JSON escape), hidden control characters, or longer than MAX_STRING."""
+    errors: list[FieldError] = []
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return [FieldError(loc, "is not valid Unicode text")]
+        if _HIDDEN.search(data):
+            errors.append(FieldError(loc, "contains control or bidirectional-override characters"))
+        if len(data) > MAX_STRING:
+            errors.append(FieldError(loc, f"at most {MAX_STRING} characters"))
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            if not isinstance(key, str):
+                errors.append(FieldError(loc, f"field names must be text, not {type(key).__name__}"))
+                continue
+            if len(key) > 64 or _HIDDEN.search(key):  # not echoed: the error names where it is
+                errors.append(FieldError(loc, "a field name is over 64 characters or holds control characters"))
+                continue
+            errors += text_errors(value, (*loc, key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            errors += text_errors(value, (*loc, i))
+    return errors
+
+
+def validate_data(data: Any, root: Path | None = None, confine: bool = False) -> Manifest:
+    """Validate parsed manifest data; `root` is the folder relative paths are confined to, and with
+    `confine` (manifests from the API) the models' local paths too."""
     if not isinstance(data, dict):
         raise ManifestError([FieldError((), "must be a mapping with version, title and shots")])
+    hostile = text_errors(data)
+    if hostile:
+        raise ManifestError(hostile)
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
         raise ManifestError(_from_pydantic(exc)) from None
-    errors = _semantic_errors(manifest, root)
+    errors = _semantic_errors(manifest, root, confine)
     if errors:
         raise ManifestError(errors)
     return manifest

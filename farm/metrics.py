@@ -61,6 +61,14 @@ class _Snapshot:
 
         yield from qc_metrics(snap.get("qc", []))
 
+        from farm.webhook import OUTCOMES
+
+        hooks = CounterMetricFamily("farm_webhook_deliveries", "Job-end webhook deliveries by outcome",
+                                    labels=["outcome"])
+        for outcome in OUTCOMES:  # every outcome from the start, at zero
+            hooks.add_metric([outcome], snap.get("webhooks", {}).get(outcome, 0))
+        yield hooks
+
         queue = GaugeMetricFamily("farm_queue_depth", "Stages ready and waiting, by stage kind", labels=["stage"])
         for kind in STAGES:
             queue.add_metric([kind], snap["queue"].get(kind, 0))

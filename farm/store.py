@@ -137,13 +137,18 @@ class Store:
     def add_job(self, job_id: str, title: str, manifest: dict[str, Any], root: str, out_dir: str, *,
                 priority: int = 0, options: dict[str, Any] | None = None, idempotency_key: str | None = None,
                 webhook: str | None = None, director: str = "") -> tuple[JobRow, bool]:
-        """Insert a queued job; with an idempotency key already used, return that job instead.
+        """Insert a queued job; with an idempotency key already used for the same request, return that
+        job instead; for another request (manifest, options or priority), raise IdempotencyConflict.
         Returns (job, created)."""
         with self.tx() as db:
             if idempotency_key is not None:
                 row = db.execute("SELECT * FROM jobs WHERE idempotency_key=?", (idempotency_key,)).fetchone()
                 if row is not None:
-                    return _job(row), False
+                    job = _job(row)
+                    if (job.manifest, job.options, job.priority) != (json.loads(json.dumps(manifest)),
+                                                                    json.loads(json.dumps(options or {})), priority):
+                        raise IdempotencyConflict(job.id)
+                    return job, False
             db.execute(
                 "INSERT INTO jobs (id, title, priority, state, manifest, root, out_dir, options, created, "
                 "idempotency_key, webhook, director) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -250,6 +255,15 @@ class Store:
         with self._lock:
             rows = self._db.execute("SELECT * FROM attempts WHERE job=? ORDER BY start", (job_id,)).fetchall()
         return [dict(r) for r in rows]
+
+
+class IdempotencyConflict(ValueError):
+    """An Idempotency-Key reused with a different request: answering with the first job would hide
+    that the second was never queued."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"this Idempotency-Key was used for job {job_id} with a different request")
 
 
 def _job(row: sqlite3.Row) -> JobRow:

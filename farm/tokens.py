@@ -44,3 +44,18 @@ def ensure_token(config: FarmConfig) -> tuple[str, Path | None]:
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(token + "\n")
     return token, path
+
+
+MIN_REMOTE_TOKEN = 32  # characters a token needs where the API is reachable from other machines
+
+
+def token_problem(token: str | None, host: str) -> str | None:
+    """Why the API must not start with this token on `host`, or None: off loopback, a short token
+    is guessed long before anyone notices."""
+    loopback = host.lower().strip("[]") in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+    if not token:
+        return "the API needs a token (api.token, FARM_API_TOKEN, or the generated one)"
+    if not loopback and len(token) < MIN_REMOTE_TOKEN:
+        return (f"the API token has {len(token)} characters; bound to {host} it needs at least "
+                f"{MIN_REMOTE_TOKEN} (leave api.token unset and the farm generates one)")
+    return None

@@ -14,10 +14,11 @@ fi
 "$PY" -m pip install --quiet --no-deps ortools==9.15.6755
 "$PY" -m pip install --quiet absl-py immutabledict pandas
 # Debian's packages: Prometheus for the dashboard test (it starts it itself), Chromium for the tests that
-# open the farm's pages (the QC report) in a real headless browser.
+# open the farm's pages (the QC report) in a real headless browser, strace for the test that traces a
+# local farm's connect() calls.
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1 \
-        || ! command -v chromium >/dev/null 2>&1; then
+        || ! command -v chromium >/dev/null 2>&1 || ! command -v strace >/dev/null 2>&1; then
     SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
     $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus chromium \
-        chromium-driver >/dev/null
+        chromium-driver strace >/dev/null
 fi

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +50,32 @@ def write_png(path: Path, size: tuple[int, int] = (64, 64), color: tuple[int, in
     path.parent.mkdir(parents=True, exist_ok=True)
     PIL.Image.new("RGB", size, color).save(path)
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_api(token: str, root: Path, **settings: Any) -> Iterator[tuple[str, Any]]:
+    """The farm's API on Ray Serve (the session's Ray) on a loopback port, with these Settings and a
+    64 KiB body limit and 20 shots per job: (its URL, an httpx client that sends the token)."""
+    import httpx
+    from ray import serve
+
+    from deployments.app import FarmAPI, Limits, Settings
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    api = Settings(token=token, root=str(root), limits=Limits(max_body_bytes=64 * 1024, max_shots=20), tier="cpu",
+                   models="tiny", **settings)
+    serve.run(FarmAPI.bind(api), name="farm", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    try:
+        yield url, client
+    finally:
+        client.close()
+        serve.shutdown()

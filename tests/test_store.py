@@ -64,3 +64,17 @@ def test_store_from_an_older_farm_is_migrated(tmp_path):
                        "outcome": "succeeded", "cache_hit": 0, "frames": 5})
     assert [r["frames"] for r in store.attempts("j")] == [0, 5]
     assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_an_idempotency_key_reused_for_another_request_is_a_conflict(tmp_path):
+    import pytest
+
+    from farm.store import IdempotencyConflict, Store
+
+    store = Store(tmp_path / "farm.db")
+    job, created = store.add_job("j1", "t", {"a": 1}, "/", "/o", idempotency_key="k")
+    assert created and store.add_job("j2", "t", {"a": 1}, "/", "/o", idempotency_key="k") == (job, False)
+    with pytest.raises(IdempotencyConflict, match="j1"):
+        store.add_job("j3", "t", {"a": 2}, "/", "/o", idempotency_key="k")
+    with pytest.raises(IdempotencyConflict):
+        store.add_job("j4", "t", {"a": 1}, "/", "/o", priority=3, idempotency_key="k")
