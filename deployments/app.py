@@ -272,6 +272,64 @@ def session_csrf(request: Request) -> str | None:
     return None
 
 
+def contract() -> dict[str, Any]:
+    """The OpenAPI document as the handlers really behave, for clients and fuzzers: the storyboard
+    as the request body (JSON or YAML, the manifest's own JSON Schema), the token as an HTTP bearer
+    security scheme instead of a header parameter, and every 422 as the bare list of {loc, msg} the
+    handlers return (FastAPI would declare its own {"detail": [...]} shape)."""
+    from fastapi.openapi.utils import get_openapi
+
+    global _CONTRACT
+    if _CONTRACT is not None:
+        return _CONTRACT
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    manifest = Manifest.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, schema in manifest.pop("$defs", {}).items():
+        schemas.setdefault(name, schema)
+    schemas["Manifest"] = manifest
+    doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
+                                                       "description": "the farm's API token"}}
+    problems = {"type": "array", "items": {"$ref": "#/components/schemas/FieldProblem"}}
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    body = {"required": True, "description": "a storyboard manifest (farm schema)",
+            "content": {kind: {"schema": {"$ref": "#/components/schemas/Manifest"}}
+                        for kind in ("application/json", "application/yaml")}}
+    for path, operations in doc["paths"].items():
+        for method, op in operations.items():
+            op["parameters"] = [p for p in op.get("parameters", []) if p.get("name", "").lower() != "authorization"]
+            if not op["parameters"]:
+                del op["parameters"]
+            if path.startswith("/v1/") or path == "/metrics":
+                op["security"] = [{"bearer": []}]
+            if method == "post" and path in ("/v1/jobs", "/v1/validate", "/v1/simulate"):
+                op["requestBody"] = body
+            responses = op.setdefault("responses", {})
+            for code, why, applies in [
+                    ("400", "a Host this farm does not answer to, or a body that is not UTF-8", path != "/healthz"),
+                    ("401", "missing or wrong bearer token", path.startswith("/v1/")),
+                    ("403", "a state change sent from another site's page", method not in ("get", "head")),
+                    ("404", "no such job", "{job_id}" in path),
+                    ("413", "body too large", "requestBody" in op),
+                    ("503", "the director is restarting (Retry-After)", path != "/healthz")]:
+                entry = responses.setdefault(code, {"description": why}) if applies else responses.get(code)
+                if entry is not None and "content" not in entry:
+                    entry["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+            if "422" in responses or "requestBody" in op or op.get("parameters"):
+                op.setdefault("responses", {})["422"] = {
+                    "description": "invalid input: one entry per problem, at its field path",
+                    "content": {"application/json": {"schema": problems}}}
+    _CONTRACT = app.openapi_schema = doc
+    return doc
+
+
+# Before @serve.ingress below: it freezes a copy of the app, and the document is built from the routes
+# when first asked for.
+_CONTRACT: dict[str, Any] | None = None
+app.openapi = contract  # type: ignore[method-assign]
+
+
 @serve.ingress(app)
 class FarmIngress:
     def __init__(self, settings: Settings | None = None) -> None:
@@ -551,6 +609,8 @@ class FarmIngress:
         snapshot, seconds, workers = await self.director.metrics_data.remote()
         return PlainTextResponse(render(snapshot, seconds, workers).decode(),
                                  media_type="text/plain; version=0.0.4")
+
+
 
 
 # Handlers are async and mostly await the director: one replica holds many requests at once (Serve's

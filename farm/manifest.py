@@ -328,7 +328,10 @@ def outside_root(text: str, root: Path) -> bool:
     base = Path(os.path.abspath(root))
     if path != base and base not in path.parents:
         return True
-    real, real_base = path.resolve(), base.resolve()
+    try:
+        real, real_base = path.resolve(), base.resolve()
+    except (OSError, RuntimeError):  # a name too long, a symlink loop: not a model inside the root either
+        return True
     return real != real_base and real_base not in real.parents
 
 
@@ -429,13 +432,22 @@ def _in_root(value: str, root: Path | None, loc: tuple[str | int, ...]) -> Path 
         return inside_root(root, value)
     except ValueError as exc:
         return FieldError(loc, str(exc))
+    except (OSError, RuntimeError):  # a name too long, a symlink loop
+        return FieldError(loc, UNUSABLE_PATH)
+
+
+UNUSABLE_PATH = "is not a usable path (a name too long for the file system, or one that cannot be read)"
 
 
 def _keyframe_errors(value: str, root: Path | None, loc: tuple[str | int, ...]) -> list[FieldError]:
     path = _in_root(value, root, loc)
     if isinstance(path, FieldError):
         return [path]
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError:  # ENAMETOOLONG and friends: Path.is_file lets them through
+        return [FieldError(loc, UNUSABLE_PATH)]
+    if not found:
         return [FieldError(loc, f"file not found: {value}")]
     if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         return [FieldError(loc, "must be a .png, .jpg or .webp image")]
@@ -452,7 +464,11 @@ def _weights_file_errors(value: str, root: Path | None, allow_pickle: bool,
     path = _in_root(value, root, loc)
     if isinstance(path, FieldError):
         return [path]
-    if not path.exists():
+    try:
+        found = path.exists()
+    except OSError:
+        return [FieldError(loc, UNUSABLE_PATH)]
+    if not found:
         return [FieldError(loc, f"not found: {value}")]
     return []
 

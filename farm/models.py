@@ -171,6 +171,13 @@ def _hub_family(role: str, repo_id: str) -> Family:
                      f"{', '.join(f.title for f in for_role(role))} (e.g. {examples})")
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system is no file of the user's
+        return False
+
+
 def local_path(text: str, base_dir: Path | None) -> Path | None:
     """The absolute path `text` names if it is meant as a local path, else None (a hub id)."""
     path = Path(text).expanduser()
@@ -181,7 +188,7 @@ def local_path(text: str, base_dir: Path | None) -> Path | None:
     looks_like_path = (
         text.startswith(("./", "../", "/", "~", ".\\", "..\\"))
         or suffix in SAFE_SUFFIXES | PICKLE_SUFFIXES | OTHER_FILE_SUFFIXES
-        or path.exists()
+        or _exists(path)
     )
     return path if looks_like_path else None
 
