@@ -34,6 +34,7 @@ from ray.exceptions import RayActorError
 from farm import __version__
 from farm.config import FarmConfig, current
 from farm.contract import ACTIVE_STATES, JobState
+from farm.egress import LOOPBACK_NAMES, is_loopback
 from farm.manifest import SHOT_ID, FieldError, Manifest, ManifestError, parse_text, validate_data
 from farm.paths import OutputLayout
 from farm.schemas import FieldProblem, Health, JobStatus, Preflight, PriorityChange, Problem, WorkerInfo
@@ -95,13 +96,6 @@ class Settings:
             return True
         allowed = {self.host.lower().strip("[]"), *LOOPBACK_NAMES} | {h.lower() for h in self.allowed_hosts}
         return name in allowed
-
-
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
-def is_loopback(host: str) -> bool:
-    return host.lower().strip("[]") in LOOPBACK_NAMES or host.startswith("127.")
 
 
 def host_name(header: str) -> str:

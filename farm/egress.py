@@ -18,7 +18,8 @@ from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 SCHEMES = ("http", "https")
-MAX_URL = 2048
+MAX_URL = 2048  # the manifest's `webhook` field takes this bound too
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 Resolver = Callable[..., list[tuple[Any, ...]]]
 
@@ -45,6 +46,11 @@ def url_problem(url: str) -> str | None:
     if parts.username is not None or parts.password is not None:
         return "must not carry credentials (they would be logged); sign with the webhook secret instead"
     return None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address (IPv6 in brackets or not) stays on this machine."""
+    return host.lower().strip("[]") in LOOPBACK_NAMES or host.startswith("127.")
 
 
 def address_refusal(address: str) -> str | None:

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from farm.egress import MAX_URL
 from farm.presets import MotionLevel, Quality, Scene
 from farm.qc import QcRules
 
@@ -66,13 +67,12 @@ class Steps(Strict):
     video: Annotated[int, Field(ge=1, le=500), NoBool] | None = None
 
 
-# Lengths every string of a manifest stays within (farm/manifest.py is their one place; docs/security.md).
+# Lengths every string of a manifest stays within (here, and MAX_URL in farm/egress.py; docs/security.md).
 MAX_DEPTH = 32  # nesting of mappings and lists; a real manifest needs 6
 MAX_NODES = 200_000  # YAML nodes composed, aliases counted as often as they are used
 MAX_STRING = 4000  # any string not given a tighter limit below
 MAX_PROMPT = 2000
 MAX_PATH = 1024
-MAX_URL = 2048
 PathText = Annotated[str, Field(min_length=1, max_length=MAX_PATH)]
 
 

@@ -11,6 +11,7 @@ import secrets
 from pathlib import Path
 
 from farm.config import FarmConfig
+from farm.egress import is_loopback
 from farm.paths import state_dir
 
 
@@ -52,10 +53,9 @@ MIN_REMOTE_TOKEN = 32  # characters a token needs where the API is reachable fro
 def token_problem(token: str | None, host: str) -> str | None:
     """Why the API must not start with this token on `host`, or None: off loopback, a short token
     is guessed long before anyone notices."""
-    loopback = host.lower().strip("[]") in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
     if not token:
         return "the API needs a token (api.token, FARM_API_TOKEN, or the generated one)"
-    if not loopback and len(token) < MIN_REMOTE_TOKEN:
+    if not is_loopback(host) and len(token) < MIN_REMOTE_TOKEN:
         return (f"the API token has {len(token)} characters; bound to {host} it needs at least "
                 f"{MIN_REMOTE_TOKEN} (leave api.token unset and the farm generates one)")
     return None
