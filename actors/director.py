@@ -12,6 +12,7 @@ director reloads its jobs and finds every finished stage by key.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import traceback
@@ -35,6 +36,7 @@ from farm.jobbook import JobBook
 from farm.jobsetup import setup_job
 from farm.manifest import FieldError, ManifestError
 from farm.metrics import snapshot
+from farm.paths import output_problem
 from farm.plan import Stage
 from farm.pool import PoolConfig, PoolPolicy, WorkerBook
 from farm.schedule import Policy, assign
@@ -79,7 +81,7 @@ class Director:
         self.fleet = Fleet(pool or PoolConfig(), self.pool, self.config, str(self.cache.root),
                            reconcile_s=self.policy.reconcile_s, threads=threads, **backends)
         self.books: dict[str, JobBook] = {}
-        self.effects = Effects(self.store, self.cache, self.fleet)
+        self.effects = Effects(self.store, self.cache, self.fleet, self.config.cache_cap_bytes)
         self.streams = self.effects.streams  # job -> its events so far
         self.inflight: dict[Any, tuple[str, str, str]] = {}  # ref -> (job, stage, worker or ENCODER)
         # seconds from ready stage + free worker to dispatch; the latest only (a farm runs for months)
@@ -91,6 +93,7 @@ class Director:
         self.input_waits: deque[float] = deque(maxlen=20_000)
         self.ready_since: dict[str, float] = {}
         self.publishing: dict[str, Any] = {}  # job -> the encoder's publish of its last outputs
+        self.held = False  # drained for maintenance: jobs are accepted and queued, nothing new starts
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="director", daemon=True)
         self._thread.start()
@@ -109,10 +112,14 @@ class Director:
                 raise ManifestError([FieldError(("models", role), why) for role, why in sorted(absent.items())])
         job_id = uuid.uuid4().hex[:12]
         out = out_dir or str(Path(self.store.path).parent / "outputs" / job_id)
-        row, _ = self.store.add_job(job_id, setup.manifest.title, manifest, root, out, priority=priority,
-                                    options=options or {}, idempotency_key=idempotency_key,
-                                    webhook=webhook or setup.manifest.webhook, director=self.name)
-        status = self.status(row.id)
+        problem = output_problem(Path(out), setup.output_bytes())  # not after the GPU work
+        if problem:
+            raise ManifestError([FieldError(("output",), problem)])
+        row, created = self.store.add_job(job_id, setup.manifest.title, manifest, root, out, priority=priority,
+                                          options=options or {}, idempotency_key=idempotency_key,
+                                          webhook=webhook or setup.manifest.webhook, director=self.name)
+        # A new job has no book yet: its status needs no lock (the dispatch loop holds it while it works).
+        status = job_status(row, None, []).model_dump(mode="json") if created else self.status(row.id)
         status["warnings"] = [{"loc": list(w.loc), "msg": w.msg} for w in setup.warnings]  # before its book exists
         return status
 
@@ -197,6 +204,13 @@ class Director:
                     out[tier] = out.get(tier, 0) + n
             return out
 
+    def hold(self, held: bool) -> bool:
+        """Drain the farm (before maintenance, or while a fuzzer submits thousands of jobs): what runs
+        finishes, submits still queue, nothing new starts until released. Returns the old setting."""
+        with self.lock:
+            before, self.held = self.held, held
+        return before
+
     def workers_info(self) -> list[dict[str, Any]]:
         return self.fleet.infos(time.time())
 
@@ -223,10 +237,15 @@ class Director:
         with self.lock:
             data = snapshot(list(self.books.values()), self.pool, self.store, time.time())
         data["webhooks"] = dict(self.effects.webhooks)
+        data["cache_evicted"] = dict(self.effects.evicted)
         return data, self.store.attempt_seconds(), self.workers_info()
 
     def ping(self) -> bool:
         return True
+
+    def pid(self) -> int:
+        """Its process, for a soak test's memory samples."""
+        return os.getpid()
 
     def attempts(self, job_id: str) -> list[dict[str, Any]]:
         """The job's ledger so far: one row per stage attempt."""
@@ -309,6 +328,8 @@ class Director:
             self.effects.apply(book)
 
     def _dispatch(self) -> None:
+        if self.held:
+            return
         now = time.time()
         tiers = {w.tier for w in self.pool.workers.values()}
         ready: dict[str, tuple[JobBook, Stage]] = {}

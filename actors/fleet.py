@@ -19,6 +19,7 @@ from farm.config import FarmConfig
 from farm.contract import FailureKind
 from farm.faults import OutOfMemory, StageCancelled
 from farm.models import ModelSpec, missing
+from farm.paths import disk_trouble
 from farm.pool import PoolConfig, WorkerBook, autoscaler_bundles, desired_slots, worker_threads
 from farm.schemas import WorkerInfo
 
@@ -32,11 +33,16 @@ def failure_kind(exc: BaseException, *, job_active: bool) -> FailureKind:
         return FailureKind.CANCELLED
     if isinstance(exc, RayActorError):
         return FailureKind.LOST
+    if disk_trouble(cause if isinstance(cause, BaseException) else exc):
+        return FailureKind.DISK
     return FailureKind.OOM if isinstance(cause, OutOfMemory) else FailureKind.ERROR
 
 
 def short(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None)
+    trouble = disk_trouble(cause if isinstance(cause, BaseException) else exc)
+    if trouble:
+        return trouble
     text = str(cause if cause is not None else exc).strip().splitlines()
     return (text[-1] if text else type(exc).__name__)[:500]
 

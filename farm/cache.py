@@ -11,9 +11,14 @@ state dir; a restarted director or an edited storyboard finds them by key and sk
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
-from collections.abc import Iterable, Mapping
+import time
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +77,56 @@ def merge_key(clip_keys: list[str], options: dict[str, Any], encode: dict[str, A
     return content_hash({"stage": "merge", "clips": clip_keys, "options": options, "encode": encode})
 
 
+@dataclass(frozen=True)
+class CacheEntry:
+    key: str
+    path: Path
+    size: int
+    used: float  # when it was last written or read (reads touch the file's mtime: atime is often off)
+
+
+@dataclass
+class CacheUsage:
+    files: int = 0
+    bytes: int = 0
+    by_kind: Counter[str] = field(default_factory=Counter)  # suffix (npz, json, mp4) -> bytes
+    pinned_bytes: int = 0  # what queued and running jobs need
+    stale_temp: int = 0  # half-written files a crash left behind (gc removes them)
+
+
+@dataclass(frozen=True)
+class GcReport:
+    removed: int
+    freed: int
+    left: int  # bytes in the cache afterwards
+    over_cap: bool  # still over the cap: what is left is pinned or in use
+
+
+STALE_TEMP_S = 24 * 3600.0  # a temp file this old is no write in progress but a crash's leftover
+GC_GRACE_S = 600.0  # never evict what was used this recently: a stage may be about to read it
+
+
+def choose_evictions(entries: Iterable[CacheEntry], cap_bytes: int, pinned: Collection[str], now: float,
+                     grace_s: float = GC_GRACE_S) -> list[CacheEntry]:
+    """Least recently used first until the cache fits `cap_bytes`, sparing what a queued or running
+    job needs (`pinned` keys) and what was used within `grace_s`."""
+    entries = list(entries)
+    total = sum(e.size for e in entries)
+    chosen = []
+    for entry in sorted(entries, key=lambda e: (e.used, e.key)):
+        if total <= cap_bytes:
+            break
+        if entry.key in pinned or now - entry.used < grace_s:
+            continue
+        chosen.append(entry)
+        total -= entry.size
+    return chosen
+
+
 class ArtifactCache:
     """Files under `root/<2 hex>/<key>.<suffix>`, written atomically. On a multi-node cluster, root
-    must be shared storage (FARM_CACHE_DIR on NFS/EFS) for workers on other nodes to reuse outputs."""
+    must be shared storage (FARM_CACHE_DIR on NFS/EFS) for workers on other nodes to reuse outputs.
+    Reads mark a file used; `gc` keeps the cache under its cap, least recently used out first."""
 
     def __init__(self, root: Path | str | None = None) -> None:
         if root is None:
@@ -87,7 +139,68 @@ class ArtifactCache:
         return self.root / key[:2] / f"{key}.{suffix}"
 
     def has(self, key: str, suffix: str) -> bool:
-        return self.path(key, suffix).is_file()
+        """True if the output is there; a hit counts as a use (its reader is on the way)."""
+        path = self.path(key, suffix)
+        return path.is_file() and self._used(path)
+
+    @staticmethod
+    def _used(path: Path) -> bool:
+        with contextlib.suppress(OSError):  # a read-only shared cache still serves hits
+            os.utime(path)
+        return True
+
+    # --- size: what is there, and keeping it under the cap ---------------------------------------
+
+    def _files(self) -> Iterator[os.DirEntry[str]]:
+        if not self.root.is_dir():
+            return
+        for shard in os.scandir(self.root):
+            if shard.is_dir(follow_symlinks=False) and len(shard.name) == 2:
+                yield from (f for f in os.scandir(shard.path) if f.is_file(follow_symlinks=False))
+
+    def entries(self) -> list[CacheEntry]:
+        """Every finished output (temp files of writes in progress are not entries)."""
+        out = []
+        for f in self._files():
+            if not f.name.startswith("."):
+                with contextlib.suppress(FileNotFoundError):  # gone since the listing: another gc
+                    st = f.stat()
+                    out.append(CacheEntry(f.name.split(".", 1)[0], Path(f.path), st.st_size, st.st_mtime))
+        return out
+
+    def usage(self, pinned: Collection[str] = (), now: float | None = None) -> CacheUsage:
+        now = time.time() if now is None else now
+        usage = CacheUsage()
+        for entry in self.entries():
+            usage.files += 1
+            usage.bytes += entry.size
+            usage.by_kind[entry.path.suffix.lstrip(".")] += entry.size
+            usage.pinned_bytes += entry.size if entry.key in pinned else 0
+        usage.stale_temp = sum(1 for _ in self._stale_temps(now))
+        return usage
+
+    def _stale_temps(self, now: float) -> Iterator[Path]:
+        for f in self._files():
+            if f.name.startswith("."):
+                with contextlib.suppress(FileNotFoundError):
+                    if now - f.stat().st_mtime > STALE_TEMP_S:
+                        yield Path(f.path)
+
+    def gc(self, cap_bytes: int, pinned: Collection[str] = (), *, now: float | None = None,
+           grace_s: float = GC_GRACE_S, dry_run: bool = False) -> GcReport:
+        """Evict least recently used outputs until the cache fits `cap_bytes`; never one in `pinned`
+        (what queued and running jobs need) or used within `grace_s`. Removes crash leftovers too."""
+        now = time.time() if now is None else now
+        entries = self.entries()
+        chosen = choose_evictions(entries, cap_bytes, set(pinned), now, grace_s)
+        if not dry_run:
+            for path in self._stale_temps(now):
+                path.unlink(missing_ok=True)
+            for entry in chosen:
+                entry.path.unlink(missing_ok=True)
+        freed = sum(e.size for e in chosen)
+        left = sum(e.size for e in entries) - freed
+        return GcReport(removed=len(chosen), freed=freed, left=left, over_cap=left > cap_bytes)
 
     def put_arrays(self, key: str, **arrays: np.ndarray) -> Path:
         path = self.path(key, "npz")
@@ -97,7 +210,9 @@ class ArtifactCache:
         return path
 
     def get_arrays(self, key: str) -> dict[str, np.ndarray]:
-        with np.load(self.path(key, "npz")) as data:
+        path = self.path(key, "npz")
+        self._used(path)
+        with np.load(path) as data:
             return {name: data[name] for name in data.files}
 
     # A stage's frames: "last" is what the next stage starts from, "frames" what the clip shows.
@@ -144,7 +259,9 @@ class ArtifactCache:
         return path
 
     def get_json(self, key: str) -> Any:
-        return json.loads(self.path(key, "json").read_text())
+        path = self.path(key, "json")
+        self._used(path)
+        return json.loads(path.read_text())
 
     def put_file(self, key: str, src: Path, suffix: str) -> Path:
         path = self.path(key, suffix)
@@ -153,6 +270,8 @@ class ArtifactCache:
         return path
 
     def get_file(self, key: str, dest: Path, suffix: str) -> Path:
+        src = self.path(key, suffix)
+        self._used(src)
         with atomic_path(dest) as tmp:
-            shutil.copyfile(self.path(key, suffix), tmp)
+            shutil.copyfile(src, tmp)
         return dest

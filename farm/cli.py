@@ -303,6 +303,54 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB"
+
+
+def cmd_cache_du(args: argparse.Namespace) -> int:
+    from farm.cache import ArtifactCache
+    from farm.config import current
+    from farm.store import Store
+
+    config = current()
+    cache = ArtifactCache(config.cache_path)
+    usage = cache.usage(Store(config.store_path).pinned_keys())
+    report = {"dir": str(cache.root), "files": usage.files, "bytes": usage.bytes, "by_kind": dict(usage.by_kind),
+              "pinned_bytes": usage.pinned_bytes, "cap_bytes": config.cache_cap_bytes,
+              "stale_temp_files": usage.stale_temp}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    cap = "none" if config.cache_cap_bytes is None else _gb(config.cache_cap_bytes)
+    print(f"{cache.root}: {usage.files} files, {_gb(usage.bytes)} (cap {cap}); "
+          f"{_gb(usage.pinned_bytes)} needed by queued and running jobs")
+    print_table([{"kind": kind, "size": _gb(n)} for kind, n in sorted(usage.by_kind.items())])
+    return EXIT_OK
+
+
+def cmd_cache_gc(args: argparse.Namespace) -> int:
+    from farm.cache import ArtifactCache
+    from farm.config import current
+    from farm.store import Store
+
+    config = current()
+    if args.cap_gb is not None and args.cap_gb < 0:
+        print("error: --cap-gb: must be 0 or more", file=sys.stderr)
+        return EXIT_INVALID
+    cap = int(args.cap_gb * 1e9) if args.cap_gb is not None else config.cache_cap_bytes
+    if cap is None:
+        print("error: no cap: set cache_cap_gb in the farm config or pass --cap-gb", file=sys.stderr)
+        return EXIT_INVALID
+    cache = ArtifactCache(config.cache_path)
+    report = cache.gc(cap, Store(config.store_path).pinned_keys(), grace_s=args.grace_s, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {report.removed} files ({_gb(report.freed)}); {_gb(report.left)} left, cap {_gb(cap)}")
+    if report.over_cap:
+        print("still over the cap: the rest is needed by queued or running jobs, or was used in the last "
+              f"{args.grace_s:g} s", file=sys.stderr)
+    return EXIT_OK
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "-".join(str(v) for v in value)
@@ -431,6 +479,19 @@ def parser() -> argparse.ArgumentParser:
     c = config_sub.add_parser("show", help="every effective value and where it came from (file, variable, default)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_config_show)
+
+    s = sub.add_parser("cache", help="the stage-output cache: its size, and keeping it under its cap")
+    cache_sub = s.add_subparsers(dest="cache_command", required=True)
+    c = cache_sub.add_parser("du", help="files and bytes in the cache, by kind, and what queued and running jobs need")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_cache_du)
+    c = cache_sub.add_parser("gc", help="evict least recently used outputs until the cache fits its cap "
+                                        "(never what a queued or running job needs)")
+    c.add_argument("--cap-gb", type=float, default=None, help="the cap for this run (default: cache_cap_gb)")
+    c.add_argument("--grace-s", type=float, default=600.0,
+                   help="spare what was used this recently (a stage may be about to read it)")
+    c.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    c.set_defaults(func=cmd_cache_gc)
     return p
 
 

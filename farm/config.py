@@ -62,6 +62,9 @@ class ModelsConfig(_Section):
 
 class FarmConfig(_Section):
     cache_dir: str | None = None  # stage outputs; shared storage on a cluster (default <state dir>/cache)
+    # the cache's cap: after each job, least recently used outputs go until it fits (never what a queued
+    # or running job needs); null: no cap. `farm cache du` / `farm cache gc`
+    cache_cap_gb: Annotated[float, Field(gt=0)] | None = 100.0
     allowed_root: str | None = None  # where paths in submitted manifests may point (default <state dir>/inputs)
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile of the denoiser on GPU workers
     server: str = "http://127.0.0.1:8000"  # the farm `farm submit` and friends talk to
@@ -86,6 +89,10 @@ class FarmConfig(_Section):
         return Path(self.cache_dir) if self.cache_dir else self.home / "cache"
 
     @property
+    def cache_cap_bytes(self) -> int | None:
+        return None if self.cache_cap_gb is None else int(self.cache_cap_gb * 1e9)
+
+    @property
     def inputs_root(self) -> Path:
         return Path(self.allowed_root) if self.allowed_root else self.home / "inputs"
 
@@ -108,6 +115,7 @@ class ConfigError(ValueError):
 # Environment variables, each overriding one key (dotted path into FarmConfig).
 ENV_KEYS: dict[str, str] = {
     "FARM_CACHE_DIR": "cache_dir",
+    "FARM_CACHE_CAP_GB": "cache_cap_gb",
     "FARM_ALLOWED_ROOT": "allowed_root",
     "FARM_COMPILE": "compile",
     "FARM_SERVER": "server",

@@ -76,10 +76,11 @@ class FailureKind(StrEnum):
     OOM = "oom"
     LOST = "lost"
     CANCELLED = "cancelled"
+    DISK = "disk"  # a write failed for want of disk (full, read-only): the job fails at once
 
     @property
     def outcome(self) -> Outcome:
-        return {FailureKind.ERROR: Outcome.FAILED, FailureKind.OOM: Outcome.OOM,
+        return {FailureKind.ERROR: Outcome.FAILED, FailureKind.DISK: Outcome.FAILED, FailureKind.OOM: Outcome.OOM,
                 FailureKind.LOST: Outcome.WORKER_LOST, FailureKind.CANCELLED: Outcome.CANCELLED}[self]
 
 

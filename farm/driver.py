@@ -14,9 +14,9 @@ from typing import Any
 from farm.config import FarmConfig, current
 from farm.contract import ACTIVE_STATES, JobState
 from farm.hashing import content_hash
-from farm.jobsetup import model_errors, resolve_models
-from farm.manifest import ManifestError, load
-from farm.paths import OutputLayout
+from farm.jobsetup import OUTPUT_SLACK, model_errors, resolve_models
+from farm.manifest import FieldError, ManifestError, load
+from farm.paths import OutputLayout, output_problem
 from farm.pool import PoolConfig, resources_for_local
 from farm.progress import ProgressBars
 from farm.rayenv import local_ray_options, prepare_local_ray
@@ -158,6 +158,9 @@ def render(path: Path | str, out_dir: Path | str, *, models: str | None = None, 
     if missing:
         raise ManifestError(missing)
     out = OutputLayout(Path(out_dir).resolve())
+    problem = output_problem(out.root, OUTPUT_SLACK)  # the first look, before Ray starts; submit sizes it
+    if problem:
+        raise ManifestError([FieldError(("output",), problem)])
     pool = PoolConfig(tier=tier, workers=workers)
     we_started = start_ray(pool)
     try:

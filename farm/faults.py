@@ -1,7 +1,8 @@
 """Injected faults for tests and drills, shared by the real worker and the simulator's worker.
 
-A fault is {"match": "<glob on job/stage id>", "kind": "oom|error|crash", "times": N}. It fires inside
-the stage, before any work, so it takes the same paths a real failure would.
+A fault is {"match": "<glob on job/stage id>", "kind": "oom|error|crash|disk_full", "times": N}. It fires
+inside the stage, before any work, so it takes the same paths a real failure would (disk_full: the
+OSError ENOSPC a write to a full cache disk raises).
 
 A spoiling fault, kind "frozen|black|flicker" on a decode stage, lets the stage finish and turns the
 frames it made into a known-bad clip (every frame the first, all black, or alternating black and
@@ -11,6 +12,7 @@ key like any other: spoil only in drills and tests.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 from collections.abc import Callable
@@ -43,6 +45,8 @@ def fire(faults: list[dict[str, Any]], stage_id: str, oom: Callable[[str], BaseE
                 os._exit(13)  # a worker process dying mid-stage (driver crash, OOM killer)
             if fault["kind"] == "oom":
                 raise oom(f"CUDA out of memory (injected fault on {stage_id})")
+            if fault["kind"] == "disk_full":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<cache>/{stage_id} (injected fault)")
             raise RuntimeError(f"injected fault on {stage_id}")
 
 

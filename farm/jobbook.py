@@ -580,6 +580,9 @@ class JobBook:
             if self.losses[stage_id] >= self.policy.max_worker_losses:
                 return self._fail(f"stage {stage_id} lost {self.losses[stage_id]} workers", now)
             return Requeue(f"worker {run.worker} was lost")
+        if kind == FailureKind.DISK:
+            self._emit(now, "stage_failed", stage=stage_id, shot=stage.shot, error=error)
+            return self._fail(f"stage {stage_id}: {error}", now)
         if kind == FailureKind.OOM:
             self._emit(now, "stage_oom", stage=stage_id, shot=stage.shot, preset=run.preset)
             spec = self.setup.specs[StageKind(stage.kind).role]

@@ -14,7 +14,7 @@ from farm.cache import model_identity
 from farm.config import current
 from farm.encode import EncodeSettings, default_bitrate
 from farm.hashing import weights_digest
-from farm.manifest import FieldError, Manifest, inside_root, validate_data
+from farm.manifest import FieldError, Manifest, inside_root, parse_size, validate_data
 from farm.models import ModelSpec, companion_vae, missing, resolve_model, with_tiny
 from farm.plan import Plan, build_plan
 from farm.presets import QUALITY_TEMPLATES
@@ -120,6 +120,9 @@ def choose_draft(role: str, spec: ModelSpec, manifest: Manifest, root: Path) -> 
     return spec, replace(use, lora=str(path), note=f"LoRA {path}")
 
 
+OUTPUT_SLACK = 16 << 20  # the report, contact sheet, timeline, lockfile and ledger
+
+
 @dataclass(frozen=True)
 class JobSetup:
     manifest: Manifest
@@ -146,6 +149,14 @@ class JobSetup:
 
     def encode_identity(self) -> dict[str, Any]:
         return encode_identity(self.encode)
+
+    def output_bytes(self) -> int:
+        """About what the job writes to its output folder, generously: H.264 clips at a tenth of the raw
+        frames (each shot's clip and the film), uncompressed keyframes, and room for the report."""
+        width, height = parse_size(self.manifest.output.resolution, "resolution")
+        frames = sum(shot.frames for shot in self.plan.shots)
+        keyframes = len(self.plan.shots) * width * height * 3 * 4  # keyframes are drawn up to 2x each side
+        return frames * width * height * 3 // 5 + keyframes + OUTPUT_SLACK
 
     def gates(self, shot_id: str) -> Gates:
         """The quality gates a shot is judged by: config, then the job's `qc:`, then the shot's; the

@@ -69,6 +69,13 @@ class _Snapshot:
             hooks.add_metric([outcome], snap.get("webhooks", {}).get(outcome, 0))
         yield hooks
 
+        evicted = snap.get("cache_evicted", {})
+        evictions = CounterMetricFamily("farm_cache_evictions", "Cache files the gc removed to keep under its cap")
+        evictions.add_metric([], evicted.get("files", 0))
+        freed = CounterMetricFamily("farm_cache_evicted_bytes", "Bytes the cache's gc freed")
+        freed.add_metric([], evicted.get("bytes", 0))
+        yield from (evictions, freed)
+
         queue = GaugeMetricFamily("farm_queue_depth", "Stages ready and waiting, by stage kind", labels=["stage"])
         for kind in STAGES:
             queue.add_metric([kind], snap["queue"].get(kind, 0))

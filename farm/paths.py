@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -36,6 +37,44 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def output_problem(folder: Path | str, need_bytes: int) -> str | None:
+    """Why a job could not write its outputs to `folder` (read-only, not a folder, too little free
+    space), found before any GPU work; None when it can. Creates the folder, as the job would."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".farm-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+        stat = os.statvfs(folder)
+    except OSError as exc:
+        return f"cannot write to {folder}: {exc.strerror or exc}"
+    free = stat.f_bavail * stat.f_frsize
+    if free < need_bytes:
+        return (f"{folder} has {free / 1e6:.0f} MB free; the job writes about {need_bytes / 1e6:.0f} MB "
+                "there (free some space or choose another output folder)")
+    return None
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+SQLITE_DISK_CODES = {13: "the disk is full", 8: "the database is read-only"}  # SQLITE_FULL, SQLITE_READONLY
+
+
+def disk_trouble(exc: BaseException) -> str | None:
+    """The message a job fails with when `exc` (or what caused it) is a full or read-only disk: at
+    once, since trying again on another worker writes to the same disk."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_ERRNOS:
+            where = f" writing {seen.filename}" if seen.filename else ""
+            return f"disk trouble{where}: {os.strerror(seen.errno)} (free space on that disk, then requeue the job)"
+        code = getattr(seen, "sqlite_errorcode", None)
+        if code in SQLITE_DISK_CODES:
+            return f"disk trouble writing the farm's store: {SQLITE_DISK_CODES[code]} ({seen})"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def atomic_write_bytes(final: Path | str, data: bytes) -> Path:

@@ -36,6 +36,11 @@ LOCAL_RAY_ENV = {
     "HTTP_PROXY": "http://127.0.0.1:9",
     "no_proxy": "localhost,127.0.0.1,::1",
     "NO_PROXY": "localhost,127.0.0.1,::1",
+    # Every actor call is a task whose events the GCS keeps, the last 100,000 by default: a farm that
+    # follows jobs (status and event polls several times a second) grows gcs_server steadily for
+    # days until that cap (measured ~7 MiB per 1,000 stages). A tenth of it bounds the growth; the
+    # farm's own pages and ledger are where its history lives.
+    "RAY_task_events_max_num_task_in_gcs": "10000",
 }
 
 # A cluster's nodes are started by `ray start` (cluster.yaml), on their private addresses, with Ray's

@@ -82,7 +82,7 @@ class PriorityChange(_Body):
     """PATCH /v1/jobs/{id}: a job's new priority (higher first; running stages are not preempted)."""
 
     model_config = ConfigDict(extra="forbid")
-    priority: Annotated[int, Field(ge=-100, le=100)]
+    priority: Annotated[int, Field(ge=-100, le=100, strict=True)]  # strict: `true` is no priority
 
 
 class PlannedStage(_Body):

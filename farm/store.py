@@ -215,6 +215,15 @@ class Store:
                 (job_id, stage_id, state, attempts, worker, tier, cache_key,
                  json.dumps(record, default=str) if record is not None else None, time.time(), attempts))
 
+    def pinned_keys(self) -> set[str]:
+        """Cache keys a queued or running job has made and still needs (its later stages read them);
+        the cache's gc never evicts these."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.cache_key FROM stages s JOIN jobs j ON j.id = s.job_id "
+                f"WHERE s.cache_key IS NOT NULL AND j.state IN ({', '.join('?' * len(ACTIVE))})", ACTIVE).fetchall()
+        return {r[0] for r in rows}
+
     # --- ledger --------------------------------------------------------------------------------
 
     def add_attempt(self, row: dict[str, Any]) -> None:
