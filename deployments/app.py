@@ -189,7 +189,31 @@ async def _guard(request: Request, call_next: Any) -> Response:
             return JSONResponse(status_code=400, content={"detail": "unknown Host: add it to api.allowed_hosts"})
         if request.method not in SAFE_METHODS and cross_origin(request):
             return JSONResponse(status_code=403, content={"detail": "cross-origin requests may not change state"})
-    return await call_next(request)
+    if request.method == "OPTIONS":
+        allowed = allowed_methods(request)
+        if allowed:
+            return Response(status_code=204, headers={"Allow": ", ".join(allowed)})
+    response: Response = await call_next(request)
+    if response.status_code == 405:  # Starlette names only the first route of the path's
+        response.headers["Allow"] = ", ".join(allowed_methods(request))
+    return response
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers at this path (each method of a path is its own route; Serve
+    keeps the ingress class's routes in an included router, which does not prefix them)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    routes = list(request.app.routes)
+    while routes:
+        route = routes.pop()
+        nested = getattr(route, "routes", None) or getattr(getattr(route, "original_router", None), "routes", None)
+        if nested:  # a mount, or FastAPI's _IncludedRouter (its routes are the original router's)
+            routes.extend(nested)
+        elif getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= set(route.methods)  # PARTIAL: the path matched, not the method
+    return sorted(methods | {"OPTIONS"}) if methods else []
 
 
 @app.exception_handler(RayActorError)
@@ -295,14 +319,16 @@ def contract() -> dict[str, Any]:
             op["parameters"] = [p for p in op.get("parameters", []) if p.get("name", "").lower() != "authorization"]
             if not op["parameters"]:
                 del op["parameters"]
-            if path.startswith("/v1/") or path == "/metrics":
+            if path.startswith("/v1/"):
                 op["security"] = [{"bearer": []}]
+            elif path == "/metrics":  # open on a loopback bind (or api.metrics_open), else the token
+                op["security"] = [{}, {"bearer": []}]
             if method == "post" and path in ("/v1/jobs", "/v1/validate", "/v1/simulate"):
                 op["requestBody"] = body
             responses = op.setdefault("responses", {})
             for code, why, applies in [
                     ("400", "a Host this farm does not answer to, or a body that is not UTF-8", path != "/healthz"),
-                    ("401", "missing or wrong bearer token", path.startswith("/v1/")),
+                    ("401", "missing or wrong bearer token", path.startswith("/v1/") or path == "/metrics"),
                     ("403", "a state change sent from another site's page", method not in ("get", "head")),
                     ("404", "no such job", "{job_id}" in path),
                     ("413", "body too large", "requestBody" in op),
@@ -314,6 +340,26 @@ def contract() -> dict[str, Any]:
                 op.setdefault("responses", {})["422"] = {
                     "description": "invalid input: one entry per problem, at its field path",
                     "content": {"application/json": {"schema": problems}}}
+    # Links from a created job to every route of that job, for clients and a fuzzer's stateful phase.
+    created = doc["paths"]["/v1/jobs"]["post"]["responses"]["202"]
+    created["links"] = {
+        op["operationId"]: {"operationId": op["operationId"], "parameters": {"job_id": "$response.body#/id"},
+                            "description": f"{method.upper()} {path} of the created job"}
+        for path, operations in doc["paths"].items() if path.startswith("/v1/jobs/{job_id}") and "{shot_id}" not in path
+        for method, op in operations.items()}
+    # A file route's 200 is that file's own media type only (FastAPI adds application/json to each).
+    files = {f"/v1/jobs/{{job_id}}/{name}": media for name, (_, media) in JOB_FILES.items()}
+    files |= {"/v1/jobs/{job_id}/shots/{shot_id}/keyframe": "image/png",
+              "/v1/jobs/{job_id}/shots/{shot_id}/clip": "video/mp4", "/v1/jobs/{job_id}/output": "video/mp4"}
+    for path, media in files.items():
+        schema = {"type": "object"} if media == "application/json" else {"type": "string", "format": "binary"}
+        doc["paths"][path]["get"]["responses"]["200"] = {"description": "the file",
+                                                          "content": {media: {"schema": schema}}}
+    for kind in ("keyframe", "clip"):  # a shot's files: the created job's first shot
+        op = doc["paths"][f"/v1/jobs/{{job_id}}/shots/{{shot_id}}/{kind}"]["get"]
+        created["links"][op["operationId"]] = {
+            "operationId": op["operationId"], "description": f"the first shot's {kind}",
+            "parameters": {"job_id": "$response.body#/id", "shot_id": "$response.body#/shots/0/id"}}
     _CONTRACT = app.openapi_schema = doc
     return doc
 
@@ -437,13 +483,15 @@ class FarmIngress:
               responses={413: {"model": Problem, "description": "body too large"}, **UNAUTHORIZED})
     @app.post("/v1/simulate", dependencies=[Depends(bearer)], response_model=Preflight,
               responses={413: {"model": Problem, "description": "body too large"}, **UNAUTHORIZED})
-    async def validate(self, request: Request) -> dict[str, Any]:
+    async def validate(self, request: Request) -> Any:
         """Check and plan a storyboard (JSON or YAML body) without submitting it: every error at its
         field path, the warnings, the stage table and the makespan simulated on the workers up now."""
         from farm.preflight import preflight
 
         root = Path(self.settings.root)
         text = await self._body(request)
+        if not text.strip():  # nothing to check is a malformed request, not an invalid storyboard
+            return unprocessable([FieldError((), "no body: send a storyboard manifest (JSON or YAML)")])
         try:
             data, extra = await asyncio.to_thread(self._check, text)
         except ManifestError as exc:
@@ -607,10 +655,13 @@ class FarmIngress:
 
 
 
-# Handlers are async and mostly await the director: one replica holds many requests at once (Serve's
-# default of 5 made 32 concurrent clients queue behind its router's back-off, ~10 req/s).
+# Handlers are async and mostly await the director (parsing runs in a thread): one replica holds many
+# requests at once. Serve's default of 5 made 32 concurrent clients queue behind its router's back-off
+# (~10 req/s), and a cap of 64 did the same to 300 (bench/api_load.py): past the cap a request waits in
+# the proxy's back-off instead of a queue that drains as fast as the replica works.
 HEAD_NODE = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
-FarmAPI = serve.deployment(name="FarmAPI", num_replicas=1, max_ongoing_requests=64,
+MAX_ONGOING_REQUESTS = 1024
+FarmAPI = serve.deployment(name="FarmAPI", num_replicas=1, max_ongoing_requests=MAX_ONGOING_REQUESTS,
                            ray_actor_options=HEAD_NODE)(FarmIngress)
 
 

@@ -528,6 +528,50 @@ def test_the_openapi_contract_declares_what_the_handlers_do(api):
             invalid = op["responses"].get("422")
             if invalid:
                 assert invalid["content"]["application/json"]["schema"]["type"] == "array", (method, path)
+    operations = {op["operationId"]: (method, path) for path, ops in doc["paths"].items() for method, op in ops.items()}
+    links = doc["paths"]["/v1/jobs"]["post"]["responses"]["202"]["links"]
+    linked = {operations[link["operationId"]] for link in links.values()}
+    assert {("get", "/v1/jobs/{job_id}"), ("delete", "/v1/jobs/{job_id}"), ("patch", "/v1/jobs/{job_id}"),
+            ("post", "/v1/jobs/{job_id}/requeue"), ("get", "/v1/jobs/{job_id}/events")} <= linked
+    assert all(link["parameters"]["job_id"] == "$response.body#/id" for link in links.values())
+    shot = "/v1/jobs/{job_id}/shots/{shot_id}"
+    assert {("get", f"{shot}/keyframe"), ("get", f"{shot}/clip")} <= linked
+    assert doc["paths"]["/metrics"]["get"]["security"] == [{}, {"bearer": []}]  # open on loopback only
+    # OPTIONS and 405 name every method of the path, not the first route's
+    allow = client.options("/v1/jobs/x")
+    assert allow.status_code == 204 and allow.headers["allow"] == "DELETE, GET, OPTIONS, PATCH", allow.headers
+    wrong = client.put("/v1/jobs/x")
+    assert wrong.status_code == 405 and "DELETE" in wrong.headers["allow"] and "PATCH" in wrong.headers["allow"]
     # and the handler really answers the declared shape
     response = client.post("/v1/jobs", content=json.dumps({"version": 1}), headers={"Content-Type": "application/json"})
     assert response.status_code == 422 and all(set(e) == {"loc", "msg"} for e in response.json())
+
+
+def test_a_full_disk_fails_the_job_at_once_and_the_farm_keeps_serving(api, ray_session):
+    """A stage's write hits ENOSPC (injected at the worker, the error a full cache disk raises): the job
+    fails on the first attempt with a message that says so, the worker is not blamed, the next job renders."""
+    import yaml
+
+    _, client, _ = api
+    director = ray_session.get_actor("hardening-test", namespace="farm")
+    deadline = time.time() + 120
+    while not (workers := ray_session.get(director.workers_info.remote())) and time.time() < deadline:
+        time.sleep(0.5)
+    ray_session.get(director.set_faults.remote(workers[0]["id"], [{"match": "*", "kind": "disk_full", "times": 1}]))
+
+    def run(seed: int) -> dict:
+        job = client.post("/v1/jobs", content=yaml.safe_dump(base_manifest(seed=seed)),
+                          headers={"Content-Type": "application/yaml"}).json()
+        until = time.time() + 180
+        while (state := client.get(f"/v1/jobs/{job['id']}").json())["state"] in ("queued", "running"):
+            assert time.time() < until
+            time.sleep(0.2)
+        return state
+
+    failed = run(1810)
+    assert failed["state"] == "failed" and "No space left on device" in failed["error"], failed
+    assert "disk trouble" in failed["error"]
+    attempts = ray_session.get(director.attempts.remote(failed["id"]))
+    assert [a["outcome"] for a in attempts if a["outcome"] != "succeeded"] == ["failed"]  # no retries
+    assert run(1811)["state"] == "succeeded"
+    assert all(w["state"] != "quarantined" for w in ray_session.get(director.workers_info.remote()))
