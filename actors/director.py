@@ -94,6 +94,7 @@ class Director:
         self.ready_since: dict[str, float] = {}
         self.publishing: dict[str, Any] = {}  # job -> the encoder's publish of its last outputs
         self.held = False  # drained for maintenance: jobs are accepted and queued, nothing new starts
+        self.incarnation = uuid.uuid4().hex[:8]  # event ids are per incarnation (event_page)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="director", daemon=True)
         self._thread.start()
@@ -111,8 +112,11 @@ class Director:
             if absent:
                 raise ManifestError([FieldError(("models", role), why) for role, why in sorted(absent.items())])
         job_id = uuid.uuid4().hex[:12]
-        out = out_dir or str(Path(self.store.path).parent / "outputs" / job_id)
-        problem = output_problem(Path(out), setup.output_bytes())  # not after the GPU work
+        outputs = Path(self.store.path).parent / "outputs"
+        out = out_dir or str(outputs / job_id)
+        # Not after the GPU work. The folder of all outputs stands for a job's own, so an idempotent
+        # replay (which returns the first job) leaves no empty folder behind.
+        problem = output_problem(Path(out_dir) if out_dir else outputs, setup.output_bytes())
         if problem:
             raise ManifestError([FieldError(("output",), problem)])
         row, created = self.store.add_job(job_id, setup.manifest.title, manifest, root, out, priority=priority,
@@ -136,6 +140,12 @@ class Director:
     def events(self, job_id: str, since: int = 0) -> tuple[list[dict[str, Any]], str]:
         with self.lock:
             return self.streams.get(job_id, [])[since:], self._row(job_id).state
+
+    def event_page(self, job_id: str, since: int = 0) -> tuple[list[dict[str, Any]], str, str]:
+        """`events`, and this director's incarnation: a restarted director numbers its (new) event
+        lists from 0 again, so an event id only means something with the incarnation that gave it."""
+        events, state = self.events(job_id, since)
+        return events, state, self.incarnation
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Nothing more is dispatched; running stages stop at their next denoising step."""
@@ -429,7 +439,12 @@ class Director:
                     book.succeed(time.time())
                 self.effects.apply(book)
             if not book.active and not book.running and len(self.books) > 200:
-                del self.books[book.id]  # keep recent finished jobs for their events, not all of them
+                # Keep recent finished jobs for their events, not all of them (a farm runs for months):
+                # the book, its event list, and what a cancel left of its ready stages go together.
+                del self.books[book.id]
+                self.streams.pop(book.id, None)
+                for ident in [i for i in self.ready_since if i.startswith(f"{book.id}/")]:
+                    del self.ready_since[ident]
 
 DirectorActor = actor_class(Director, max_restarts=-1, max_concurrency=16, num_cpus=0)
 

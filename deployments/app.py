@@ -531,22 +531,27 @@ class FarmIngress:
 
     @app.get("/v1/jobs/{job_id}/events", dependencies=[Depends(bearer)],
              responses={200: {"content": {"text/event-stream": {}}}})
-    async def events(self, job_id: str, last_event_id: str | None = Header(default=None, max_length=20)) -> Any:
+    async def events(self, job_id: str, last_event_id: str | None = Header(default=None, max_length=40)) -> Any:
         """Server-sent events: stage started/finished/failed, job finished. Ends when the job does; a
-        client that reconnects with Last-Event-ID gets the events after that one."""
+        client that reconnects with Last-Event-ID gets the events after that one. Ids are
+        `<director incarnation>-<n>`: a restarted director's list starts again, and so does the client."""
         await self._status(job_id)
-        start = int(last_event_id) + 1 if last_event_id and last_event_id.isdigit() else 0
+        seen, _, last = (last_event_id or "").rpartition("-")
+        start = int(last) + 1 if seen and last.isdigit() else 0
 
         async def stream():  # noqa: ANN202
             since, finished = start, False
             while True:
                 try:
-                    events, state = await self.director.events.remote(job_id, since)
+                    events, state, incarnation = await self.director.event_page.remote(job_id, since)
                 except RayActorError:
                     return  # the director is restarting: the client reconnects with Last-Event-ID
+                if seen and incarnation != seen and since == start:  # numbered by a director since restarted
+                    events, state, incarnation = await self.director.event_page.remote(job_id, 0)
+                    since = 0
                 for i, event in enumerate(events):
                     finished |= event["type"] == "job_finished"
-                    yield f"id: {since + i}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                    yield f"id: {incarnation}-{since + i}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
                 since += len(events)
                 if JobState(state) not in ACTIVE_STATES:
                     if not finished:  # ended before this stream saw its events (or a director restart)

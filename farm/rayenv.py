@@ -17,6 +17,8 @@ from typing import Any
 
 # What every Ray the farm starts itself gets (a cluster's `ray start` lines in cluster.yaml set the same):
 # no usage reports leave the machine, and workers run at the same priority as everything else.
+TASK_EVENTS_ENV = "RAY_task_events_max_num_task_in_gcs"  # the GCS's cap on kept task events
+
 LOCAL_RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_worker_niceness": "0",
@@ -40,7 +42,7 @@ LOCAL_RAY_ENV = {
     # follows jobs (status and event polls several times a second) grows gcs_server steadily for
     # days until that cap (measured ~7 MiB per 1,000 stages). A tenth of it bounds the growth; the
     # farm's own pages and ledger are where its history lives.
-    "RAY_task_events_max_num_task_in_gcs": "10000",
+    TASK_EVENTS_ENV: "10000",
 }
 
 # A cluster's nodes are started by `ray start` (cluster.yaml), on their private addresses, with Ray's

@@ -79,15 +79,28 @@ def test_submit_follow_events_and_download(api, tmp_path):
     job = response.json()
     assert job["state"] in ("queued", "running") and job["id"]
     assert client.get(f"/v1/jobs/{job['id']}/output").status_code == 409  # not finished yet
-    events = []
-    with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=180) as stream:
-        assert stream.headers["content-type"].startswith("text/event-stream")
-        for line in stream.iter_lines():
-            if line.startswith("data: "):
-                events.append(json.loads(line[6:]))
+
+    def follow(headers: dict[str, str] | None = None) -> tuple[list[str], list[dict]]:
+        ids, events = [], []
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=180, headers=headers or {}) as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            for line in stream.iter_lines():
+                if line.startswith("id: "):
+                    ids.append(line[4:])
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+        return ids, events
+
+    ids, events = follow()
     kinds = [e["type"] for e in events]
     assert kinds[-1] == "job_finished" and events[-1]["state"] == "succeeded"
     assert "stage_started" in kinds and "stage_finished" in kinds
+    # Ids are <director incarnation>-<n>: a reconnect resumes after its id; an id a restarted director
+    # gave (another incarnation) means nothing to this one, so the stream starts over.
+    incarnation = ids[0].rsplit("-", 1)[0]
+    assert ids == [f"{incarnation}-{n}" for n in range(len(ids))]
+    assert follow({"Last-Event-ID": ids[2]})[1] == events[3:]
+    assert follow({"Last-Event-ID": "0badbeef-2"})[1] == events
     status = client.get(f"/v1/jobs/{job['id']}").json()
     assert status["state"] == "succeeded" and status["progress"] == 1.0
     assert {s["id"] for s in status["shots"]} == {"a", "b"} and all(s["state"] == "succeeded" for s in status["shots"])

@@ -57,6 +57,9 @@ def farm(ray_session, tiny_models, tmp_path_factory):
                             store_path=str(root / "farm.sqlite"), cache_dir=str(root / "cache"),
                             policy=PolicyConfig(backoff_s=0.05, reconcile_s=0.3), threads=1)
     ray_session.get(director.ping.remote())
+    deadline = time.time() + 120  # the fleet starts in the background: tests that count workers need both
+    while len(ray_session.get(director.workers_info.remote())) < 2 and time.time() < deadline:
+        time.sleep(0.2)
     yield ray_session, director, root
     ray_session.kill(director, no_restart=True)
 
