@@ -23,26 +23,35 @@ import yaml
 from farm.contract import StageKind
 from farm.sim.costs import DEFAULT_COSTS, TierCost, calibrate, params_seconds
 
-Work = tuple[str, int, int]  # kind, steps, frames as the stage ran
+Work = tuple[str, int, int, str | None, int | None]  # kind, steps, frames, family, pixels as the stage ran
 
 
 def stage_work(lock: Mapping[str, Any]) -> dict[str, Work]:
-    """stage id -> (kind, steps, frames) from a lockfile: the keyframe's steps, each video segment's
-    steps and frames, each decode's frames."""
+    """stage id -> (kind, steps, frames, family, pixels) from a lockfile: the keyframe's steps at its
+    size, each video segment's steps and frames, each decode's frames at the video's size."""
     out: dict[str, Work] = {}
+    models = lock.get("models") or {}
+    families = {role: (models.get(role) or {}).get("family") for role in ("keyframe", "video")}
     for shot in lock.get("shots", []):
         sid = shot["id"]
         keyframe = shot.get("keyframe") or {}
-        steps = (keyframe.get("params") or {}).get("num_inference_steps")
+        params = keyframe.get("params") or {}
+        steps = params.get("num_inference_steps")
         if steps:
-            out[f"keyframe:{sid}"] = ("keyframe", int(steps), 1)
+            out[f"keyframe:{sid}"] = ("keyframe", int(steps), 1, families["keyframe"], _pixels(params))
         for segment in (shot.get("video") or {}).get("segments", []):
             params = segment.get("params") or {}
             frames = int(params.get("num_frames") or segment.get("frames") or 0)
-            index = segment.get("index", 0)
-            out[f"video:{sid}:{index}"] = ("video", int(params.get("num_inference_steps") or 0), frames)
-            out[f"decode:{sid}:{index}"] = ("decode", 0, frames)
+            index, pixels = segment.get("index", 0), _pixels(params)
+            out[f"video:{sid}:{index}"] = ("video", int(params.get("num_inference_steps") or 0), frames,
+                                           families["video"], pixels)
+            out[f"decode:{sid}:{index}"] = ("decode", 0, frames, families["video"], pixels)
     return out
+
+
+def _pixels(params: Mapping[str, Any]) -> int | None:
+    width, height = params.get("width"), params.get("height")
+    return int(width) * int(height) if width and height else None
 
 
 def read_render(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Work]]:
@@ -85,8 +94,9 @@ def fit(renders: Iterable[tuple[list[dict[str, Any]], dict[str, Work]]],
             continue
         seen.add(first)
         params = {"num_inference_steps": info[1], "num_frames": info[2]}
-        loads.setdefault(tier, []).append(max(0.0, float(row["seconds"]) - params_seconds(info[0], params,
-                                                                                          fitted[tier])))
+        family, pixels = (info[3], info[4]) if len(info) >= 5 else (None, None)  # older 3-tuples: tier-wide
+        cost = params_seconds(info[0], params, fitted[tier], family, pixels)
+        loads.setdefault(tier, []).append(max(0.0, float(row["seconds"]) - cost))
     for tier, extras in loads.items():
         fitted[tier] = replace(fitted[tier], load_s=statistics.median(extras))
         measured.setdefault(tier, []).append("load")
@@ -95,7 +105,9 @@ def fit(renders: Iterable[tuple[list[dict[str, Any]], dict[str, Work]]],
 
 def write_costs(path: Path, costs: Mapping[str, TierCost], measured: Mapping[str, list[str]],
                 sources: list[str]) -> None:
-    tiers = {tier: {**{k: round(v, 6) for k, v in asdict(cost).items()},
+    tiers = {tier: {**{k: round(v, 6) for k, v in asdict(cost).items() if k != "families"},
+                    "families": {family: {kind: round(rate, 9) for kind, rate in kinds.items()}
+                                 for family, kinds in cost.families.items()},
                     "measured": sorted(measured.get(tier, [])), "assumed": not measured.get(tier)}
              for tier, cost in costs.items()}
     path.write_text(yaml.safe_dump({"version": 1, "from": sources, "tiers": tiers}, sort_keys=False))
@@ -113,9 +125,12 @@ def load_costs(path: str | Path) -> dict[str, TierCost]:
         if tier not in DEFAULT_COSTS or not isinstance(values, dict):
             raise ValueError(f"{path}: tiers.{tier}: unknown tier or not a mapping")
         try:
-            out[tier] = replace(DEFAULT_COSTS[tier], **{k: float(v) for k, v in values.items() if k in fields})
-        except (TypeError, ValueError) as exc:
+            figures = {k: float(v) for k, v in values.items() if k in fields and k != "families"}
+            families = {str(family): {str(kind): float(rate) for kind, rate in kinds.items()}
+                        for family, kinds in (values.get("families") or {}).items()}
+            out[tier] = replace(DEFAULT_COSTS[tier], **figures, families=families)
+        except (AttributeError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: tiers.{tier}: {exc}") from None
-        if any(getattr(out[tier], k) < 0 for k in fields):
+        if any(v < 0 for v in figures.values()) or any(r < 0 for k in families.values() for r in k.values()):
             raise ValueError(f"{path}: tiers.{tier}: a negative cost")
     return out

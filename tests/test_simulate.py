@@ -500,3 +500,32 @@ def test_sizing_meets_a_deadline_with_the_fewest_gpus_that_do_and_prices_it():
     assert not tight.met and tight.makespan_s > 1.0
     # no price for a tier: the cost is unknown, not made up
     assert size_for_deadline(lambda: book_of(manifest), {"low": 2}, deadline * 10, {}).cost is None
+
+
+def test_calibration_fits_each_family_per_tier_and_scales_by_size(tmp_path):
+    """Rates per family x tier x kind, in work at 1024x576: the same family at a quarter of the pixels
+    fits the same rate, another family its own; an unfitted family keeps the tier-wide figure; the
+    rates survive the costs file and reach the simulated stage's seconds."""
+    from farm.calibration import fit, load_costs, stage_work, write_costs
+    from farm.sim.costs import REF_PIXELS, params_seconds
+
+    lock = {"models": {"keyframe": {"family": "flux"}, "video": {"family": "wan"}},
+            "shots": [{"id": "a", "keyframe": {"params": {"num_inference_steps": 20, "width": 1024, "height": 576}},
+                       "video": {"segments": [{"index": 0, "params": {"num_inference_steps": 10, "num_frames": 9,
+                                                                       "width": 512, "height": 288}}]}}]}
+    work = stage_work(lock)
+    assert work["keyframe:a"] == ("keyframe", 20, 1, "flux", REF_PIXELS)
+    assert work["decode:a:0"] == ("decode", 0, 9, "wan", 512 * 288)
+    # flux at 0.3 s per step at full size; wan at 0.02 s per frame-step and 0.01 s per decoded frame,
+    # both at full size (so a quarter of that at 512x288)
+    truth = {"keyframe:a": 20 * 0.3, "video:a:0": 10 * 9 * 0.02 / 4, "decode:a:0": 9 * 0.01 / 4}
+    rows = [{"stage": sid, "tier": "mid", "worker": "w", "start": float(i), "seconds": s, "outcome": "succeeded",
+             "cache_hit": 0} for i, (sid, s) in enumerate(truth.items())] * 3
+    costs, _ = fit([(rows, work)])
+    assert costs["mid"].families["flux"]["keyframe"] == pytest.approx(0.3)
+    assert costs["mid"].families["wan"] == pytest.approx({"video": 0.02, "decode": 0.01})
+    params = {"num_inference_steps": 20, "width": 512, "height": 288}
+    assert params_seconds("keyframe", params, costs["mid"], "flux") == pytest.approx(20 * 0.3 / 4)
+    assert params_seconds("keyframe", params, costs["mid"], "sdxl") == pytest.approx(20 * costs["mid"].keyframe_step_s)
+    write_costs(tmp_path / "costs.yaml", costs, {"mid": ["keyframe"]}, ["x"])
+    assert load_costs(tmp_path / "costs.yaml")["mid"].families == costs["mid"].families

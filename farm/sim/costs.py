@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from farm.contract import StageKind
@@ -28,6 +28,20 @@ class TierCost:
     video_frame_step_s: float
     load_s: float
     decode_frame_s: float = 0.1
+    # What `farm calibrate` fitted where its ledgers ran a family on this tier: family -> stage kind ->
+    # seconds per unit of work (`work_units`) at REF_PIXELS, scaled by the call's own pixels. Where a
+    # family has no rate the tier-wide figures above apply (they do not scale with size).
+    families: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+
+REF_PIXELS = 1024 * 576  # the size a fitted family rate is per unit of work at
+
+
+def work_units(kind: str, steps: int, frames: int) -> int:
+    """A stage's work for the cost model: keyframe steps, video frame-steps (each denoising step runs
+    over every frame of the call), decoded frames."""
+    return {StageKind.KEYFRAME: steps, StageKind.VIDEO: steps * frames, StageKind.DECODE: frames}.get(
+        StageKind(kind), 0)
 
 
 # ASSUMED placeholder figures, not measurements: a 1024x576 SDXL step and one frame of a 1024x576
@@ -64,8 +78,16 @@ def decode_seconds(frames: int, cost: TierCost) -> float:
     return frames * cost.decode_frame_s
 
 
-def params_seconds(kind: str, params: Mapping[str, Any], cost: TierCost) -> float:
-    """Seconds of a GPU stage with these effective parameters on a worker costing `cost`."""
+def params_seconds(kind: str, params: Mapping[str, Any], cost: TierCost, family: str | None = None,
+                   pixels: int | None = None) -> float:
+    """Seconds of a GPU stage with these effective parameters on a worker costing `cost`: by the
+    family's fitted rate at the call's size (`pixels`, else the params' width x height) where there
+    is one, else by the tier-wide figures."""
+    rate = cost.families.get(family or "", {}).get(str(kind))
+    if rate is not None:
+        steps = int(params.get("num_inference_steps") or 0)
+        size = pixels or int(params.get("width") or 0) * int(params.get("height") or 0) or REF_PIXELS
+        return rate * work_units(kind, steps, int(params.get("num_frames") or 1)) * size / REF_PIXELS
     if kind == StageKind.DECODE:
         return decode_seconds(int(params["num_frames"]), cost)
     steps = int(params["num_inference_steps"])
@@ -86,7 +108,17 @@ def stage_seconds(book: JobBook, stage_id: str, tier: str, costs: Mapping[str, T
         return sum(sp.frames for sp in book.plan.shots) * MERGE_FRAME_S
     if tier not in costs:
         raise ValueError(f"unknown tier {tier!r}; expected one of {', '.join(costs)}")
-    return params_seconds(stage.kind, book.params(stage_id, tier), costs[tier])
+    spec = book.setup.specs[StageKind(stage.kind).role]
+    pixels = None if stage.kind == StageKind.KEYFRAME else stage_pixels(book)  # a keyframe's own size
+    return params_seconds(stage.kind, book.params(stage_id, tier), costs[tier], spec.family, pixels)
+
+
+def stage_pixels(book: JobBook) -> int:
+    """The video's pixels per frame (a decode's params carry no size; keyframes carry their own)."""
+    from farm.manifest import parse_size
+
+    width, height = parse_size(book.setup.manifest.output.resolution, "resolution")
+    return width * height
 
 
 def cost_table(book: JobBook, tiers: Iterable[str],
@@ -113,36 +145,48 @@ def load_seconds(costs: Mapping[str, TierCost] = DEFAULT_COSTS) -> dict[str, flo
     return {tier: cost.load_s for tier, cost in costs.items()}
 
 
-def calibrate(ledger_rows: list[dict[str, Any]], stages: Mapping[str, tuple[str, int, int]],
+def calibrate(ledger_rows: list[dict[str, Any]], stages: Mapping[str, tuple[Any, ...]],
               base: Mapping[str, TierCost] = DEFAULT_COSTS) -> dict[str, TierCost]:
-    """Fit per-tier keyframe_step_s, video_frame_step_s and decode_frame_s from a real render's ledger.
+    """Fit per-tier keyframe_step_s, video_frame_step_s and decode_frame_s from a real render's ledger,
+    and, where a stage says its family and size, per family x tier x kind rates scaled by size.
 
-    `stages` maps stage id -> (kind, steps, frames) as that stage actually ran (steps are per tier,
-    so take them from the lockfile). Failed and cache-hit rows are skipped. The fit is the median of
-    seconds / (steps [x frames]) per row: a ledger row's seconds include a model load on a worker's
-    first stage, and the median ignores those few outliers. Tiers or kinds with no rows keep `base`;
-    load_s is always kept (the ledger does not separate it)."""
+    `stages` maps stage id -> (kind, steps, frames[, family, pixels]) as that stage actually ran (steps
+    are per tier, so take them from the lockfile). Failed and cache-hit rows are skipped. The fit is the
+    median of seconds / work per row: a ledger row's seconds include a model load on a worker's first
+    stage, and the median ignores those few outliers. Tiers or kinds with no rows keep `base`; load_s
+    is always kept (the ledger does not separate it)."""
     rates: dict[str, dict[str, list[float]]] = {}
+    family_rates: dict[str, dict[str, dict[str, list[float]]]] = {}
     for row in ledger_rows:
         if row.get("outcome") != "succeeded" or row.get("cache_hit"):
             continue
         info = stages.get(str(row.get("stage", "")))
         tier = row.get("tier")
-        if info is None or not isinstance(tier, str) or tier not in base:
+        if info is None or not isinstance(tier, str) or tier not in base or info[0] not in GPU_KIND_NAMES:
             continue
-        kind, steps, frames = info
-        work = {"keyframe": steps, "video": steps * frames, "decode": frames}.get(kind, 0)
+        kind, steps, frames = info[0], int(info[1]), int(info[2])
+        work = work_units(kind, steps, frames)
         seconds = row.get("seconds")
         if work <= 0 or seconds is None or not math.isfinite(float(seconds)) or float(seconds) < 0:
             continue
         rates.setdefault(tier, {}).setdefault(kind, []).append(float(seconds) / work)
+        if len(info) >= 5 and info[3] and info[4]:
+            family, pixels = str(info[3]), int(info[4])
+            family_rates.setdefault(tier, {}).setdefault(family, {}).setdefault(kind, []).append(
+                float(seconds) / (work * pixels / REF_PIXELS))
     out = dict(base)
     for tier, by_kind in rates.items():
         old = base[tier]
+        fitted = {family: {**old.families.get(family, {}), **{k: statistics.median(v) for k, v in kinds.items()}}
+                  for family, kinds in family_rates.get(tier, {}).items()}
         out[tier] = replace(
             old,
             keyframe_step_s=statistics.median(by_kind["keyframe"]) if "keyframe" in by_kind else old.keyframe_step_s,
             video_frame_step_s=statistics.median(by_kind["video"]) if "video" in by_kind else old.video_frame_step_s,
             decode_frame_s=statistics.median(by_kind["decode"]) if "decode" in by_kind else old.decode_frame_s,
+            families={**old.families, **fitted},
         )
     return out
+
+
+GPU_KIND_NAMES = ("keyframe", "video", "decode")

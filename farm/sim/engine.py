@@ -16,13 +16,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from farm.contract import EncodeResult, FailureKind, StageResult
+from farm.contract import EncodeResult, FailureKind, StageKind, StageResult
 from farm.jobbook import FailJob, JobBook, LedgerRow
 from farm.plan import Plan
 from farm.pool import PoolPolicy, WorkerBook
 from farm.presets import TIERS
 from farm.schedule import Policy, assign
-from farm.sim.costs import DEFAULT_COSTS, TierCost, cost_table, load_seconds, params_seconds, price, stage_seconds
+from farm.sim.costs import (
+    DEFAULT_COSTS,
+    TierCost,
+    cost_table,
+    load_seconds,
+    params_seconds,
+    price,
+    stage_pixels,
+    stage_seconds,
+)
 
 
 class StageRun(NamedTuple):
@@ -193,7 +202,8 @@ def simulate(jobs: JobBook | Sequence[JobBook], cluster: Mapping[str, int], *,
                 load = 0.0 if model in gpu.models else costs[gpu.tier].load_s
                 result.loads += model not in gpu.models
                 gpu.models.add(model)
-                work = params_seconds(req.kind, req.params, costs[gpu.tier])
+                pixels = None if req.kind == StageKind.KEYFRAME else stage_pixels(book)
+                work = params_seconds(req.kind, req.params, costs[gpu.tier], req.model.family, pixels)
                 failure, seconds = "", load + work
                 draw = rng.random()
                 if draw < faults.oom_rate:
