@@ -294,9 +294,10 @@ def test_calibrate_a_real_render_and_simulate_with_it(tmp_path, ray_session, tin
     ledger = pq.read_table(out / "ledger.parquet").to_pylist()
     keyframes = [r["seconds"] for r in ledger if r["stage"].startswith("keyframe:") and r["outcome"] == "succeeded"]
     assert min(keyframes) / 2 <= fitted["cpu"]["keyframe_step_s"] <= max(keyframes) / 2  # 2 steps each
-    # per family too, in work at 1024x576: the tiny keyframes ran at 64x64
+    # per family too, in work at 1024x576, scaled to the size the keyframes ran at
     assert set(fitted["cpu"]["families"]) == {"sdxl", "svd"}
-    kf = fitted["cpu"]["families"]["sdxl"]["keyframe"] * 64 * 64 / (1024 * 576)
+    size = json.loads((out / "manifest.lock.json").read_text())["shots"][0]["keyframe"]["params"]
+    kf = fitted["cpu"]["families"]["sdxl"]["keyframe"] * size["width"] * size["height"] / (1024 * 576)
     assert min(keyframes) / 2 <= kf * 1.0001 and kf <= max(keyframes) / 2 * 1.0001
     (tmp_path / "cluster.yaml").write_text("tiers: {cpu: 2}\n")
     capsys.readouterr()
