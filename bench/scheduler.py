@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from farm.manifest import validate_data
 from farm.pool import PoolConfig
 from farm.rayenv import local_ray_options, prepare_local_ray
 from farm.schedule import Policy, assign, assign_fifo, assign_greedy
-from farm.sim.costs import CLIP_FRAME_S, DEFAULT_COSTS, MERGE_FRAME_S, QC_FRAME_S, TierCost
+from farm.sim.costs import CLIP_FRAME_S, DEFAULT_COSTS, MERGE_FRAME_S, QC_FRAME_S
 from farm.sim.engine import lower_bound, simulate
 from farm.sim.worker import SimWorker
 
@@ -124,7 +124,7 @@ def run_director(tag: str, policy: Policy, case: Case, root: Path, scale: float,
     from farm.config import PolicyConfig
 
     # The director plans in wall seconds: the sleeping workers' costs, scaled as they sleep.
-    scaled = {tier: TierCost(*(value * scale for value in astuple(c))) for tier, c in DEFAULT_COSTS.items()}
+    scaled = {tier: c.scaled(scale) for tier, c in DEFAULT_COSTS.items()}
     director = get_director(PoolConfig(), name=f"bench-{tag}", store_path=str(root / f"{tag}.sqlite"),
                             cache_dir=str(root / f"cache-{tag}"), policy=PolicyConfig(reconcile_s=1.0), costs=scaled,
                             backend=SimWorker, backend_args={"time_scale": scale}, encoder_backend=SimEncoder,

@@ -405,17 +405,15 @@ def test_prefetch_hands_workers_their_next_stage_before_the_current_one_ends(ray
     """The real director with sleeping workers (bench/scheduler.py's): with a prefetch window, stages
     go to busy workers ahead, each worker still runs one at a time (its ledger rows never overlap),
     and the gap a GPU waits between stages where work was ready is a few milliseconds."""
-    from dataclasses import astuple
-
     from actors.director import get_director
     from bench.scheduler import SimEncoder, storyboard
     from farm.config import PolicyConfig
     from farm.pool import PoolConfig
-    from farm.sim.costs import DEFAULT_COSTS, TierCost
+    from farm.sim.costs import DEFAULT_COSTS
     from farm.sim.worker import SimWorker
 
     scale = 0.002
-    scaled = {tier: TierCost(*(v * scale for v in astuple(c))) for tier, c in DEFAULT_COSTS.items()}
+    scaled = {tier: c.scaled(scale) for tier, c in DEFAULT_COSTS.items()}
     director = get_director(PoolConfig(tier="mid", workers=2), name="prefetch-test",
                             store_path=str(tmp_path / "s.sqlite"), cache_dir=str(tmp_path / "cache"),
                             policy=PolicyConfig(reconcile_s=0.5), backend=SimWorker, backend_args={"time_scale": scale},

@@ -33,6 +33,13 @@ class TierCost:
     # family has no rate the tier-wide figures above apply (they do not scale with size).
     families: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
+    def scaled(self, factor: float) -> TierCost:
+        """Every figure times `factor` (benchmarks run the cost model faster than real time)."""
+        return TierCost(self.keyframe_step_s * factor, self.video_frame_step_s * factor, self.load_s * factor,
+                        self.decode_frame_s * factor,
+                        {family: {kind: rate * factor for kind, rate in kinds.items()}
+                         for family, kinds in self.families.items()})
+
 
 REF_PIXELS = 1024 * 576  # the size a fitted family rate is per unit of work at
 
