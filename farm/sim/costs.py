@@ -72,35 +72,19 @@ MERGE_FRAME_S = 0.01
 QC_FRAME_S = 0.016  # measured: farm.shot_metrics on 1024x576 frames on a 2-core CPU (bench/qc.py)
 
 
-def keyframe_seconds(steps: int, cost: TierCost) -> float:
-    return steps * cost.keyframe_step_s
-
-
-def video_seconds(steps: int, frames: int, cost: TierCost) -> float:
-    # Every denoising step runs the denoiser over all frames of the call, so cost ~ steps x frames.
-    return steps * frames * cost.video_frame_step_s
-
-
-def decode_seconds(frames: int, cost: TierCost) -> float:
-    return frames * cost.decode_frame_s
-
-
 def params_seconds(kind: str, params: Mapping[str, Any], cost: TierCost, family: str | None = None,
                    pixels: int | None = None) -> float:
-    """Seconds of a GPU stage with these effective parameters on a worker costing `cost`: by the
-    family's fitted rate at the call's size (`pixels`, else the params' width x height) where there
-    is one, else by the tier-wide figures."""
+    """Seconds of a GPU stage with these effective parameters on a worker costing `cost`: its work
+    (`work_units`) at the family's fitted rate, scaled by the call's size (`pixels`, else the params'
+    width x height), where there is one; else at the tier-wide rate, which does not scale with size."""
+    work = work_units(kind, int(params.get("num_inference_steps") or 0), int(params.get("num_frames") or 1))
     rate = cost.families.get(family or "", {}).get(str(kind))
     if rate is not None:
-        steps = int(params.get("num_inference_steps") or 0)
         size = pixels or int(params.get("width") or 0) * int(params.get("height") or 0) or REF_PIXELS
-        return rate * work_units(kind, steps, int(params.get("num_frames") or 1)) * size / REF_PIXELS
-    if kind == StageKind.DECODE:
-        return decode_seconds(int(params["num_frames"]), cost)
-    steps = int(params["num_inference_steps"])
-    if kind == StageKind.KEYFRAME:
-        return keyframe_seconds(steps, cost)
-    return video_seconds(steps, int(params["num_frames"]), cost)
+        return rate * work * size / REF_PIXELS
+    tier_rate = {StageKind.KEYFRAME: cost.keyframe_step_s, StageKind.VIDEO: cost.video_frame_step_s,
+                 StageKind.DECODE: cost.decode_frame_s}[StageKind(kind)]
+    return tier_rate * work
 
 
 def stage_seconds(book: JobBook, stage_id: str, tier: str, costs: Mapping[str, TierCost] = DEFAULT_COSTS) -> float:
@@ -116,12 +100,15 @@ def stage_seconds(book: JobBook, stage_id: str, tier: str, costs: Mapping[str, T
     if tier not in costs:
         raise ValueError(f"unknown tier {tier!r}; expected one of {', '.join(costs)}")
     spec = book.setup.specs[StageKind(stage.kind).role]
-    pixels = None if stage.kind == StageKind.KEYFRAME else stage_pixels(book)  # a keyframe's own size
-    return params_seconds(stage.kind, book.params(stage_id, tier), costs[tier], spec.family, pixels)
+    return params_seconds(stage.kind, book.params(stage_id, tier), costs[tier], spec.family,
+                          stage_pixels(book, stage.kind))
 
 
-def stage_pixels(book: JobBook) -> int:
-    """The video's pixels per frame (a decode's params carry no size; keyframes carry their own)."""
+def stage_pixels(book: JobBook, kind: str) -> int | None:
+    """The pixels per frame a video or decode stage works at (a decode's params carry no size); None
+    for a keyframe, whose params carry its own."""
+    if kind == StageKind.KEYFRAME:
+        return None
     from farm.manifest import parse_size
 
     width, height = parse_size(book.setup.manifest.output.resolution, "resolution")

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from farm.contract import EncodeResult, FailureKind, StageKind, StageResult
+from farm.contract import EncodeResult, FailureKind, StageResult
 from farm.jobbook import FailJob, JobBook, LedgerRow
 from farm.plan import Plan
 from farm.pool import PoolPolicy, WorkerBook
@@ -202,8 +202,8 @@ def simulate(jobs: JobBook | Sequence[JobBook], cluster: Mapping[str, int], *,
                 load = 0.0 if model in gpu.models else costs[gpu.tier].load_s
                 result.loads += model not in gpu.models
                 gpu.models.add(model)
-                pixels = None if req.kind == StageKind.KEYFRAME else stage_pixels(book)
-                work = params_seconds(req.kind, req.params, costs[gpu.tier], req.model.family, pixels)
+                work = params_seconds(req.kind, req.params, costs[gpu.tier], req.model.family,
+                                      stage_pixels(book, req.kind))
                 failure, seconds = "", load + work
                 draw = rng.random()
                 if draw < faults.oom_rate:

@@ -22,7 +22,7 @@ from farm.faults import OutOfMemory, StageCancelled, fire, spoil
 from farm.hashing import array_hash
 from farm.models import ModelSpec
 from farm.observed import IdleClock, Observed, TakesTurns, stage_thread
-from farm.sim.costs import DEFAULT_COSTS, TierCost, decode_seconds, keyframe_seconds, video_seconds
+from farm.sim.costs import DEFAULT_COSTS, TierCost, params_seconds
 
 
 def pause(seconds: float, cancelled: Callable[[], bool] = lambda: False) -> None:
@@ -65,30 +65,34 @@ def sim_observed(steps: int, frames: int, chunk: int | None, seconds: float) -> 
 
 
 def sim_keyframe(params: Mapping[str, Any], cost: TierCost, time_scale: float,
-                 cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, dict[str, Any]]:
-    """One keyframe stage, simulated: sleep its cost, return (image, observed)."""
+                 cancelled: Callable[[], bool] = lambda: False,
+                 family: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """One keyframe stage, simulated: sleep its cost (as the plan costs it), return (image, observed)."""
     steps = int(params["num_inference_steps"])
     started = time.perf_counter()
-    pause(keyframe_seconds(steps, cost) * time_scale, cancelled)
+    pause(params_seconds("keyframe", params, cost, family) * time_scale, cancelled)
     image = sim_image(int(params["height"]), int(params["width"]), int(params.get("seed", 0)))
     return image, sim_observed(steps, 1, 1, time.perf_counter() - started)
 
 
 def sim_video(image: np.ndarray | None, params: Mapping[str, Any], cost: TierCost, time_scale: float,
-              cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, dict[str, Any]]:
+              cancelled: Callable[[], bool] = lambda: False,
+              family: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """One video segment, simulated: sleep its cost, return (all generated frames, observed)."""
     steps, count = int(params["num_inference_steps"]), int(params["num_frames"])
     started = time.perf_counter()
-    pause(video_seconds(steps, count, cost) * time_scale, cancelled)
+    pause(params_seconds("video", params, cost, family) * time_scale, cancelled)
     frames = sim_frames(image, count, int(params["height"]), int(params["width"]), int(params.get("seed", 0)))
     return frames, sim_observed(steps, count, None, time.perf_counter() - started)
 
 
 def sim_decode(latents: np.ndarray, params: Mapping[str, Any], cost: TierCost, time_scale: float,
-               cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, dict[str, Any]]:
+               cancelled: Callable[[], bool] = lambda: False,
+               family: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """One decode, simulated: the "latents" are already the frames; sleep the decode's cost."""
     started = time.perf_counter()
-    pause(decode_seconds(len(latents), cost) * time_scale, cancelled)
+    pixels = int(latents.shape[1] * latents.shape[2]) if latents.ndim >= 3 else None
+    pause(params_seconds("decode", {"num_frames": len(latents)}, cost, family, pixels) * time_scale, cancelled)
     observed = sim_observed(0, len(latents), params.get("decode_chunk_size"), time.perf_counter() - started)
     return latents.astype(np.uint8), observed
 
@@ -148,15 +152,17 @@ class SimWorker(TakesTurns):
             fire(self.faults, req.ident, OutOfMemory)
             applied = self.pipeline(req)
             if req.kind == StageKind.KEYFRAME:
-                image, observed = sim_keyframe(req.params, self.cost, self.time_scale, is_cancelled)
+                image, observed = sim_keyframe(req.params, self.cost, self.time_scale, is_cancelled, req.model.family)
                 hashes = cache.put_keyframe(req.output_key, image)
             elif req.kind == StageKind.VIDEO:
                 first = source
-                frames, observed = sim_video(first, req.params, self.cost, self.time_scale, is_cancelled)
+                frames, observed = sim_video(first, req.params, self.cost, self.time_scale, is_cancelled,
+                                             req.model.family)
                 hashes = cache.put_latents(req.output_key, frames) | {"input_sha": array_hash(first)}
             else:
                 latents = source
-                frames, observed = sim_decode(latents, req.params, self.cost, self.time_scale, is_cancelled)
+                frames, observed = sim_decode(latents, req.params, self.cost, self.time_scale, is_cancelled,
+                                               req.model.family)
                 frames = spoil(self.faults, req.ident, frames)
                 hashes = cache.put_segment(req.output_key, frames, req.drop, req.kept) | {
                     "input_sha": array_hash(latents)}
