@@ -33,16 +33,22 @@ def failure_kind(exc: BaseException, *, job_active: bool) -> FailureKind:
         return FailureKind.CANCELLED
     if isinstance(exc, RayActorError):
         return FailureKind.LOST
-    if disk_trouble(cause if isinstance(cause, BaseException) else exc):
+    if _disk(exc):
         return FailureKind.DISK
     return FailureKind.OOM if isinstance(cause, OutOfMemory) else FailureKind.ERROR
 
 
-def short(exc: BaseException) -> str:
+def _disk(exc: BaseException) -> str | None:
+    """A full or read-only disk under a stage's error (Ray keeps the worker's exception in `cause`)."""
     cause = getattr(exc, "cause", None)
-    trouble = disk_trouble(cause if isinstance(cause, BaseException) else exc)
+    return disk_trouble(cause if isinstance(cause, BaseException) else exc)
+
+
+def short(exc: BaseException) -> str:
+    trouble = _disk(exc)
     if trouble:
         return trouble
+    cause = getattr(exc, "cause", None)
     text = str(cause if cause is not None else exc).strip().splitlines()
     return (text[-1] if text else type(exc).__name__)[:500]
 

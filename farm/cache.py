@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,63 +141,59 @@ class ArtifactCache:
     def has(self, key: str, suffix: str) -> bool:
         """True if the output is there; a hit counts as a use (its reader is on the way)."""
         path = self.path(key, suffix)
-        return path.is_file() and self._used(path)
+        if not path.is_file():
+            return False
+        self._used(path)
+        return True
 
     @staticmethod
-    def _used(path: Path) -> bool:
+    def _used(path: Path) -> None:
         with contextlib.suppress(OSError):  # a read-only shared cache still serves hits
             os.utime(path)
-        return True
 
     # --- size: what is there, and keeping it under the cap ---------------------------------------
 
-    def _files(self) -> Iterator[os.DirEntry[str]]:
-        if not self.root.is_dir():
-            return
-        for shard in os.scandir(self.root):
-            if shard.is_dir(follow_symlinks=False) and len(shard.name) == 2:
-                yield from (f for f in os.scandir(shard.path) if f.is_file(follow_symlinks=False))
+    def _scan(self, now: float) -> tuple[list[CacheEntry], list[Path]]:
+        """One pass over the cache: every finished output, and the temp files a crash left behind
+        (older than STALE_TEMP_S; younger ones are writes in progress)."""
+        entries: list[CacheEntry] = []
+        stale: list[Path] = []
+        shards = [d for d in os.scandir(self.root) if d.is_dir(follow_symlinks=False) and len(d.name) == 2] \
+            if self.root.is_dir() else []
+        for shard in shards:
+            for f in os.scandir(shard.path):
+                with contextlib.suppress(FileNotFoundError):  # gone since the listing: another gc
+                    if not f.is_file(follow_symlinks=False):
+                        continue
+                    st = f.stat()
+                    if not f.name.startswith("."):
+                        entries.append(CacheEntry(f.name.split(".", 1)[0], Path(f.path), st.st_size, st.st_mtime))
+                    elif now - st.st_mtime > STALE_TEMP_S:
+                        stale.append(Path(f.path))
+        return entries, stale
 
     def entries(self) -> list[CacheEntry]:
         """Every finished output (temp files of writes in progress are not entries)."""
-        out = []
-        for f in self._files():
-            if not f.name.startswith("."):
-                with contextlib.suppress(FileNotFoundError):  # gone since the listing: another gc
-                    st = f.stat()
-                    out.append(CacheEntry(f.name.split(".", 1)[0], Path(f.path), st.st_size, st.st_mtime))
-        return out
+        return self._scan(time.time())[0]
 
     def usage(self, pinned: Collection[str] = (), now: float | None = None) -> CacheUsage:
-        now = time.time() if now is None else now
-        usage = CacheUsage()
-        for entry in self.entries():
-            usage.files += 1
-            usage.bytes += entry.size
+        entries, stale = self._scan(time.time() if now is None else now)
+        usage = CacheUsage(files=len(entries), bytes=sum(e.size for e in entries), stale_temp=len(stale))
+        for entry in entries:
             usage.by_kind[entry.path.suffix.lstrip(".")] += entry.size
             usage.pinned_bytes += entry.size if entry.key in pinned else 0
-        usage.stale_temp = sum(1 for _ in self._stale_temps(now))
         return usage
-
-    def _stale_temps(self, now: float) -> Iterator[Path]:
-        for f in self._files():
-            if f.name.startswith("."):
-                with contextlib.suppress(FileNotFoundError):
-                    if now - f.stat().st_mtime > STALE_TEMP_S:
-                        yield Path(f.path)
 
     def gc(self, cap_bytes: int, pinned: Collection[str] = (), *, now: float | None = None,
            grace_s: float = GC_GRACE_S, dry_run: bool = False) -> GcReport:
         """Evict least recently used outputs until the cache fits `cap_bytes`; never one in `pinned`
         (what queued and running jobs need) or used within `grace_s`. Removes crash leftovers too."""
         now = time.time() if now is None else now
-        entries = self.entries()
+        entries, stale = self._scan(now)
         chosen = choose_evictions(entries, cap_bytes, set(pinned), now, grace_s)
         if not dry_run:
-            for path in self._stale_temps(now):
+            for path in [*stale, *(e.path for e in chosen)]:
                 path.unlink(missing_ok=True)
-            for entry in chosen:
-                entry.path.unlink(missing_ok=True)
         freed = sum(e.size for e in chosen)
         left = sum(e.size for e in entries) - freed
         return GcReport(removed=len(chosen), freed=freed, left=left, over_cap=left > cap_bytes)
