@@ -12,6 +12,7 @@ director reloads its jobs and finds every finished stage by key.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -75,6 +76,9 @@ class Director:
         self.prefetch_s = prefetch_s
         self.prefetched = 0  # stages sent to a worker ahead of its current one ending
         self.deadline_demand: dict[str, dict[str, int]] = {}  # job -> GPUs per tier its deadline needs
+        self.sized_at: dict[str, float] = {}  # job -> when its last sizing began
+        self.sizing: set[str] = set()  # jobs being sized now
+        self.sizings = 0  # sizings done
         self.sent_ahead: set[str] = set()  # those still in flight
         self.lock = threading.RLock()
         self.pool = WorkerBook(PoolPolicy(self.policy.quarantine_after, self.policy.quarantine_s))
@@ -184,30 +188,45 @@ class Director:
                     self.store.set_job_state(job_id, JobState.QUEUED)
         return self.status(job_id)
 
-    def _size_for_deadline(self, job_id: str, setup: Any, deadline_s: float) -> None:
-        """Size the cluster for a job's deadline in the background (simulations take seconds): the
-        GPUs per tier, within `autoscale_max`, that the plan needs to finish in time."""
-        from farm.sim.report import simulated_book
+    def _size_deadlines(self) -> None:
+        """Size the cluster for each job with a deadline, and again every `policy.resize_s` on the work
+        it has left against the time it has left: the GPUs per tier, within `autoscale_max`, that the
+        plan needs to finish in time (a job past its deadline asks for all of them). In the background:
+        a sizing simulates the job many times."""
+        if not self.config.autoscale_max:
+            return
+        now = time.time()
+        for job_id, book in self.books.items():
+            deadline_s = book.setup.manifest.deadline_s
+            if deadline_s is None or not book.active or job_id in self.sizing:
+                continue
+            if now - self.sized_at.get(job_id, -math.inf) < self.policy.resize_s:
+                continue
+            self.sized_at[job_id] = now
+            self.sizing.add(job_id)
+            threading.Thread(target=self._size, args=(job_id, book.rest(), book.created + deadline_s - now),
+                             name=f"size-{job_id}", daemon=True).start()
+
+    def _size(self, job_id: str, rest: JobBook, left_s: float) -> None:
         from farm.sim.sizing import size_for_deadline
 
-        def size() -> None:
-            try:
-                sized = size_for_deadline(lambda: simulated_book(setup), self.config.autoscale_max, deadline_s,
-                                          self.config.prices, self.costs)
-            except Exception:  # noqa: BLE001 - sizing is advice; the job runs either way
-                log.error("sizing job %s for its deadline failed:\n%s", job_id, traceback.format_exc())
-                return
-            with self.lock:
-                if job_id in self.books and self.books[job_id].active:
-                    self.deadline_demand[job_id] = sized.cluster
-
-        threading.Thread(target=size, name=f"size-{job_id}", daemon=True).start()
+        sized = None
+        try:
+            sized = size_for_deadline(rest.rest, self.config.autoscale_max, left_s, self.config.prices, self.costs)
+        except Exception:  # noqa: BLE001 - sizing is advice; the job runs either way
+            log.error("sizing job %s for its deadline failed:\n%s", job_id, traceback.format_exc())
+        with self.lock:
+            self.sizing.discard(job_id)
+            if sized is not None and job_id in self.books and self.books[job_id].active:
+                self.deadline_demand[job_id] = sized.cluster
+                self.sizings += 1
 
     def tier_demand(self) -> dict[str, int]:
         """GPUs per tier the active jobs' deadlines need (what the autoscaler is asked for by tier)."""
         with self.lock:
-            for job_id in [j for j in self.deadline_demand if j not in self.books or not self.books[j].active]:
-                del self.deadline_demand[job_id]
+            for job_id in [j for j in self.sized_at if j not in self.books or not self.books[j].active]:
+                self.deadline_demand.pop(job_id, None)
+                del self.sized_at[job_id]
             out: dict[str, int] = {}
             for cluster in self.deadline_demand.values():
                 for tier, n in cluster.items():
@@ -240,7 +259,7 @@ class Director:
                 "gap_p50": quantile(gaps, 0.5), "gap_p99": quantile(gaps, 0.99),
                 "gap_worker_p50": {w: quantile(sorted(g), 0.5) for w, g in self.gaps.items()},
                 "input_p50": quantile(sorted(self.input_waits), 0.5), "prefetched": self.prefetched,
-                "workers": len(self.pool.workers), "quarantined": quarantined}
+                "sizings": self.sizings, "workers": len(self.pool.workers), "quarantined": quarantined}
 
     def metrics_data(self) -> tuple[dict[str, Any], list[tuple[str, str, float]], list[dict[str, Any]]]:
         """Plain data for /metrics (farm.metrics turns it into Prometheus text)."""
@@ -299,6 +318,7 @@ class Director:
                 with self.lock:
                     self.fleet.reconcile(sum(b.waiting_gpu() for b in self.books.values()), self.tier_demand())
                     self._admit()
+                    self._size_deadlines()
                     self._dispatch()
                     self._finish_jobs()  # a job served wholly from the cache never has a stage in flight
                     pending = list(self.inflight)
@@ -331,8 +351,6 @@ class Director:
                 self.store.set_job_state(row.id, JobState.FAILED, str(exc))
                 continue
             price(book, {w.tier for w in self.pool.workers.values()}, self.costs)
-            if setup.manifest.deadline_s is not None and self.config.autoscale_max:
-                self._size_for_deadline(row.id, setup, setup.manifest.deadline_s)
             self.books[row.id], self.streams[row.id] = book, []
             book.announce(time.time())
             self.effects.apply(book)

@@ -51,6 +51,9 @@ class PolicyConfig(_Section):
     quarantine_after: Annotated[int, Field(ge=1, le=100)] = 3
     quarantine_s: Annotated[float, Field(ge=0, le=86400)] = 300.0
     reconcile_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    # how often a running job's deadline sizing is done again on the work it has left (a job running
+    # late asks for more GPUs, one running early for fewer); each sizing is seconds of simulation
+    resize_s: Annotated[float, Field(gt=0, le=86400)] = 300.0
 
 
 class ModelsConfig(_Section):

@@ -12,6 +12,7 @@ v2 (decide, then a reconciler acts): decide here, act in `actors/director.py`.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -646,6 +647,16 @@ class JobBook:
 
     def records(self) -> dict[str, dict[str, Any]]:
         return {sid: done.record for sid, done in self.done.items()}
+
+    def rest(self) -> JobBook:
+        """A copy holding what is left of the job, to simulate the rest of it (deadline sizing):
+        finished stages stay finished; running ones count as not started (their elapsed part is paid
+        again: a sizing errs towards more GPUs); the live clock's retry times, the workers stages
+        failed on and unsent effects are dropped, as a simulation has its own clock and workers."""
+        rest: JobBook = copy.deepcopy(self, {id(self.setup): self.setup})  # the setup is never changed
+        rest.running, rest.not_before, rest.avoid, rest.outbox = {}, {}, {}, []
+        rest._backlog = None
+        return rest
 
     # --- internals ---------------------------------------------------------------------------
 

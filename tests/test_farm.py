@@ -439,7 +439,8 @@ def test_prefetch_hands_workers_their_next_stage_before_the_current_one_ends(ray
 
 def test_a_deadline_job_asks_the_autoscaler_for_the_gpus_per_tier_it_needs(ray_session, tiny_models, tmp_path):
     """With `autoscale_max` in the farm config, a job with a deadline is sized by simulation in the
-    background, and while it runs the director asks for that many GPUs of each tier; not after."""
+    background, and sized again on what it has left every `resize_s`; while it runs the director asks
+    for that many GPUs of each tier; not after."""
     from actors.director import get_director
     from farm.config import FarmConfig, PolicyConfig
     from farm.pool import PoolConfig, autoscaler_bundles
@@ -450,7 +451,7 @@ def test_a_deadline_job_asks_the_autoscaler_for_the_gpus_per_tier_it_needs(ray_s
     config = FarmConfig(autoscale_max={"cpu": 3})
     director = get_director(PoolConfig(tier="cpu", workers=1), name="deadline-test", config=config,
                             store_path=str(tmp_path / "s.sqlite"), cache_dir=str(tmp_path / "cache"),
-                            policy=PolicyConfig(reconcile_s=0.3))
+                            policy=PolicyConfig(reconcile_s=0.3, resize_s=0.2))
     try:
         shots = [{"id": f"d{i}", "prompt": f"deadline {i}", "duration": 0.5} for i in range(3)]
         job, _ = submit((ray_session, director, tmp_path), story(seed=117, shots=shots, deadline="1h"), "deadline")
@@ -461,6 +462,7 @@ def test_a_deadline_job_asks_the_autoscaler_for_the_gpus_per_tier_it_needs(ray_s
             time.sleep(0.1)
         assert seen and set(seen) == {"cpu"} and 1 <= seen["cpu"] <= 3
         assert wait_state(ray_session, director, job["id"])["state"] == "succeeded"
+        assert ray_session.get(director.stats.remote())["sizings"] >= 2  # sized again while it ran
         assert ray_session.get(director.tier_demand.remote()) == {}
     finally:
         ray_session.kill(director, no_restart=True)

@@ -502,6 +502,25 @@ def test_sizing_meets_a_deadline_with_the_fewest_gpus_that_do_and_prices_it():
     assert size_for_deadline(lambda: book_of(manifest), {"low": 2}, deadline * 10, {}).cost is None
 
 
+def test_the_rest_of_a_running_job_simulates_shorter_and_leaves_the_job_alone():
+    """`JobBook.rest`: finished stages stay finished, a running one starts again, and simulating the
+    copy changes nothing in the live book (deadline sizing runs beside the dispatch loop)."""
+    cluster = {"mid": 2}
+    whole = simulate(book_of(storyboard(6)), cluster).makespan
+    book = book_of(storyboard(6))
+    keyframes = [s for s in book.ready(0.0) if s.kind == "keyframe"]
+    for stage in keyframes[:-1]:  # finished (as cache hits); the last one is running on a worker
+        book.on_cache_hit(stage.id, f"key-{stage.id}", {"tier": "mid"}, 0.0)
+    running = keyframes[-1]
+    book.dispatched(running.id, "mid-0", "mid", "default", "key-running", 0.0)
+    rest = book.rest()
+    assert set(rest.done) == set(book.done) and not rest.running and not rest.outbox
+    later = simulate(rest, cluster).makespan
+    assert 0 < later < whole
+    assert rest.complete and not book.complete
+    assert set(book.running) == {running.id} and len(book.done) == len(keyframes) - 1
+
+
 def test_calibration_fits_each_family_per_tier_and_scales_by_size(tmp_path):
     """Rates per family x tier x kind, in work at 1024x576: the same family at a quarter of the pixels
     fits the same rate, another family its own; an unfitted family keeps the tier-wide figure; the
