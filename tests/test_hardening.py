@@ -149,13 +149,16 @@ def test_paths_outside_the_root_get_one_message_whatever_is_there(tmp_path):
     (root / "link").symlink_to(tmp_path / "real")
     messages = set()
     for path in [str(tmp_path / "real"), str(tmp_path / "absent"), "../real", "../absent", "a/../../real", "link",
-                 "/etc", "~/x"]:
+                 "link/absent/deeper", "/etc", "~/x"]:
         assert outside_root(path, root), path
         with pytest.raises(ManifestError) as err:
             validate_data(base_manifest(models={"keyframe": path, "video": "tiny"}), root, confine=True)
         messages |= {e.msg for e in err.value.errors if e.loc == ("models", "keyframe")}
     assert len(messages) == 1 and "exist" not in next(iter(messages))
     assert not outside_root("stabilityai/stable-diffusion-xl-base-1.0", root) and not outside_root("tiny", root)
+    (root / "models" / "m").mkdir(parents=True)  # a real folder inside, and the root reached by a symlink
+    (tmp_path / "alias").symlink_to(root)
+    assert not outside_root("models/m", root) and not outside_root("models/m/absent", tmp_path / "alias")
 
 
 def test_tokens_off_loopback_need_32_characters():
