@@ -8,9 +8,10 @@ tier of the cluster (farm/sim/costs.py), the GPUs per tier and the encoder pool.
 - a stage starts after all its dependencies end;
 - per tier, at most `n_tier` stages at once (a cumulative of capacity n: with unit demands that is
   exactly n identical machines, and has none of their symmetry); the encoders likewise;
-- model loads are relaxed to one release time: no GPU stage starts before its tier's load_s (a
-  worker loads a model before its first stage; later loads are dropped). A relaxation, so CP-SAT's
-  proven bound stays a lower bound of the farm's real problem.
+- model loads: on a tier of one GPU, exactly as the simulator charges them: each model used there
+  is loaded once (load_s, occupying the GPU) before its first stage and kept. On a tier of several
+  GPUs, which GPU loads what is left out: no GPU stage starts before the tier's load_s, later loads
+  are dropped. A relaxation, so CP-SAT's proven bound stays a lower bound of the farm's real problem.
 
 Durations are rounded down to whole `unit`s (another relaxation): the solution's makespan is
 reported in those rounded units, so it is a schedule of the relaxed instance, which is what
@@ -67,6 +68,19 @@ def solve(book: JobBook, cluster: Mapping[str, int], costs: Mapping[str, TierCos
             chosen.append(on)
             placed[tier].append((sid, on))
         model.add_exactly_one(chosen)
+    for tier in tiers:  # a one-GPU tier: one load per model it runs, before that model's stages
+        if cluster[tier] != 1:
+            continue
+        for key in sorted({book.model_key(plan.stages[sid]) for sid, _ in placed[tier]}):
+            users = [(sid, on) for sid, on in placed[tier] if book.model_key(plan.stages[sid]) == key]
+            used = model.new_bool_var(f"used_{tier}_{key}")
+            model.add_max_equality(used, [on for _, on in users])
+            load_start = model.new_int_var(0, horizon, f"ls_{tier}_{key}")
+            load_end = model.new_int_var(0, horizon, f"le_{tier}_{key}")
+            per_tier[tier].append(model.new_optional_interval_var(load_start, release[tier], load_end, used,
+                                                                  f"load_{tier}_{key}"))
+            for sid, on in users:
+                model.add(start[sid] >= load_end).only_enforce_if(on)
     for sid, stage in plan.stages.items():
         for dep in stage.deps:
             model.add(start[sid] >= end[dep])
