@@ -191,8 +191,8 @@ class Director:
     def _size_deadlines(self) -> None:
         """Size the cluster for each job with a deadline, and again every `policy.resize_s` on the work
         it has left against the time it has left: the GPUs per tier, within `autoscale_max`, that the
-        plan needs to finish in time (a job past its deadline asks for all of them). In the background:
-        a sizing simulates the job many times."""
+        plan needs to finish in time (a job past its deadline asks for as many as still shorten it). In
+        the background: a sizing simulates the job many times."""
         if not self.config.autoscale_max:
             return
         now = time.time()
