@@ -235,8 +235,8 @@ class Director:
 
     def hold(self, held: bool) -> bool:
         """Drain the farm (before maintenance, or while a fuzzer submits thousands of jobs): what runs
-        finishes, submits still queue (not admitted: no job book is built for what cannot start),
-        nothing new starts until released. Returns the old setting."""
+        finishes, submits still queue (and are admitted: their status lists their shots), nothing new
+        starts until released. Returns the old setting."""
         with self.lock:
             before, self.held = self.held, held
         return before
@@ -338,8 +338,6 @@ class Director:
                 time.sleep(0.5)
 
     def _admit(self) -> None:
-        if self.held:  # nothing can start: a queued job's plan is built when the farm is released
-            return
         for job_id in self.store.job_ids((JobState.QUEUED, JobState.RUNNING), director=self.name):
             if job_id in self.books and self.books[job_id].active:
                 continue

@@ -1,8 +1,8 @@
 """API load: submit latency and throughput under concurrent clients, side by side with a bare app.
 
 Two servers on this machine, measured in one run with the same clients and storyboards:
-- the farm: its API on Ray Serve (tiny models, one CPU worker, the farm held: jobs queue, and are
-  neither admitted nor rendered), where a submit is auth, parse, validate, limits, the director's
+- the farm: its API on Ray Serve (tiny models, one CPU worker, the farm held: jobs queue and are
+  admitted, i.e. planned, but not rendered), where a submit is auth, parse, validate, limits, the director's
   submit and a SQLite insert;
 - the bare app: one uvicorn process with a FastAPI route doing the same auth, parse, validation and
   SQLite insert, and nothing else: the limit of this machine for that work.
@@ -209,7 +209,7 @@ def main() -> None:
         ray.shutdown()
     body = ("POST /v1/jobs with a 2-shot YAML storyboard over loopback HTTP, side by side in one run: the farm "
             "(Ray Serve proxy, the API replica, the director's submit and its SQLite insert; the farm held, so "
-            "jobs queue and are neither admitted, i.e. planned, nor rendered) and a bare single-process uvicorn "
+            "jobs queue and are admitted, i.e. planned, but not rendered) and a bare single-process uvicorn "
             "app doing the same auth, parse, validation and "
             "insert. Each level opens that many connections at once and submits "
             f"{args.requests} storyboards as fast as they can, {args.repeats} runs per server alternated (medians "

@@ -491,6 +491,7 @@ def test_web_pages_in_headless_chromium(api, tmp_path, ray_session):
         driver.get(f"{url}/ui/login")
         driver.find_element(By.ID, "token").send_keys("not-the-token")
         driver.find_element(By.ID, "login").click()
+        until(lambda d: d.find_elements(By.CLASS_NAME, "error"))  # the click returns before the answer loads
         assert "not the farm's token" in driver.find_element(By.CLASS_NAME, "error").text
         status = driver.execute_async_script(
             "fetch('/v1/jobs').then(r => arguments[0](r.status))")
