@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from farm.contract import StageKind
-from farm.sim.costs import DEFAULT_COSTS, TierCost, calibrate, params_seconds
+from farm.sim.costs import DEFAULT_COSTS, TierCost, calibrate, params_pixels, params_seconds
 
 Work = tuple[str, int, int, str | None, int | None]  # kind, steps, frames, family, pixels as the stage ran
 
@@ -38,20 +38,15 @@ def stage_work(lock: Mapping[str, Any]) -> dict[str, Work]:
         params = keyframe.get("params") or {}
         steps = params.get("num_inference_steps")
         if steps:
-            out[f"keyframe:{sid}"] = ("keyframe", int(steps), 1, families["keyframe"], _pixels(params))
+            out[f"keyframe:{sid}"] = ("keyframe", int(steps), 1, families["keyframe"], params_pixels(params))
         for segment in (shot.get("video") or {}).get("segments", []):
             params = segment.get("params") or {}
             frames = int(params.get("num_frames") or segment.get("frames") or 0)
-            index, pixels = segment.get("index", 0), _pixels(params)
+            index, pixels = segment.get("index", 0), params_pixels(params)
             out[f"video:{sid}:{index}"] = ("video", int(params.get("num_inference_steps") or 0), frames,
                                            families["video"], pixels)
             out[f"decode:{sid}:{index}"] = ("decode", 0, frames, families["video"], pixels)
     return out
-
-
-def _pixels(params: Mapping[str, Any]) -> int | None:
-    width, height = params.get("width"), params.get("height")
-    return int(width) * int(height) if width and height else None
 
 
 def read_render(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Work]]:

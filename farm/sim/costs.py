@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from farm.contract import StageKind
+from farm.contract import GPU_KINDS, StageKind
 
 if TYPE_CHECKING:
     from farm.jobbook import JobBook
@@ -72,6 +72,12 @@ MERGE_FRAME_S = 0.01
 QC_FRAME_S = 0.016  # measured: farm.shot_metrics on 1024x576 frames on a 2-core CPU (bench/qc.py)
 
 
+def params_pixels(params: Mapping[str, Any]) -> int | None:
+    """The pixels per frame a call's params ask for; None where they carry no size (a decode's)."""
+    width, height = params.get("width"), params.get("height")
+    return int(width) * int(height) if width and height else None
+
+
 def params_seconds(kind: str, params: Mapping[str, Any], cost: TierCost, family: str | None = None,
                    pixels: int | None = None) -> float:
     """Seconds of a GPU stage with these effective parameters on a worker costing `cost`: its work
@@ -80,7 +86,7 @@ def params_seconds(kind: str, params: Mapping[str, Any], cost: TierCost, family:
     work = work_units(kind, int(params.get("num_inference_steps") or 0), int(params.get("num_frames") or 1))
     rate = cost.families.get(family or "", {}).get(str(kind))
     if rate is not None:
-        size = pixels or int(params.get("width") or 0) * int(params.get("height") or 0) or REF_PIXELS
+        size = pixels or params_pixels(params) or REF_PIXELS
         return rate * work * size / REF_PIXELS
     tier_rate = {StageKind.KEYFRAME: cost.keyframe_step_s, StageKind.VIDEO: cost.video_frame_step_s,
                  StageKind.DECODE: cost.decode_frame_s}[StageKind(kind)]
@@ -156,7 +162,7 @@ def calibrate(ledger_rows: list[dict[str, Any]], stages: Mapping[str, tuple[Any,
             continue
         info = stages.get(str(row.get("stage", "")))
         tier = row.get("tier")
-        if info is None or not isinstance(tier, str) or tier not in base or info[0] not in GPU_KIND_NAMES:
+        if info is None or not isinstance(tier, str) or tier not in base or info[0] not in GPU_KINDS:
             continue
         kind, steps, frames = info[0], int(info[1]), int(info[2])
         work = work_units(kind, steps, frames)
@@ -182,5 +188,3 @@ def calibrate(ledger_rows: list[dict[str, Any]], stages: Mapping[str, tuple[Any,
         )
     return out
 
-
-GPU_KIND_NAMES = ("keyframe", "video", "decode")
