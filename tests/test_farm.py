@@ -238,8 +238,18 @@ def test_cancel_stops_a_running_stage(farm):
 def test_higher_priority_job_goes_first(farm):
     ray, director, _ = farm
     shots = [{"id": f"s{i}", "prompt": f"shot {i}", "duration": 0.5} for i in range(3)]
-    low, _ = submit(farm, story(seed=107, shots=shots), "prio-low", priority=0)
-    high, _ = submit(farm, story(seed=108, shots=shots), "prio-high", priority=10)
+    # held, so both queue before either starts: otherwise the low job's stages may already be running
+    # when the high one is admitted (running work is never preempted), and the race decides the order
+    ray.get(director.hold.remote(True))
+    try:
+        low, _ = submit(farm, story(seed=107, shots=shots), "prio-low", priority=0)
+        high, _ = submit(farm, story(seed=108, shots=shots), "prio-high", priority=10)
+        deadline = time.time() + 60
+        while not all(ray.get(director.status.remote(j["id"]))["shots"] for j in (low, high)):
+            assert time.time() < deadline, "both jobs are admitted while the farm is held"
+            time.sleep(0.05)
+    finally:
+        ray.get(director.hold.remote(False))
     s_low, s_high = wait_state(ray, director, low["id"]), wait_state(ray, director, high["id"])
     assert s_low["state"] == s_high["state"] == "succeeded"
     # submitted second, the high-priority job still finishes first
