@@ -36,12 +36,14 @@ class Encoder:
         """A clip from its segments' frames, a take's QC measurements, or the film from the clips; the
         result goes to the cache too."""
         if req.kind == StageKind.QC:
+            from farm.faces import identity_metrics
             from farm.shot_metrics import measure
 
             frames = self.cache.segment_frames(req.inputs)
             start_key = req.options.get("start_key")
             start = self.cache.last_frame(start_key) if start_key else None
-            metrics = measure(frames, start, req.options.get("seams", ()))
+            metrics = measure(frames, start, req.options.get("seams", ())) | identity_metrics(
+                start, req.options.get("identity"))
             self.cache.put_json(req.output_key, metrics)
             return EncodeResult(frames=int(frames.shape[0]), metrics=metrics)
         if req.kind == StageKind.CLIP:

@@ -124,7 +124,7 @@ def promote_take(layout: OutputLayout, shot: str, take: int) -> None:
 def write_outputs(book: JobBook, attempts: list[dict[str, Any]]) -> PublishRequest:
     """A finished job's ledger and lockfile (the film, clips and keyframes are written by their
     stages); returns what the encoder publishes next (`publish`): tags, timeline, report."""
-    from farm.lockfile import build_lock
+    from farm.lockfile import build_lock, character_entries
     from farm.plan import take_id
 
     setup = book.setup
@@ -136,6 +136,11 @@ def write_outputs(book: JobBook, attempts: list[dict[str, Any]]) -> PublishReque
     # What a draft ran per role (a distilled path, or undistilled steps and why), and the step cache.
     lock["draft"] = {role: asdict(choice) for role, choice in setup.drafts.items()}
     lock["step_cache"] = {role: {"kind": "first_block", "threshold": t} for role, t in setup.step_cache.items()}
+    identities = {sid: done.record | {"key": done.key} for sid, done in book.done.items()
+                  if book.stage(sid).kind == StageKind.IDENTITY}
+    cast = character_entries(setup.manifest, setup.plan, setup.characters, setup.adapter_record(), identities)
+    for shot in lock["shots"]:
+        shot["characters"] = cast[shot["id"]]
     write_lockfile(book.layout.lockfile, lock)
     frame_keys, curves, seconds = {}, {}, {}
     for shot in lock["shots"]:

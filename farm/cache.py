@@ -40,6 +40,12 @@ def keyframe_key(model: dict[str, Any], params: Mapping[str, Any], options: Mapp
     return content_hash({"stage": "keyframe", "model": model, "params": params, "overrides": options})
 
 
+def identity_key(adapter: Mapping[str, Any], images: list[str]) -> str:
+    """A character's embeddings: the adapter's identity and the reference images' bytes (their sha256,
+    in order), so a renamed photo is still found and an edited one is encoded anew."""
+    return content_hash({"stage": "identity", "adapter": dict(adapter), "images": images})
+
+
 def latents_key(model: dict[str, Any], params: Mapping[str, Any], input_key: str,
                 options: Mapping[str, Any] | None = None) -> str:
     """A video call's final latents: the denoising parameters (no decode ones) and its first frame."""
@@ -67,10 +73,15 @@ def clip_key(segment_keys: list[str], fps: int, encode: dict[str, Any]) -> str:
 QC_VERSION = 1  # bump when farm.shot_metrics measures differently: cached measurements are then stale
 
 
-def qc_key(segment_keys: list[str], start_key: str | None, seams: list[int]) -> str:
-    """A take's measurements (not its verdict: the gates are applied afresh each time)."""
-    return content_hash({"stage": "qc", "segments": segment_keys, "start": start_key, "seams": seams,
-                         "version": QC_VERSION})
+def qc_key(segment_keys: list[str], start_key: str | None, seams: list[int],
+           identity: Mapping[str, Any] | None = None) -> str:
+    """A take's measurements (not its verdict: the gates are applied afresh each time); `identity`:
+    the analyser and the characters' reference bytes, for shots with characters."""
+    key: dict[str, Any] = {"stage": "qc", "segments": segment_keys, "start": start_key, "seams": seams,
+                           "version": QC_VERSION}
+    if identity:
+        key["identity"] = dict(identity)
+    return content_hash(key)
 
 
 def merge_key(clip_keys: list[str], options: dict[str, Any], encode: dict[str, Any]) -> str:
@@ -216,8 +227,8 @@ class ArtifactCache:
     def stage_input(self, kind: str, key: str | None) -> Any:
         """What a GPU stage starts from: a video call the previous frame (its keyframe, or the segment
         before), a decode its latents; a keyframe nothing."""
-        if kind == StageKind.KEYFRAME:
-            return None
+        if kind in (StageKind.KEYFRAME, StageKind.IDENTITY):
+            return None  # a keyframe reads its characters' embeddings itself (StageRequest.identity)
         return self.last_frame(key or "") if kind == StageKind.VIDEO else self.latents(key or "")
 
     def last_frame(self, key: str) -> np.ndarray:

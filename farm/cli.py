@@ -120,6 +120,26 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_convert_weights(args: argparse.Namespace) -> int:
+    """Pickled official weights (an IP-Adapter's or InstantID's .bin) to safetensors, once: the render
+    path itself never loads a pickle."""
+    from farm.gpu.identity import convert_pickle
+    from farm.models import ModelError
+
+    source = Path(args.source)
+    dest = Path(args.output) if args.output else source.with_suffix(".safetensors")
+    if dest.exists() and not args.force:
+        print(f"error: {dest} exists (--force replaces it)", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        keys = convert_pickle(source, dest)
+    except (OSError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"wrote {dest}: {len(keys)} tensors, read with torch.load(weights_only=True)")
+    return EXIT_OK
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from farm.jobsetup import setup_job
     from farm.manifest import load
@@ -159,6 +179,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print_table(rows)
     print(f"\n{len(plan.shots)} shots, {len(plan.stages)} stages, {sum(sp.frames for sp in plan.shots)} frames "
           f"at {plan.fps} fps, {specs['video'].frames_per_call} frames per video call")
+    for ref in setup.characters.values():
+        shots = [sp.shot.id for sp in plan.shots
+                 if ref.name in sp.shot.characters and sp.first_frame_from == "keyframe"]
+        print(f"character {ref.name}: {len(ref.images)} reference image{'s' if len(ref.images) > 1 else ''}, "
+              f"{ref.method} at strength {ref.strength}, encoded once (identity:{ref.name}) for "
+              f"shot{'s' if len(shots) > 1 else ''} {', '.join(shots)}")
     return EXIT_OK
 
 
@@ -407,6 +433,13 @@ def parser() -> argparse.ArgumentParser:
                    help="with --simulate: a `farm calibrate` costs file (default: the config's `costs:`, else "
                         "the assumed figures)")
     s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("convert-weights", help="convert pickled weights (.bin, .pt) to .safetensors once, "
+                                                "loading them with torch.load(weights_only=True)")
+    s.add_argument("source", help="the pickled file (e.g. ip-adapter_sdxl_vit-h.bin)")
+    s.add_argument("-o", "--output", help="where to write (default: beside it, .safetensors)")
+    s.add_argument("--force", action="store_true", help="replace an existing output")
+    s.set_defaults(func=cmd_convert_weights)
 
     s = sub.add_parser("calibrate", help="fit the cost model to finished renders (their ledger and lockfile)")
     s.add_argument("renders", nargs="+", metavar="RENDER",

@@ -39,6 +39,9 @@ FINISHED_STATES: frozenset[JobState] = frozenset(set(JobState) - ACTIVE_STATES)
 
 
 class StageKind(StrEnum):
+    # a character's reference photos through the keyframe model's identity adapter (its image encoder),
+    # once per job: every keyframe the character appears in reads the cached embeddings. GPU
+    IDENTITY = "identity"
     KEYFRAME = "keyframe"  # text-to-image, GPU
     VIDEO = "video"  # one image-to-video call's denoising, up to its final latents, GPU
     DECODE = "decode"  # those latents through the VAE to frames, GPU (an OOM here redoes only this)
@@ -55,10 +58,26 @@ class StageKind(StrEnum):
         """The model a GPU stage runs: a decode runs the video model's VAE."""
         if self not in GPU_KINDS:
             raise ValueError(f"a {self} stage runs no model")
-        return "keyframe" if self == StageKind.KEYFRAME else "video"
+        return "keyframe" if self in (StageKind.KEYFRAME, StageKind.IDENTITY) else "video"
 
 
-GPU_KINDS: frozenset[StageKind] = frozenset({StageKind.KEYFRAME, StageKind.VIDEO, StageKind.DECODE})
+GPU_KINDS: frozenset[StageKind] = frozenset({StageKind.IDENTITY, StageKind.KEYFRAME, StageKind.VIDEO,
+                                             StageKind.DECODE})
+
+
+@dataclass(frozen=True)
+class IdentityAdapter:
+    """The identity adapter a keyframe pipeline loads beside its model (docs/characters.md): part of
+    the pipeline's residency key, so a worker keeps one loaded per (model, adapter, count)."""
+
+    method: str  # "ip_adapter"
+    weights: str  # the adapter's .safetensors file, or "tiny" (built in code: farm/gpu/identity.py)
+    image_encoder: str  # its CLIP image encoder's folder, or "tiny"
+    count: int = 1  # adapters side by side: one per character in the shot
+
+    @property
+    def tiny(self) -> bool:
+        return self.weights == "tiny"
 
 
 class Outcome(StrEnum):
@@ -113,6 +132,9 @@ class StageRequest:
     scheduler: str | None = None  # a sampler to swap in (LCM for an LCM-LoRA draft)
     step_cache: float | None = None  # FirstBlockCache threshold, where the job asks for it
     frame_size: tuple[int, int] | None = None  # (w, h) the output must have, where the call draws another
+    adapter: IdentityAdapter | None = None  # identity and keyframe stages of shots with characters
+    identity: tuple[tuple[str, float], ...] = ()  # keyframe: each character's embeddings (cache key), scale
+    references: tuple[str, ...] = ()  # identity: the character's reference images, as absolute paths
 
     @property
     def ident(self) -> str:

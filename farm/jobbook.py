@@ -32,9 +32,9 @@ from farm.contract import (
 from farm.effective import keyframe_params, video_params
 from farm.families import Draft
 from farm.hashing import derive_seed
-from farm.jobsetup import JobSetup
+from farm.jobsetup import JobSetup, adapter_identity, identity_adapter
 from farm.paths import OutputLayout
-from farm.plan import ShotPlan, Stage, decode_id, take_id
+from farm.plan import ShotPlan, Stage, decode_id, identity_id, take_id
 from farm.presets import TIERS, Preset, Scene, as_tier
 from farm.qc import Verdict, best_take, failed_gates, judge
 from farm.schedule import ReadyStage
@@ -281,7 +281,13 @@ class JobBook:
                    if s.gpu and s.id not in self.done and s.id not in self.running)
 
     def model_key(self, stage: Stage) -> str:
-        return self.setup.specs[StageKind(stage.kind).role].key
+        """What a worker must hold to run the stage without loading: the model, and beside it the
+        identity adapters a character's stage needs (the worker keeps that pipeline apart)."""
+        key = self.setup.specs[StageKind(stage.kind).role].key
+        if stage.kind == StageKind.IDENTITY:
+            return f"{key}+ip_adapter:1"
+        count = sum(1 for d in stage.deps if self.plan.stages[d].kind == StageKind.IDENTITY)
+        return f"{key}+ip_adapter:{count}" if stage.kind == StageKind.KEYFRAME and count else key
 
     def ready_stage(self, stage: Stage) -> ReadyStage:
         """The stage as the dispatch policy sees it (`farm.schedule.assign`): its cost per tier (a
@@ -384,6 +390,9 @@ class JobBook:
     def params(self, stage_id: str, tier: str) -> dict[str, Any]:
         """A GPU stage's effective parameters on a worker of `tier` (what the pipeline is called with)."""
         setup, stage = self.setup, self.plan.stages[stage_id]
+        if stage.kind == StageKind.IDENTITY:
+            character = setup.characters[stage.id.split(":", 1)[1]]
+            return {"character": character.name, "method": character.method, "images": list(character.sha256)}
         sp = self.shots[stage.shot or ""]
         if stage.kind == StageKind.KEYFRAME:
             if stage.seed is not None and stage.seed != sp.seed:
@@ -431,11 +440,23 @@ class JobBook:
         common: dict[str, Any] = {"loras": setup.loras(role), "vae": options["vae"], "scheduler": options["scheduler"],
                                   "step_cache": options["step_cache"],
                                   "embeddings": setup.overrides.embeddings if role == "keyframe" else ()}
+        if stage.kind == StageKind.IDENTITY:
+            character = setup.characters[params["character"]]
+            encoder = identity_adapter(setup.specs["keyframe"], 1)
+            key = keys.identity_key(adapter_identity(encoder), list(character.sha256))
+            return StageRequest(self.id, stage.id, StageKind.IDENTITY, setup.specs["keyframe"], params, preset.knobs,
+                                preset.label(), preset.tier, key, cache_dir, adapter=encoder,
+                                references=character.images, **common)
         if stage.kind == StageKind.KEYFRAME:
+            cast = self.cast(stage)
+            adapter = identity_adapter(setup.specs["keyframe"], len(cast)) if cast else None
+            if cast:  # only then: the keys of shots without characters stay what they were
+                key_options = {**key_options, "identity": [list(c) for c in cast]}
             key = keys.keyframe_key(setup.identity["keyframe"], params, key_options)
             return StageRequest(self.id, stage.id, StageKind.KEYFRAME, setup.specs["keyframe"], params, preset.knobs,
                                 preset.label(), preset.tier, key, cache_dir,
-                                frame_size=setup.manifest.output.keyframe_size, **common)
+                                frame_size=setup.manifest.output.keyframe_size, adapter=adapter, identity=cast,
+                                **common)
         assert stage.segment is not None  # params() refused anything but keyframe, video and decode stages
         input_key = self.input_key(stage)
         if stage.kind == StageKind.VIDEO:
@@ -447,6 +468,12 @@ class JobBook:
         return StageRequest(self.id, stage.id, StageKind.DECODE, setup.specs["video"], params, preset.knobs,
                             preset.label(), preset.tier, key, cache_dir, input_key=input_key, drop=drop, kept=kept,
                             frame_size=setup.manifest.output.size, **common)
+
+    def cast(self, stage: Stage) -> tuple[tuple[str, float], ...]:
+        """A keyframe's characters, in the shot's order: each one's embeddings (the identity stage's
+        output key) and strength."""
+        names = [d.split(":", 1)[1] for d in stage.deps if self.plan.stages[d].kind == StageKind.IDENTITY]
+        return tuple((self.done[identity_id(n)].key, self.setup.characters[n].strength) for n in names)
 
     def input_key(self, stage: Stage) -> str:
         """The cache key of what a stage starts from: a video stage's first frame (its dependency's
@@ -472,9 +499,15 @@ class JobBook:
             start = self.input_key(self._first_call(clip))
             kept = [self.plan.stages[d].segment.kept for d in clip.deps]  # type: ignore[union-attr]
             seams = [sum(kept[:i]) for i in range(1, len(kept))]
-            key = keys.qc_key(list(segments), start, seams)
+            options: dict[str, Any] = {"start_key": start, "seams": seams}
+            cast = [setup.characters[n] for n in self.shots[shot].shot.characters if n in setup.characters]
+            identity = None
+            if cast and self.shots[shot].first_frame_from == "keyframe":
+                options["identity"] = {"faces": setup.faces, "characters": {c.name: list(c.images) for c in cast}}
+                identity = {"faces": setup.faces, "characters": {c.name: list(c.sha256) for c in cast}}
+            key = keys.qc_key(list(segments), start, seams, identity)
             return EncodeRequest(self.id, stage.id, StageKind.QC, "", segments, setup.fps, setup.encode, key,
-                                 options={"start_key": start, "seams": seams})
+                                 options=options)
         if stage.kind != StageKind.MERGE:
             raise ValueError(f"{stage_id} is not a CPU stage")
         clip_keys = [self.done[d].record["clip_key"] for d in stage.deps]  # each shot's accepted take
@@ -771,7 +804,8 @@ class JobBook:
                            or self.plan.stages[d].shot != shot)  # the shot's first frame (and a QC it waits for)
         new: list[Stage] = []
         if verdict.keyframe_at_fault and sp.first_frame_from == "keyframe":
-            keyframe = Stage(take_id(f"keyframe:{shot}", take), StageKind.KEYFRAME, shot, (),
+            cast = self.plan.stages[f"keyframe:{shot}"].deps  # the characters' identity stages
+            keyframe = Stage(take_id(f"keyframe:{shot}", take), StageKind.KEYFRAME, shot, cast,
                              seed=derive_seed(sp.seed, "take", take))
             new.append(keyframe)
             start_deps = (keyframe.id,)

@@ -12,11 +12,12 @@ from typing import Any
 
 from farm.cache import model_identity
 from farm.config import current
+from farm.contract import IdentityAdapter
 from farm.encode import EncodeSettings, default_bitrate
-from farm.hashing import weights_digest
-from farm.manifest import FieldError, Manifest, inside_root, parse_size, validate_data
+from farm.hashing import file_hash, weights_digest
+from farm.manifest import FieldError, Manifest, ManifestError, inside_root, parse_size, validate_data
 from farm.models import ModelSpec, companion_vae, missing, resolve_model, with_tiny
-from farm.plan import Plan, build_plan
+from farm.plan import Plan, build_plan, draws_keyframe
 from farm.presets import QUALITY_TEMPLATES
 from farm.qc import Gates, resolve
 
@@ -45,8 +46,99 @@ def model_errors(manifest: Manifest, root: Path | None, override: str | None = N
     if override == "tiny":
         return []
     allow = current().models.allow_download
-    return [FieldError(("models", role), msg) for role, spec in resolve_models(manifest, root).items()
-            if (msg := missing(spec, allow)) is not None]
+    specs = resolve_models(manifest, root)
+    errors = [FieldError(("models", role), msg) for role, spec in specs.items()
+              if (msg := missing(spec, allow)) is not None]
+    for name, character in manifest.characters.items():
+        if any(name in shot.characters for shot in manifest.shots):
+            problem = adapter_problem(specs["keyframe"], character.method)
+            if problem:
+                errors.append(FieldError(("characters", name), problem))
+    return errors
+
+
+# --- characters (docs/characters.md) ------------------------------------------------------------
+
+TINY_ADAPTER = "tiny"
+
+
+@dataclass(frozen=True)
+class CharacterRef:
+    """A character as the farm draws them: the method, strength and reference images (absolute paths,
+    each with the sha256 of its bytes: the identity stage's cache key reads bytes, not names)."""
+
+    name: str
+    method: str
+    strength: float
+    images: tuple[str, ...]
+    sha256: tuple[str, ...]
+
+
+def adapter_paths(keyframe: ModelSpec) -> tuple[str, str] | str:
+    """Where the keyframe family's IP-Adapter and its image encoder are (the farm config's
+    models.paths "ip_adapter:<family>" and "image_encoder:<family>"), or what is missing, in words."""
+    paths = current().models.paths
+    fam = keyframe.rules.name
+    weights, encoder = paths.get(f"ip_adapter:{fam}"), paths.get(f"image_encoder:{fam}")
+    if not weights or not encoder:
+        return (f"a character needs {keyframe.rules.title}'s IP-Adapter: set models.paths[\"ip_adapter:{fam}\"] "
+                f"(a .safetensors file) and models.paths[\"image_encoder:{fam}\"] (its CLIP image encoder's "
+                "folder) in the farm config (docs/characters.md lists the downloads)")
+    if not weights.lower().endswith(".safetensors"):
+        return (f"models.paths[\"ip_adapter:{fam}\"] must be a .safetensors file (convert a .bin once with "
+                "`farm convert-weights`)")
+    for what, path in (("ip_adapter", weights), ("image_encoder", encoder)):
+        if not Path(path).exists():
+            return f"models.paths[\"{what}:{fam}\"] not found: {path}"
+    return weights, encoder
+
+
+def adapter_problem(keyframe: ModelSpec, method: str | None) -> str | None:
+    if keyframe.is_tiny or keyframe.rules.identity_problem(method):
+        return None  # tiny builds stand in; a method the family lacks is validation's error
+    found = adapter_paths(keyframe)
+    return found if isinstance(found, str) else None
+
+
+def identity_adapter(keyframe: ModelSpec, count: int) -> IdentityAdapter:
+    """The adapter a keyframe pipeline loads for `count` characters (one IP-Adapter each)."""
+    if keyframe.is_tiny:
+        return IdentityAdapter("ip_adapter", TINY_ADAPTER, TINY_ADAPTER, count)
+    found = adapter_paths(keyframe)
+    if isinstance(found, str):
+        raise ValueError(found)
+    return IdentityAdapter("ip_adapter", found[0], found[1], count)
+
+
+def adapter_identity(adapter: IdentityAdapter) -> dict[str, Any]:
+    """What of an adapter decides the embeddings and images it makes: its weights' and its encoder's
+    contents (a tiny build: its build's version)."""
+    if adapter.tiny:
+        from farm.models import TINY_VERSION
+
+        return {"method": adapter.method, "tiny": TINY_VERSION}
+    return {"method": adapter.method, "weights": weights_digest(adapter.weights),
+            "image_encoder": weights_digest(adapter.image_encoder)}
+
+
+def cast(manifest: Manifest, root: Path, keyframe: ModelSpec) -> dict[str, CharacterRef]:
+    """The job's characters that some shot draws a keyframe of, with their images read and hashed."""
+    drawn = {name for shot in manifest.shots if draws_keyframe(shot) for name in shot.characters}
+    out = {}
+    for name, character in manifest.characters.items():
+        if name not in drawn:
+            continue
+        images, shas = [], []
+        for k, image in enumerate(character.images):
+            path = inside_root(root, image)
+            try:
+                shas.append(file_hash(str(path)))
+            except OSError as exc:
+                raise ManifestError([FieldError(("characters", name, "images", k), f"cannot be read: {exc}")]) from None
+            images.append(str(path))
+        method = keyframe.rules.identity_method(character.method) or "ip_adapter"
+        out[name] = CharacterRef(name, method, character.strength, tuple(images), tuple(shas))
+    return out
 
 
 def encode_settings(manifest: Manifest) -> EncodeSettings:
@@ -138,6 +230,7 @@ class JobSetup:
     step_cache: dict[str, float] = field(default_factory=dict)  # role -> FirstBlockCache threshold
     warnings: list[FieldError] = field(default_factory=list)  # what the job asks for that nothing will use
     qc_defaults: dict[str, Any] = field(default_factory=dict)  # the farm config's `qc:` (under the job's)
+    characters: dict[str, CharacterRef] = field(default_factory=dict)  # those a drawn keyframe shows
 
     @property
     def fps(self) -> int:
@@ -146,6 +239,14 @@ class JobSetup:
     @property
     def tiny(self) -> bool:
         return all(spec.is_tiny for spec in self.specs.values())
+
+    @property
+    def faces(self) -> str | None:
+        """The face analyser of the identity QC metric (farm.faces): the stand-in for tiny keyframes,
+        insightface where the farm config names its models, else None (the metric is unavailable)."""
+        from farm.faces import faces_spec
+
+        return faces_spec(self.specs["keyframe"].is_tiny, current().models.paths)
 
     def encode_identity(self) -> dict[str, Any]:
         return encode_identity(self.encode)
@@ -157,6 +258,19 @@ class JobSetup:
         frames = sum(shot.frames for shot in self.plan.shots)
         keyframes = len(self.plan.shots) * width * height * 3 * 4  # keyframes are drawn up to 2x each side
         return frames * width * height * 3 // 5 + keyframes + OUTPUT_SLACK
+
+    def adapter_record(self) -> dict[str, Any]:
+        """What the lockfile says of the identity adapter: which files (or the tiny build), and how
+        several characters share a keyframe."""
+        if not self.characters:
+            return {}
+        adapter = identity_adapter(self.specs["keyframe"], 1)
+        tiny = "tiny (random weights built in code: farm/gpu/identity.py)"
+        return {"adapter": tiny if adapter.tiny else adapter.weights,
+                "image_encoder": tiny if adapter.tiny else adapter.image_encoder,
+                "adapter_identity": adapter_identity(adapter),
+                "several": "one IP-Adapter per character side by side, each at its strength, over the whole "
+                           "image (no masks)"}
 
     def gates(self, shot_id: str) -> Gates:
         """The quality gates a shot is judged by: config, then the job's `qc:`, then the shot's; the
@@ -221,11 +335,12 @@ def setup_job(manifest_data: dict[str, Any] | Manifest, root: Path | str, option
                   and not (role in drafts and drafts[role].distilled)}
     plan = build_plan(manifest, specs["video"])
     overrides = keyframe_overrides(manifest, root, specs["keyframe"])
+    characters = cast(manifest, root, specs["keyframe"]) if check_files else {}
     return JobSetup(manifest, root, plan, specs, {role: model_identity(s) for role, s in specs.items()},
                     encode_settings(manifest), merge_options(manifest, plan.film_fps), overrides,
                     preview=drafting, drafts=drafts, step_cache=step_cache,
                     warnings=unused_input_warnings(manifest, plan, specs) + long_prompt_warnings(plan, specs),
-                    qc_defaults=current().qc.model_dump(exclude_none=True))
+                    qc_defaults=current().qc.model_dump(exclude_none=True), characters=characters)
 
 
 @dataclass(frozen=True)
@@ -286,6 +401,14 @@ def unused_input_warnings(manifest: Manifest, plan: Plan, specs: dict[str, Model
                 names = " and ".join(f.title for f in readers)
                 out.append(FieldError(("shots", sp.index, "negative_prompt"),
                                       f"not used: {names} take{'s' if len(readers) == 1 else ''} no negative prompt"))
+    for sp in plan.shots:
+        if sp.shot.characters and sp.first_frame_from != "keyframe":
+            start = "its own keyframe image" if sp.first_frame_from == "image" else "the previous shot's last frame"
+            out.append(FieldError(("shots", sp.index, "characters"),
+                                  f"identity comes from {start}: the characters' references are not used here"))
+    for name in manifest.characters:
+        if not any(name in shot.characters for shot in manifest.shots):
+            out.append(FieldError(("characters", name), "no shot lists this character: their references are unused"))
     drawn = [sp.shot.prompt for sp in plan.shots if sp.first_frame_from == "keyframe"]
     for i, emb in enumerate(manifest.models.embeddings):
         if not any(emb.token in prompt for prompt in drawn):

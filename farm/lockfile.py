@@ -6,6 +6,7 @@ import importlib.metadata
 import platform
 import re
 import subprocess
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
@@ -66,6 +67,29 @@ def final_qc(records: dict[str, dict[str, Any]], shot: str) -> dict[str, Any]:
         if record is not None and "accepted" in record:
             return record
     return {}
+
+
+def character_entries(manifest: Manifest, plan: Plan, characters: Mapping[str, Any],
+                      adapters: Mapping[str, Any], records: Mapping[str, dict[str, Any]]) -> dict[str, list[Any]]:
+    """Shot id -> the characters its keyframe was drawn with: method, strength, each reference image
+    (as the manifest names it, and the sha256 of its bytes), the adapter and image encoder, and the
+    identity stage's embeddings key. Only shots whose keyframe the farm drew: a shot starting from an
+    image or the previous shot has none (its warnings say so). `characters`: jobsetup.CharacterRef by
+    name; `adapters`: the adapter description (jobsetup.adapter_record)."""
+    out: dict[str, list[Any]] = {}
+    for sp in plan.shots:
+        entries = []
+        if sp.first_frame_from == "keyframe":
+            for name in sp.shot.characters:
+                ref, stage = characters[name], records.get(f"identity:{name}", {})
+                entries.append({
+                    "name": name, "method": ref.method, "strength": ref.strength,
+                    "references": [{"path": path, "sha256": sha, "file": file} for path, sha, file in
+                                   zip(manifest.characters[name].images, ref.sha256, ref.images, strict=True)],
+                    "embeddings_key": stage.get("key"), "encoded_by": stage.get("worker"),
+                    **adapters})
+        out[sp.shot.id] = entries
+    return out
 
 
 def build_lock(job_id: str, manifest: Manifest, plan: Plan, models: dict[str, ModelSpec],

@@ -191,6 +191,24 @@ class Defaults(Strict):
     video_preset: VideoPreset | None = None  # a preset of the video family (I2VGen-XL: preview, standard, ...)
 
 
+CHARACTER_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+IDENTITY_METHODS = ("ip_adapter", "instantid")
+MAX_REFERENCE_BYTES = 20 << 20  # a reference photo; the image encoder sees it at 224 px anyway
+MAX_REFERENCES = 8  # per character
+MAX_CHARACTERS = 16  # per job
+MAX_SHOT_CHARACTERS = 4  # one IP-Adapter each, side by side, in one keyframe call
+
+
+class Character(Strict):
+    """A person (or creature, or object) who must look the same in every shot that names them: their
+    reference photos condition each keyframe through the keyframe family's identity adapter."""
+
+    images: Annotated[list[PathText], Field(min_length=1, max_length=MAX_REFERENCES)]
+    # None: the best the keyframe family supports (farm.families: Family.identity_methods, first first)
+    method: Literal["ip_adapter", "instantid"] | None = None
+    strength: Annotated[float, Field(ge=0, le=2), NoBool] = 0.8  # IP-Adapter scale
+
+
 class Shot(Strict):
     id: Annotated[str, Field(pattern=SHOT_ID)]
     prompt: Prompt
@@ -211,6 +229,9 @@ class Shot(Strict):
     steps: Steps | None = None
     keyframe_fit: Literal["crop", "pad"] | None = None  # a user keyframe image of another aspect ratio
     qc: QcRules | None = None  # this shot's quality gates, over the job's (farm.qc)
+    # who appears in the shot (names from the job's `characters:`), one identity adapter each
+    characters: Annotated[list[Annotated[str, Field(pattern=CHARACTER_NAME)]],
+                          Field(max_length=MAX_SHOT_CHARACTERS)] = []
 
     @model_validator(mode="after")
     def _one_motion(self) -> Shot:
@@ -235,6 +256,8 @@ class Manifest(Strict):
     qc: QcRules | None = None  # quality gates and retakes for every shot (farm.qc, docs/qc.md)
     # finish within this long of submission (5400, 90m, 2h): `farm plan --simulate` sizes the cluster for it
     deadline: Annotated[str, Field(max_length=32)] | float | None = None
+    characters: Annotated[dict[Annotated[str, Field(pattern=CHARACTER_NAME)], Character],
+                          Field(max_length=MAX_CHARACTERS)] = {}
     shots: Annotated[list[Shot], Field(min_length=1, max_length=10_000)]
 
     @field_validator("webhook")
@@ -364,6 +387,10 @@ def _semantic_errors(manifest: Manifest, root: Path | None, confine: bool = Fals
             errors.append(FieldError(("shots", 0, "continue_from"), "the first shot has no previous shot"))
         if shot.keyframe is not None:
             errors.extend(_keyframe_errors(shot.keyframe, root, ("shots", i, "keyframe")))
+        errors.extend(_cast_errors(manifest, i))
+    for who, character in manifest.characters.items():
+        for k, image in enumerate(character.images):
+            errors.extend(_reference_errors(image, root, ("characters", who, "images", k)))
     width, height = manifest.output.size
     specs = {}
     for role in ("keyframe", "video"):
@@ -400,6 +427,12 @@ def _semantic_errors(manifest: Manifest, root: Path | None, confine: bool = Fals
         errors.extend(_weights_file_errors(lora.path, root, manifest.models.allow_pickle,
                                            ("models", "loras", i, "path")))
     keyframe_family = specs["keyframe"].rules if "keyframe" in specs else None
+    if keyframe_family is not None:
+        for who, character in manifest.characters.items():
+            problem = keyframe_family.identity_problem(character.method)
+            if problem:
+                errors.append(FieldError(("characters", who, "method") if character.method else ("characters", who),
+                                         problem))
     tokens: set[str] = set()
     for i, emb in enumerate(manifest.models.embeddings):
         at: tuple[str | int, ...] = ("models", "embeddings", i)
@@ -464,6 +497,43 @@ def _keyframe_errors(value: str, root: Path | None, loc: tuple[str | int, ...]) 
         return [FieldError(loc, f"file not found: {value}")]
     if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         return [FieldError(loc, "must be a .png, .jpg or .webp image")]
+    return []
+
+
+def _cast_errors(manifest: Manifest, i: int) -> list[FieldError]:
+    """A shot's `characters`: each one the job defines, each once."""
+    out, seen = [], set()
+    known = ", ".join(manifest.characters) or "none: the job has no characters: mapping"
+    for j, name in enumerate(manifest.shots[i].characters):
+        if name not in manifest.characters:
+            out.append(FieldError(("shots", i, "characters", j), f"unknown character {name!r} (the job's: {known})"))
+        elif name in seen:
+            out.append(FieldError(("shots", i, "characters", j), f"{name!r} is listed twice"))
+        seen.add(name)
+    return out
+
+
+# What a reference photo's first bytes must be: the formats the image encoders' processors read.
+IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"RIFF", "WEBP"))
+
+
+def _reference_errors(value: str, root: Path | None, loc: tuple[str | int, ...]) -> list[FieldError]:
+    """A character's reference image: inside the root, there, an image by its bytes (not its name), and
+    not larger than MAX_REFERENCE_BYTES."""
+    errors = _keyframe_errors(value, root, loc)
+    if errors:
+        return errors
+    path = inside_root(root, value)  # type: ignore[arg-type]  # _keyframe_errors refused a missing root
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(12)
+    except OSError:
+        return [FieldError(loc, UNUSABLE_PATH)]
+    if size > MAX_REFERENCE_BYTES:
+        return [FieldError(loc, f"is {size >> 20} MB; a reference image may be at most {MAX_REFERENCE_BYTES >> 20} MB")]
+    if not any(head.startswith(magic) and (kind != "WEBP" or head[8:12] == b"WEBP") for magic, kind in IMAGE_MAGIC):
+        return [FieldError(loc, "is not a PNG, JPEG or WebP image (its bytes say otherwise)")]
     return []
 
 

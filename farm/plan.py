@@ -169,6 +169,16 @@ def decode_id(video_stage_id: str) -> str:
     return "decode:" + video_stage_id.split(":", 1)[1]
 
 
+def identity_id(character: str) -> str:
+    """The stage that computes a character's identity embeddings: `identity:mira`."""
+    return f"identity:{character}"
+
+
+def draws_keyframe(shot: Shot) -> bool:
+    """A shot whose first frame the keyframe model draws (not the user's image, not the previous shot)."""
+    return shot.keyframe is None and shot.continue_from is None
+
+
 def build_plan(manifest: Manifest, video: ModelSpec | int) -> Plan:
     """The job's DAG for its video model (`video`; a bare frames-per-call count stands for a model that
     makes any count of frames at the film's rate)."""
@@ -185,6 +195,10 @@ def build_plan(manifest: Manifest, video: ModelSpec | int) -> Plan:
         film = output_fps(manifest, video)
         fps = fam.generation_fps(film, video.variant)
     plan = Plan(fps=fps, film_fps=film)
+    # A character's identity is computed once, before the first keyframe that shows them.
+    for name in manifest.characters:
+        if any(name in shot.characters for shot in manifest.shots if draws_keyframe(shot)):
+            plan.add(Stage(identity_id(name), StageKind.IDENTITY, None, ()))
     checks: list[str] = []
     previous_last: str | None = None
     previous_qc: str | None = None
@@ -201,7 +215,8 @@ def build_plan(manifest: Manifest, video: ModelSpec | int) -> Plan:
             first_from, start_dep = "image", None
         else:
             first_from = "keyframe"
-            start_dep = plan.add(Stage(keyframe_id, StageKind.KEYFRAME, shot.id, (), seed=seed)).id
+            cast = tuple(identity_id(name) for name in shot.characters)
+            start_dep = plan.add(Stage(keyframe_id, StageKind.KEYFRAME, shot.id, cast, seed=seed)).id
         segments = segments_for(frames, frames_per_call, first_from == "previous", call_frames)
         dep = start_dep
         decoded = []

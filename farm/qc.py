@@ -48,8 +48,14 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            "mean abs difference, 0-1, between the shot's first frame and the image it starts from"),
     Metric("seam", "lower", 3.0, 3.0, True, False,
            "largest jump at a segment seam over the shot's median frame-to-frame difference"),
+    # insightface's ArcFace embeddings: the same person scores about 0.4 and up, strangers under 0.2
+    # (docs/characters.md). Tiny renders measure it with the stand-in analyser, which never gates.
+    Metric("identity", "higher", 0.35, -1.0, True, True,
+           "cosine similarity of the keyframe's face to the character's references (lowest character)"),
 )}
-MetricName = Literal["flicker", "ssim_min", "flow_jump", "frozen", "black", "saturation", "drift", "seam"]
+MetricName = Literal["flicker", "ssim_min", "flow_jump", "frozen", "black", "saturation", "drift", "seam",
+                     "identity"]
+NEVER_GATES_TINY = ("identity",)  # measured by a stand-in on tiny renders: shown, never a reason to retake
 assert set(get_args(MetricName)) == set(METRICS), "every metric has a name in MetricName"
 DEFAULT_GATES = tuple(name for name, m in METRICS.items() if m.gates)
 MAX_RETAKES = 3
@@ -93,7 +99,8 @@ def resolve(job: QcRules | None, shot: QcRules | None, *, tiny: bool = False,
         retakes = rules.retakes if rules.retakes is not None else retakes
         on_fail = rules.on_fail or on_fail
         thresholds.update({str(k): v for k, v in rules.thresholds.items()})
-    chosen = {name: thresholds.get(name, METRICS[name].tiny if tiny else METRICS[name].default) for name in gate}
+    chosen = {name: thresholds.get(name, METRICS[name].tiny if tiny else METRICS[name].default) for name in gate
+              if not (tiny and name in NEVER_GATES_TINY)}
     return Gates(enabled, chosen, retakes if enabled else 0, on_fail)  # type: ignore[arg-type]
 
 

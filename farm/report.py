@@ -106,13 +106,37 @@ def _shot_section(shot: Mapping[str, Any], prompt: str, keyframe: str | None, fr
     return f"""<section class="shot {badge}" id="shot-{html.escape(shot['id'])}">
 <h2>{html.escape(shot['id'])} <span class="badge {badge}">{badge}</span></h2>
 <p class="prompt">{html.escape(prompt)}</p>
-<div class="images">{images}</div>
+<div class="images">{images}</div>{_cast(shot.get("characters", []), metrics)}
 <div class="cols"><table class="metrics"><tr><th>metric</th><th>value</th><th>gate</th><th></th></tr>{''.join(rows)}
 </table><div class="plot">{plot}</div></div>
 <table class="takes"><tr><th>take</th><th>QC</th><th>failed</th><th>score</th><th></th></tr>{takes}</table>
 <p class="where">{shot['frames']} frames, seed {shot['seed']}, rendered on {html.escape(where)}
 in {seconds:.1f} s of stage time; starts from its {html.escape(shot['first_frame_from'])}.</p>
 </section>"""
+
+
+def _cast(characters: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any]) -> str:
+    """The characters a shot's keyframe was drawn with, their reference photos beside it, and how alike
+    the keyframe's face came out (the identity metric, and which face analyser measured it)."""
+    if not characters:
+        return ""
+    per = metrics.get("identity_per_character") or {}
+    by = html.escape(str(metrics.get("identity_by", "not measured")))
+    out = []
+    for c in characters:
+        thumbs = []
+        for ref in c.get("references", []):
+            try:
+                with PIL.Image.open(ref["file"]) as image:
+                    thumbs.append(f"<img alt='{html.escape(ref['path'])}' title='{html.escape(ref['path'])}' "
+                                  f"src='{_png_uri(_thumb(np.asarray(image.convert('RGB')), 96))}'>")
+            except (OSError, KeyError, ValueError):  # moved since: the path and hash still say which it was
+                thumbs.append(f"<span>{html.escape(str(ref.get('path')))}</span>")
+        score = per.get(c["name"])
+        out.append(f"<div class='character'><b>{html.escape(c['name'])}</b> ({html.escape(c['method'])}, strength "
+                   f"{c['strength']}; identity {_fmt(score) if score is not None else 'n/a'} by {by}) "
+                   f"{''.join(thumbs)}</div>")
+    return "<div class='cast'>" + "".join(out) + "</div>"
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;background:#fafafa}
@@ -124,7 +148,8 @@ section.pass{border-left-color:#27ae60} section.fail{border-left-color:#c0392b}
 .cols{display:flex;gap:1.5em;align-items:flex-start} table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:.2em .6em;text-align:left;font-size:.9em}
 tr.fail td{background:#fdecea} tr.pass td{background:#eafaf1} tr.kept td{font-weight:bold}
-.prompt{font-style:italic;color:#555}"""
+.prompt{font-style:italic;color:#555}
+.character img{height:48px;margin-left:4px;border:1px solid #ccc;vertical-align:middle}"""
 
 
 def build_report(lock: Mapping[str, Any], frames: Mapping[str, np.ndarray], curves: Mapping[str, Mapping[str, Any]],

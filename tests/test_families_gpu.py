@@ -112,7 +112,7 @@ def test_a_draft_lora_and_its_sampler_reach_the_worker(tmp_path):
     req = book.request("keyframe:a", "cpu", str(tmp_path / "cache"))
     worker = StageWorker("w", tier="cpu")
     drafted = worker.run(req)
-    pipe = worker.pipelines[(req.model, req.loras, req.vae, req.scheduler, req.step_cache, req.embeddings)][1]
+    pipe = worker.resident(req)
     assert type(pipe.scheduler).__name__ == "LCMScheduler" and "farm0" in pipe.get_active_adapters()
     assert drafted.observed["steps"] == 4
     undrafted = worker.run(replace(req, loras=(), scheduler=None, output_key="plain"))
@@ -171,7 +171,7 @@ def test_several_loras_with_scales_and_an_embedding_reach_the_keyframe(tmp_path)
     assert [scale for _, scale in req.loras] == [0.8, 0.3] and req.embeddings[0][1] == "<hero>"
     worker = StageWorker("w", tier="cpu")
     worker.run(req)
-    pipe = worker.pipelines[(req.model, req.loras, req.vae, req.scheduler, req.step_cache, req.embeddings)][1]
+    pipe = worker.resident(req)
     assert pipe.get_active_adapters() == ["farm0", "farm1"]
     assert "<hero>" in pipe.tokenizer.get_vocab() and "<hero>" in pipe.tokenizer_2.get_vocab()
     from dataclasses import replace

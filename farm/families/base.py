@@ -127,12 +127,29 @@ class Family:
     draft: ClassVar[Draft | None] = None  # its real fast draft, where it has one
     presets: ClassVar[dict[str, tuple[int, float]]] = {}  # named (steps, guidance) a shot may pick
     step_cache: ClassVar[bool] = False  # its denoiser takes diffusers' cache hooks (FirstBlockCache)
+    # keyframe: how a character's reference photos condition it, best first (docs/characters.md); the
+    # farm config's models.paths names the adapter ("ip_adapter:<family>") and its image encoder
+    # ("image_encoder:<family>")
+    identity_methods: ClassVar[tuple[str, ...]] = ()
     # Memory knobs each tier starts with; the OOM ladder turns on one rung after the other.
     tier_knobs: ClassVar[dict[Tier, frozenset[str]]] = {
         tier: frozenset(k for k in ("cpu_offload", "forward_chunking", "vae_slicing") if getattr(p, k))
         for tier, p in TIER_PRESETS.items()}
     ladder: ClassVar[tuple[frozenset[str], ...]] = (
         frozenset({"cpu_offload"}), frozenset({"vae_slicing"}), frozenset({"forward_chunking"}))
+
+    def identity_method(self, asked: str | None) -> str | None:
+        """The method a character is drawn with: the one asked for, else the family's best."""
+        return asked or (self.identity_methods[0] if self.identity_methods else None)
+
+    def identity_problem(self, asked: str | None) -> str | None:
+        """Why this family cannot draw a character with `asked` (None: the family's best), or None."""
+        if not self.identity_methods:
+            return f"{self.title} takes no identity references in this farm (SDXL does, with ip_adapter)"
+        if asked is not None and asked not in self.identity_methods:
+            return (f"{self.title} cannot use {asked} in this farm (it takes {', '.join(self.identity_methods)}; "
+                    "docs/characters.md says what each needs)")
+        return None
 
     def prompt_warning(self, prompt: str) -> str | None:
         """A warning when `prompt` is likely longer than this family reads, estimated without the

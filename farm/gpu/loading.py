@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from farm.config import current
+from farm.contract import IdentityAdapter
 from farm.gpu.families import gpu_family
 from farm.models import PICKLE_SUFFIXES, SAFE_SUFFIXES, ModelError, ModelSpec, in_hf_cache
 
@@ -36,7 +37,8 @@ def _not_found_offline(spec: ModelSpec, exc: BaseException) -> ModelError:
 
 def load_pipeline(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | None = None,
                   loras: tuple[tuple[str, float], ...] = (), vae: str | None = None,
-                  cpu_offload: bool = False, embeddings: tuple[tuple[str, str], ...] = ()) -> DiffusionPipeline:
+                  cpu_offload: bool = False, embeddings: tuple[tuple[str, str], ...] = (),
+                  adapter: IdentityAdapter | None = None) -> DiffusionPipeline:
     """Load the pipeline `spec` names, ready to call.
 
     With `cpu_offload` on a CUDA device the pipeline stays on the CPU, for `apply_memory_knobs` to
@@ -72,6 +74,10 @@ def load_pipeline(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | 
         _load_loras(spec, pipe, loras)
     for path, token in embeddings:
         _load_embedding(spec, pipe, path, token)
+    if adapter is not None:  # characters: the identity adapter beside the model (farm/gpu/identity.py)
+        from farm.gpu.identity import load_identity_adapter
+
+        load_identity_adapter(pipe, adapter, dtype)
     if not (cpu_offload and str(device).startswith("cuda")):
         pipe.to(device)
     return pipe

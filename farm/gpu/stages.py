@@ -115,12 +115,14 @@ def tensor_to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 
 def run_stage(pipe: Any, family: str, params: Mapping[str, Any], image: np.ndarray | None = None,
-              cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, Observed]:
+              cancelled: Callable[[], bool] = lambda: False,
+              extra: Mapping[str, Any] | None = None) -> tuple[np.ndarray, Observed]:
     """One whole keyframe or video call of `family`'s pipeline with the parameters its pure half
-    mapped. Returns uint8 frames (N, H, W, 3): the keyframe's one image, or the video's frames starting
-    from `image`."""
+    mapped (and `extra` arguments that are tensors, not parameters: a keyframe's identity embeddings).
+    Returns uint8 frames (N, H, W, 3): the keyframe's one image, or the video's frames starting from
+    `image`."""
     with observe(pipe, cancelled) as seen:
-        frames = gpu_family(family).call(pipe, params, image, generator(int(params["seed"])))
+        frames = gpu_family(family).call(pipe, params, image, generator(int(params["seed"])), extra=extra)
     return tensor_to_uint8(frames), seen
 
 

@@ -17,13 +17,14 @@ import torch
 
 from farm.cache import ArtifactCache
 from farm.config import FarmConfig, current
-from farm.contract import StageKind, StageRequest, StageResult
+from farm.contract import IdentityAdapter, StageKind, StageRequest, StageResult
 from farm.faults import OutOfMemory, fire, spoil
 from farm.frames import fit_frames
+from farm.gpu.identity import call_embeds, encode_references
 from farm.gpu.loading import apply_memory_knobs, load_pipeline, use_sampler, use_step_cache
 from farm.gpu.nvml import GpuInfo, gpus, resolve_tier
 from farm.gpu.speed import apply_speed_knobs, speed_knobs
-from farm.gpu.stages import count_prompt, run_decode, run_denoise, run_stage
+from farm.gpu.stages import count_prompt, observe, run_decode, run_denoise, run_stage
 from farm.hashing import array_hash
 from farm.models import ModelSpec, missing
 from farm.observed import IdleClock, TakesTurns, stage_thread
@@ -94,20 +95,24 @@ class StageWorker(TakesTurns):
     def pipeline(self, spec: ModelSpec, knobs: MemoryKnobs, loras: tuple[tuple[str, float], ...] = (),
                  vae: str | None = None, scheduler: str | None = None,
                  step_cache: float | None = None,
-                 embeddings: tuple[tuple[str, str], ...] = ()) -> tuple[Any, dict[str, bool]]:
+                 embeddings: tuple[tuple[str, str], ...] = (),
+                 adapter: IdentityAdapter | None = None) -> tuple[Any, dict[str, bool]]:
         """The resident pipeline for (model, LoRAs, VAE, sampler, step cache) with these memory knobs;
         loads it on first use.
 
         Keyed on the knobs *asked for*: what a pipeline can honour differs (SVD's VAE has no slicing),
         and comparing with what was applied would reload it on every stage."""
-        key = (spec, loras, vae, scheduler, step_cache, embeddings)
+        key = (spec, loras, vae, scheduler, step_cache, embeddings, adapter)
         held = self.pipelines.get(key)
         if held is not None and held[0] == knobs:
             return held[1], held[2]
         if held is not None:  # the OOM ladder asked for other memory knobs: rebuild from scratch
             self.unload(key)
         try:
-            extra = {"embeddings": embeddings} if embeddings else {}  # bench/gpu.py's loader takes none
+            # bench/gpu.py's loader takes neither
+            extra: dict[str, Any] = {"embeddings": embeddings} if embeddings else {}
+            if adapter is not None:
+                extra["adapter"] = adapter
             pipe = self.loader(spec, device=self.device, dtype=self.dtype, loras=loras, vae=vae,
                                cpu_offload=knobs.cpu_offload or knobs.group_offload, **extra)
             pipe.set_progress_bar_config(disable=True)  # the farm shows its own progress
@@ -122,6 +127,12 @@ class StageWorker(TakesTurns):
             raise self._out_of_memory(exc) from None
         self.pipelines[key] = (knobs, pipe, applied)
         return pipe, applied
+
+    def resident(self, req: StageRequest) -> Any:
+        """The loaded pipeline a request runs on (None if it is not loaded)."""
+        held = self.pipelines.get((req.model, req.loras, req.vae, req.scheduler, req.step_cache, req.embeddings,
+                                   req.adapter))
+        return held[1] if held else None
 
     def unload(self, key: tuple[Any, ...]) -> None:
         self.pipelines.pop(key, None)
@@ -183,9 +194,15 @@ class StageWorker(TakesTurns):
         try:
             fire(self.faults, req.ident, torch.OutOfMemoryError)
             pipe, applied = self.pipeline(req.model, req.knobs, req.loras, req.vae, req.scheduler, req.step_cache,
-                                          req.embeddings)
-            if req.kind == StageKind.KEYFRAME:
-                images, seen = run_stage(pipe, req.model.family, req.params, cancelled=is_cancelled)
+                                          req.embeddings, req.adapter)
+            if req.kind == StageKind.IDENTITY:
+                with observe(pipe) as seen:
+                    embeds = encode_references(pipe, req.references, self.device)
+                cache.put_arrays(req.output_key, embeds=embeds)
+                hashes = {"output_sha": array_hash(embeds)}
+            elif req.kind == StageKind.KEYFRAME:
+                extra = call_embeds(cache, req.identity, pipe, dict(req.params), self.device)
+                images, seen = run_stage(pipe, req.model.family, req.params, cancelled=is_cancelled, extra=extra)
                 count_prompt(pipe, req.model.family, req.params, seen)
                 # drawn at the family's multiple (1920x1088 for 1920x1080): cropped back to the keyframe size
                 hashes = cache.put_keyframe(req.output_key, fit_frames(images, req.frame_size)[0])

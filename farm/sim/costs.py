@@ -83,6 +83,8 @@ def params_seconds(kind: str, params: Mapping[str, Any], cost: TierCost, family:
     """Seconds of a GPU stage with these effective parameters on a worker costing `cost`: its work
     (`work_units`) at the family's fitted rate, scaled by the call's size (`pixels`, else the params'
     width x height), where there is one; else at the tier-wide rate, which does not scale with size."""
+    if kind == StageKind.IDENTITY:  # ASSUMED: one reference image through a ViT-H ~ one keyframe step
+        return len(params.get("images") or ()) * cost.keyframe_step_s
     work = work_units(kind, int(params.get("num_inference_steps") or 0), int(params.get("num_frames") or 1))
     rate = cost.families.get(family or "", {}).get(str(kind))
     if rate is not None:

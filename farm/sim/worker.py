@@ -120,7 +120,7 @@ class SimWorker(TakesTurns):
 
     def pipeline(self, req: StageRequest) -> dict[str, bool]:
         """Make the model resident (paying load_s x time_scale once); returns the knobs applied."""
-        key = (req.model.key, req.loras, req.vae)
+        key = (req.model.key, req.loras, req.vae, req.adapter)
         if key not in self.pipelines:
             pause(self.cost.load_s * self.time_scale)
             self.pipelines[key] = req.model.source
@@ -151,7 +151,14 @@ class SimWorker(TakesTurns):
         try:
             fire(self.faults, req.ident, OutOfMemory)
             applied = self.pipeline(req)
-            if req.kind == StageKind.KEYFRAME:
+            if req.kind == StageKind.IDENTITY:
+                started_at = time.perf_counter()
+                pause(params_seconds("identity", req.params, self.cost) * self.time_scale, is_cancelled)
+                embeds = np.zeros((2, len(req.references), 8), np.float32)  # [negative, positive] as CFG takes them
+                cache.put_arrays(req.output_key, embeds=embeds)
+                hashes = {"output_sha": array_hash(embeds)}
+                observed = sim_observed(0, 1, None, time.perf_counter() - started_at)
+            elif req.kind == StageKind.KEYFRAME:
                 image, observed = sim_keyframe(req.params, self.cost, self.time_scale, is_cancelled, req.model.family)
                 hashes = cache.put_keyframe(req.output_key, image)
             elif req.kind == StageKind.VIDEO:

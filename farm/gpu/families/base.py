@@ -41,11 +41,12 @@ class GpuFamily:
                 if isinstance(m, torch.nn.Module)]
 
     def call(self, pipe: Any, params: Mapping[str, Any], image: np.ndarray | None,
-             generator: torch.Generator, output_type: str = "pt") -> torch.Tensor:
+             generator: torch.Generator, output_type: str = "pt",
+             extra: Mapping[str, Any] | None = None) -> torch.Tensor:
         """One pipeline call with the mapped parameters; returns (N, C, H, W) floats in [0, 1] where
         the pipeline put them (the keyframe's one image, or the video's frames), or with
         `output_type="latent"` a video call's final latents, as the pipeline returns them."""
-        kwargs = {k: v for k, v in params.items() if k != "seed"}
+        kwargs = {k: v for k, v in params.items() if k != "seed"} | dict(extra or {})
         if "negative_prompt" in kwargs:
             kwargs["negative_prompt"] = kwargs["negative_prompt"] or None
         if image is not None:  # the keyframe (drawn larger) or the last frame, at the call's size, not stretched

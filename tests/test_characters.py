@@ -1,0 +1,352 @@
+"""Characters (issue 19): the manifest's `characters:`, their refusals, the identity stage computed once
+per job, its embeddings reaching the keyframe call through diffusers' IP-Adapter, the cache keys, the
+pickle converter, the identity QC metric and the lockfile, with the tiny offline builds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from helpers import base_manifest, write_manifest, write_png
+
+from farm import manifest as mf
+from farm.contract import StageKind
+
+
+def noise_png(path, seed, size=(64, 64)):
+    """A reference photo with content (a flat colour says nothing to the stand-in face analyser)."""
+    import PIL.Image
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def cast_manifest(root, **over):
+    noise_png(root / "refs" / "mira_front.png", 1)
+    noise_png(root / "refs" / "mira_side.png", 2)
+    noise_png(root / "refs" / "tom.png", 3)
+    data = base_manifest(
+        characters={"mira": {"images": ["refs/mira_front.png", "refs/mira_side.png"], "strength": 0.8},
+                    "tom": {"images": ["refs/tom.png"], "strength": 0.5}},
+        shots=[{"id": "a", "prompt": "mira at the window", "duration": 0.5, "characters": ["mira"]},
+               {"id": "b", "prompt": "an empty street", "duration": 0.5},
+               {"id": "c", "prompt": "mira and tom talk", "duration": 0.5, "characters": ["mira", "tom"]}])
+    data.update(over)
+    write_manifest(root, data)
+    return data
+
+
+def errors_of(data, root):
+    with pytest.raises(mf.ManifestError) as info:
+        mf.validate_data(data, root)
+    return {e.path: e.msg for e in info.value.errors}
+
+
+# --- the manifest -------------------------------------------------------------------------------
+
+def test_a_cast_validates_and_the_schema_documents_it(tmp_path):
+    data = cast_manifest(tmp_path)
+    manifest = mf.validate_data(data, tmp_path)
+    assert manifest.characters["mira"].method is None and manifest.shots[2].characters == ["mira", "tom"]
+    schema = mf.json_schema()
+    assert "characters" in schema["properties"]
+    assert "strength" in json.dumps(schema["$defs"]["Character"])
+
+
+@pytest.mark.parametrize(("change", "field", "words"), [
+    (lambda d, r: d["shots"][0].update(characters=["mria"]), "shots[0].characters[0]", "unknown character 'mria'"),
+    (lambda d, r: d["shots"][2].update(characters=["mira", "mira"]), "shots[2].characters[1]", "listed twice"),
+    (lambda d, r: d["characters"]["mira"].update(images=["refs/gone.png"]), "characters.mira.images[0]",
+     "file not found"),
+    (lambda d, r: d["characters"]["mira"].update(images=[]), "characters.mira.images", "at least 1"),
+    (lambda d, r: d["characters"]["mira"].update(images=["../outside.png"]), "characters.mira.images[0]", ""),
+    (lambda d, r: ((r / "refs" / "fake.png").write_bytes(b"not a picture at all"),  # named .png, not one
+                   d["characters"]["tom"].update(images=["refs/fake.png"])),
+     "characters.tom.images[0]", "is not a PNG, JPEG or WebP image"),
+])
+def test_bad_characters_are_refused_naming_the_field(tmp_path, change, field, words):
+    data = cast_manifest(tmp_path)
+    change(data, tmp_path)
+    errors = errors_of(data, tmp_path)
+    assert field in errors, errors
+    assert words in errors[field]
+
+
+def test_a_reference_too_large_and_a_method_the_family_lacks_are_refused(tmp_path):
+    data = cast_manifest(tmp_path)
+    big = tmp_path / "refs" / "huge.png"
+    with big.open("wb") as f:  # a PNG header, then a sparse 21 MB
+        f.write(b"\x89PNG\r\n\x1a\n")
+        f.truncate(mf.MAX_REFERENCE_BYTES + (1 << 20))
+    data["characters"]["tom"]["images"] = ["refs/huge.png"]
+    data["characters"]["mira"]["method"] = "instantid"
+    errors = errors_of(data, tmp_path)
+    assert "at most 20 MB" in errors["characters.tom.images[0]"]
+    assert "cannot use instantid" in errors["characters.mira.method"]
+    flux = cast_manifest(tmp_path, models={"keyframe": "tiny:flux:schnell", "video": "tiny"})
+    errors = errors_of(flux, tmp_path)
+    assert "takes no identity references" in errors["characters.mira"]
+
+
+def test_farm_validate_names_an_unknown_character_and_a_missing_reference(tmp_path):
+    data = cast_manifest(tmp_path)
+    data["shots"][0]["characters"] = ["nobody"]
+    data["characters"]["tom"]["images"] = ["refs/missing.png"]
+    path = write_manifest(tmp_path, data, "bad.yaml")
+    result = subprocess.run([sys.executable, "-m", "farm.cli", "validate", str(path)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert any(line.startswith("shots[0].characters[0]: unknown character 'nobody'") for line in lines), lines
+    assert any(line.startswith("characters.tom.images[0]: file not found") for line in lines), lines
+
+
+def test_identity_from_a_frame_and_unused_characters_are_warned(tmp_path):
+    from farm.jobsetup import setup_job
+
+    data = cast_manifest(tmp_path)
+    write_png(tmp_path / "own.png")
+    data["shots"][1].update(characters=["tom"], keyframe="own.png")
+    data["shots"].append({"id": "d", "prompt": "later", "duration": 0.5, "continue_from": "previous",
+                          "characters": ["mira"]})
+    data["characters"]["ghost"] = {"images": ["refs/tom.png"]}
+    setup = setup_job(data, tmp_path)
+    warned = {e.path: e.msg for e in setup.warnings}
+    assert "its own keyframe image" in warned["shots[1].characters"]
+    assert "previous shot's last frame" in warned["shots[3].characters"]
+    assert "no shot lists this character" in warned["characters.ghost"]
+
+
+# --- the plan, the keys ---------------------------------------------------------------------------
+
+def test_each_character_is_one_identity_stage_before_the_keyframes_that_show_them(tmp_path):
+    from farm.jobsetup import setup_job
+
+    plan = setup_job(cast_manifest(tmp_path), tmp_path).plan
+    identity = [s for s in plan.stages.values() if s.kind == StageKind.IDENTITY]
+    assert [s.id for s in identity] == ["identity:mira", "identity:tom"] and all(s.gpu for s in identity)
+    assert plan.stages["keyframe:a"].deps == ("identity:mira",)
+    assert plan.stages["keyframe:b"].deps == ()
+    assert plan.stages["keyframe:c"].deps == ("identity:mira", "identity:tom")
+
+
+def finished(book, stage_id, key):
+    from farm.jobbook import Done
+
+    book.done[stage_id] = Done(key, {})
+
+
+def test_cache_keys_follow_the_reference_bytes_not_their_names(tmp_path):
+    from farm.jobbook import JobBook
+    from farm.jobsetup import setup_job
+
+    def keys(data):
+        book = JobBook("j", setup_job(data, tmp_path), str(tmp_path / "out"))
+        identity = book.request("identity:mira", "cpu").output_key
+        finished(book, "identity:mira", identity)
+        finished(book, "identity:tom", book.request("identity:tom", "cpu").output_key)
+        return identity, book.request("keyframe:a", "cpu").output_key, book.request("keyframe:b", "cpu").output_key
+
+    data = cast_manifest(tmp_path)
+    first = keys(data)
+    (tmp_path / "refs" / "mira_front.png").rename(tmp_path / "refs" / "renamed.png")
+    data["characters"]["mira"]["images"][0] = "refs/renamed.png"
+    assert keys(data) == first  # renamed: the same bytes, the same embeddings and keyframe
+    noise_png(tmp_path / "refs" / "renamed.png", 99)  # new bytes under the same name
+    changed = keys(data)
+    assert changed[0] != first[0] and changed[1] != first[1]
+    assert changed[2] == first[2]  # a shot without characters is not touched
+    plain = base_manifest(shots=[{"id": "a", "prompt": "x", "duration": 0.5},
+                                 {"id": "b", "prompt": "an empty street", "duration": 0.5}])
+    book = JobBook("p", setup_job(plain, tmp_path), str(tmp_path / "out"))
+    assert book.request("keyframe:b", "cpu").output_key == first[2]  # and keys as it did before characters
+
+
+# --- on the worker (tiny SDXL, its tiny IP-Adapter and image encoder) ------------------------------
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """Identity stages, then the three keyframes, on one CPU worker; every pipeline call recorded."""
+    from farm.cache import ArtifactCache
+    from farm.gpu.worker import StageWorker
+    from farm.jobbook import JobBook
+    from farm.jobsetup import setup_job
+
+    root = tmp_path_factory.mktemp("cast")
+    cache_dir = str(root / "cache")
+    book = JobBook("j", setup_job(cast_manifest(root), root), str(root / "out"))
+    worker = StageWorker("w", tier="cpu")
+    encoder_calls, calls = [], []
+    requests = {}
+    for sid in ("identity:mira", "identity:tom", "keyframe:a", "keyframe:b", "keyframe:c"):
+        req = requests[sid] = book.request(sid, "cpu", cache_dir)
+        worker.run(req)
+        pipe = worker.resident(req)
+        if not getattr(pipe, "_spied", False):  # each pipeline once: count its encoder, record its calls
+            pipe.image_encoder and pipe.image_encoder.register_forward_hook(
+                lambda *_: encoder_calls.append(1))
+            original = type(pipe).__call__
+
+            def spy(self, *args, _original=original, **kwargs):
+                calls.append(kwargs)
+                return _original(self, *args, **kwargs)
+
+            pipe.__class__ = type(f"Spied{type(pipe).__name__}", (type(pipe),), {"__call__": spy})
+            pipe._spied = True
+            if req.kind == StageKind.KEYFRAME:  # its first call happened before the spy: run it again
+                worker.run(replace(req, output_key=req.output_key + "-again"))
+        if req.kind == StageKind.IDENTITY:
+            finished(book, sid, req.output_key)
+    return book, worker, ArtifactCache(cache_dir), requests, encoder_calls, calls
+
+
+def test_references_are_encoded_once_for_every_shot_that_shows_them(rendered):
+    _, worker, cache, requests, encoder_calls, _ = rendered
+    mira = cache.get_arrays(requests["identity:mira"].output_key)["embeds"]
+    assert mira.shape == (2, 2, 32)  # [negative, positive] x two reference images x the tiny ViT's 32
+    assert np.all(mira[0] == 0) and np.abs(mira[1]).sum() > 0  # diffusers' unconditional half is zeros
+    # the image encoder ran for the identity stages only (hooked after the first one): tom's, not
+    # once more per keyframe: keyframe:a and keyframe:c read mira's from the cache
+    assert len(encoder_calls) == 1
+    assert requests["keyframe:a"].identity == ((requests["identity:mira"].output_key, 0.8),)
+
+
+def test_the_embeddings_reach_the_keyframe_call(rendered):
+    _, worker, cache, requests, _, calls = rendered
+    with_cast = [c for c in calls if "ip_adapter_image_embeds" in c]
+    assert len(with_cast) >= 2 and not [c for c in calls if c.get("prompt") == "an empty street"
+                                        and "ip_adapter_image_embeds" in c]
+    mira = cache.get_arrays(requests["identity:mira"].output_key)["embeds"]
+    one = next(c for c in with_cast if c["prompt"] == "mira at the window")
+    (embeds,) = one["ip_adapter_image_embeds"]
+    assert torch.equal(embeds, torch.from_numpy(mira))
+
+
+def test_a_shot_with_two_characters_loads_an_adapter_each_at_its_strength(rendered):
+    _, worker, cache, requests, _, calls = rendered
+    req = requests["keyframe:c"]
+    assert req.adapter is not None and req.adapter.count == 2 and [s for _, s in req.identity] == [0.8, 0.5]
+    pipe = worker.resident(req)
+    assert len(pipe.unet.encoder_hid_proj.image_projection_layers) == 2
+    processor = next(p for p in pipe.unet.attn_processors.values() if hasattr(p, "scale"))
+    assert list(processor.scale) == [0.8, 0.5]
+    call = next(c for c in calls if c["prompt"] == "mira and tom talk")
+    assert len(call["ip_adapter_image_embeds"]) == 2
+    # one adapter pipeline per count, and the keyframe model without one for shot b
+    assert worker.resident(requests["keyframe:a"]) is not pipe
+    assert worker.resident(requests["keyframe:b"]).unet.encoder_hid_proj is None
+
+
+def test_the_character_changes_the_picture(rendered):
+    _, worker, cache, requests, _, _ = rendered
+    req = requests["keyframe:a"]
+    tom = requests["identity:tom"].output_key
+    worker.run(replace(req, identity=((tom, 0.8),), output_key="as-tom"))
+    worker.run(replace(req, identity=((req.identity[0][0], 0.0),), output_key="strength-0"))
+    mira = cache.last_frame(req.output_key)
+    assert not np.array_equal(mira, cache.last_frame("as-tom"))
+    assert not np.array_equal(mira, cache.last_frame("strength-0"))
+
+
+# --- pickled official weights -------------------------------------------------------------------
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickled_adapter_weights_are_converted_once_and_load_as_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    from farm.contract import IdentityAdapter
+    from farm.gpu.identity import load_identity_adapter, tiny_adapter_state_dict
+    from farm.gpu.loading import load_pipeline
+    from farm.gpu.tiny import vision_encoder
+    from farm.models import resolve_model
+
+    pipe = load_pipeline(resolve_model("keyframe", "tiny:sdxl"))
+    state = tiny_adapter_state_dict(pipe.unet)
+    torch.save(state, tmp_path / "ip-adapter.bin")  # the nested layout h94's .bin files have
+    vision_encoder(32).save_pretrained(tmp_path / "image_encoder")
+    run = [sys.executable, "-m", "farm.cli", "convert-weights", str(tmp_path / "ip-adapter.bin")]
+    result = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "ip-adapter.safetensors"
+    with safe_open(str(out), "pt") as f:
+        names = set(f.keys())
+        assert torch.equal(f.get_tensor("image_proj.proj.weight"), state["image_proj"]["proj.weight"])
+    assert names == {f"{group}.{k}" for group, inner in state.items() for k in inner}
+    # the real (non-tiny) loading path reads it: diffusers' load_ip_adapter from a local safetensors file
+    load_identity_adapter(pipe, IdentityAdapter("ip_adapter", str(out), str(tmp_path / "image_encoder")),
+                          torch.float32)
+    assert len(pipe.unet.encoder_hid_proj.image_projection_layers) == 1
+    assert subprocess.run(run, capture_output=True, text=True, timeout=120).returncode == 2  # exists: --force
+    torch.save({"image_proj": {"w": torch.ones(1)}, "evil": Payload()}, tmp_path / "evil.bin")
+    evil = subprocess.run([sys.executable, "-m", "farm.cli", "convert-weights", str(tmp_path / "evil.bin")],
+                          capture_output=True, text=True, timeout=120)
+    assert evil.returncode == 2 and "weights_only refused" in evil.stderr and "pwned" not in evil.stdout
+    assert not (tmp_path / "evil.safetensors").exists()
+
+
+# --- QC and faces ---------------------------------------------------------------------------------
+
+def test_the_stand_in_face_metric_is_computed_labelled_and_never_gates(tmp_path):
+    from farm.faces import identity_metrics, load_rgb
+    from farm.qc import resolve
+
+    ref = noise_png(tmp_path / "ref.png", 5)
+    image = load_rgb(str(ref))
+    same = identity_metrics(image, {"faces": "stand-in", "characters": {"mira": [str(ref)]}})
+    other = identity_metrics(load_rgb(str(noise_png(tmp_path / "x.png", 6))),
+                             {"faces": "stand-in", "characters": {"mira": [str(ref)]}})
+    assert same["identity"] == pytest.approx(1.0) and abs(other["identity"]) < 0.5
+    assert same["identity_by"] == "stand-in"
+    assert "identity" not in resolve(None, None, tiny=True).thresholds  # never gates on tiny renders
+    assert resolve(None, None).thresholds["identity"] == 0.35  # gates with a real face model
+    unavailable = identity_metrics(image, {"faces": None, "characters": {"mira": [str(ref)]}})
+    assert unavailable["identity"] is None and "unavailable" in unavailable["identity_by"]
+    assert identity_metrics(image, {"faces": "stand-in", "characters": {}}) == {}
+
+
+# --- end to end ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_render_draws_the_character_in_the_shots_that_list_them(ray_session, tiny_models, tmp_path):
+    import pyarrow.parquet as pq
+
+    from farm import cli
+    from farm.hashing import file_hash
+
+    root = tmp_path / "story"
+    data = cast_manifest(root)
+    data["shots"][2]["characters"] = ["mira"]  # the character in two of three shots
+    data["characters"].pop("tom")
+    path = write_manifest(root, data)
+    out = tmp_path / "out"
+    assert cli.main(["render", str(path), "-o", str(out), "--models", "tiny", "--workers", "2", "--tier", "low",
+                     "--quiet"]) == 0
+    lock = json.loads((out / "manifest.lock.json").read_text())
+    cast = {shot["id"]: shot["characters"] for shot in lock["shots"]}
+    assert [c["name"] for c in cast["a"]] == [c["name"] for c in cast["c"]] == ["mira"] and cast["b"] == []
+    refs = cast["a"][0]["references"]
+    assert [r["path"] for r in refs] == ["refs/mira_front.png", "refs/mira_side.png"]
+    assert [r["sha256"] for r in refs] == [file_hash(str(root / r["path"])) for r in refs]
+    assert cast["a"][0]["method"] == "ip_adapter" and cast["a"][0]["strength"] == 0.8
+    assert cast["a"][0]["adapter"].startswith("tiny") and cast["a"][0]["embeddings_key"]
+    rows = pq.read_table(out / "ledger.parquet").to_pylist()
+    identity = [r for r in rows if r["stage"] == "identity:mira" and r["outcome"] == "succeeded"]
+    assert len(identity) == 1  # once for both shots
+    qc = {shot["id"]: shot["qc"]["takes"][-1]["metrics"] for shot in lock["shots"]}
+    assert qc["a"]["identity_by"] == "stand-in" and isinstance(qc["a"]["identity"], float)
+    assert "identity" not in qc["b"]
+    assert "identity" not in lock["shots"][0]["qc"]["gates"]["thresholds"]  # the stand-in never gates
+    report = (out / "report.html").read_text()
+    assert report.count("<div class='character'>") == 2  # shots a and c, their references beside them
+    assert "title='refs/mira_side.png' src='data:image/png" in report and "by stand-in" in report
