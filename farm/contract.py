@@ -70,10 +70,11 @@ class IdentityAdapter:
     """The identity adapter a keyframe pipeline loads beside its model (docs/characters.md): part of
     the pipeline's residency key, so a worker keeps one loaded per (model, adapter, count)."""
 
-    method: str  # "ip_adapter"
+    method: str  # "ip_adapter" or "instantid"
     weights: str  # the adapter's .safetensors file, or "tiny" (built in code: farm/gpu/identity.py)
-    image_encoder: str  # its CLIP image encoder's folder, or "tiny"
-    count: int = 1  # adapters side by side: one per character in the shot
+    image_encoder: str  # IP-Adapter: its CLIP image encoder's folder, or "tiny"; InstantID: ""
+    count: int = 1  # adapters side by side: one per character in the shot (InstantID: one)
+    controlnet: str = ""  # InstantID: the IdentityNet ControlNet's folder, or "tiny"
 
     @property
     def tiny(self) -> bool:

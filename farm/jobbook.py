@@ -285,9 +285,9 @@ class JobBook:
         identity adapters a character's stage needs (the worker keeps that pipeline apart)."""
         key = self.setup.specs[StageKind(stage.kind).role].key
         if stage.kind == StageKind.IDENTITY:
-            return f"{key}+ip_adapter:1"
+            return f"{key}+{self.setup.characters[stage.id.split(':', 1)[1]].method}:1"
         count = sum(1 for d in stage.deps if self.plan.stages[d].kind == StageKind.IDENTITY)
-        return f"{key}+ip_adapter:{count}" if stage.kind == StageKind.KEYFRAME and count else key
+        return f"{key}+{self.cast_method(stage)}:{count}" if stage.kind == StageKind.KEYFRAME and count else key
 
     def ready_stage(self, stage: Stage) -> ReadyStage:
         """The stage as the dispatch policy sees it (`farm.schedule.assign`): its cost per tier (a
@@ -392,7 +392,8 @@ class JobBook:
         setup, stage = self.setup, self.plan.stages[stage_id]
         if stage.kind == StageKind.IDENTITY:
             character = setup.characters[stage.id.split(":", 1)[1]]
-            return {"character": character.name, "method": character.method, "images": list(character.sha256)}
+            return {"character": character.name, "method": character.method, "images": list(character.sha256)} | (
+                {"faces": setup.faces} if character.method == "instantid" else {})
         sp = self.shots[stage.shot or ""]
         if stage.kind == StageKind.KEYFRAME:
             if stage.seed is not None and stage.seed != sp.seed:
@@ -442,14 +443,15 @@ class JobBook:
                                   "embeddings": setup.overrides.embeddings if role == "keyframe" else ()}
         if stage.kind == StageKind.IDENTITY:
             character = setup.characters[params["character"]]
-            encoder = identity_adapter(setup.specs["keyframe"], 1)
-            key = keys.identity_key(adapter_identity(encoder), list(character.sha256))
+            encoder = identity_adapter(setup.specs["keyframe"], character.method)
+            key = keys.identity_key(adapter_identity(encoder, setup.faces), list(character.sha256))
             return StageRequest(self.id, stage.id, StageKind.IDENTITY, setup.specs["keyframe"], params, preset.knobs,
                                 preset.label(), preset.tier, key, cache_dir, adapter=encoder,
                                 references=character.images, **common)
         if stage.kind == StageKind.KEYFRAME:
             cast = self.cast(stage)
-            adapter = identity_adapter(setup.specs["keyframe"], len(cast)) if cast else None
+            method = self.cast_method(stage)
+            adapter = identity_adapter(setup.specs["keyframe"], method, len(cast)) if method else None
             if cast:  # only then: the keys of shots without characters stay what they were
                 key_options = {**key_options, "identity": [list(c) for c in cast]}
             key = keys.keyframe_key(setup.identity["keyframe"], params, key_options)
@@ -474,6 +476,13 @@ class JobBook:
         output key) and strength."""
         names = [d.split(":", 1)[1] for d in stage.deps if self.plan.stages[d].kind == StageKind.IDENTITY]
         return tuple((self.done[identity_id(n)].key, self.setup.characters[n].strength) for n in names)
+
+    def cast_method(self, stage: Stage) -> str | None:
+        """How a keyframe's characters are drawn: one method per keyframe (validation refuses an
+        InstantID character beside others)."""
+        methods = {self.setup.characters[d.split(":", 1)[1]].method for d in stage.deps
+                   if self.plan.stages[d].kind == StageKind.IDENTITY}
+        return methods.pop() if methods else None
 
     def input_key(self, stage: Stage) -> str:
         """The cache key of what a stage starts from: a video stage's first frame (its dependency's

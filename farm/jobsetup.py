@@ -74,51 +74,71 @@ class CharacterRef:
     sha256: tuple[str, ...]
 
 
-def adapter_paths(keyframe: ModelSpec) -> tuple[str, str] | str:
-    """Where the keyframe family's IP-Adapter and its image encoder are (the farm config's
-    models.paths "ip_adapter:<family>" and "image_encoder:<family>"), or what is missing, in words."""
+# What each identity method loads beside the keyframe model, as keys of the farm config's models.paths
+# (docs/characters.md lists the downloads): the adapter's .safetensors, then its image encoder's folder
+# (IP-Adapter) or the IdentityNet ControlNet's folder (InstantID). InstantID also needs the face model.
+METHOD_PATHS = {"ip_adapter": ("ip_adapter", "image_encoder"), "instantid": ("instantid", "identitynet")}
+
+
+def adapter_paths(keyframe: ModelSpec, method: str) -> tuple[str, str] | str:
+    """Where the keyframe family's adapter for `method` and its companion are (the farm config's
+    models.paths), or what is missing, in words."""
     paths = current().models.paths
     fam = keyframe.rules.name
-    weights, encoder = paths.get(f"ip_adapter:{fam}"), paths.get(f"image_encoder:{fam}")
-    if not weights or not encoder:
-        return (f"a character needs {keyframe.rules.title}'s IP-Adapter: set models.paths[\"ip_adapter:{fam}\"] "
-                f"(a .safetensors file) and models.paths[\"image_encoder:{fam}\"] (its CLIP image encoder's "
-                "folder) in the farm config (docs/characters.md lists the downloads)")
+    first, second = (f"{name}:{fam}" for name in METHOD_PATHS[method])
+    weights, companion = paths.get(first), paths.get(second)
+    if not weights or not companion:
+        what = "its CLIP image encoder's folder" if method == "ip_adapter" else "the IdentityNet ControlNet's folder"
+        return (f"{method} on {keyframe.rules.title} needs models.paths[\"{first}\"] (a .safetensors file) and "
+                f"models.paths[\"{second}\"] ({what}) in the farm config (docs/characters.md lists the downloads)")
     if not weights.lower().endswith(".safetensors"):
-        return (f"models.paths[\"ip_adapter:{fam}\"] must be a .safetensors file (convert a .bin once with "
+        return (f"models.paths[\"{first}\"] must be a .safetensors file (convert a .bin once with "
                 "`farm convert-weights`)")
-    for what, path in (("ip_adapter", weights), ("image_encoder", encoder)):
+    for key, path in ((first, weights), (second, companion)):
         if not Path(path).exists():
-            return f"models.paths[\"{what}:{fam}\"] not found: {path}"
-    return weights, encoder
+            return f"models.paths[\"{key}\"] not found: {path}"
+    from farm.faces import faces_spec  # OpenCV: only here, so validating a manifest imports no image library
+
+    if method == "instantid" and faces_spec(False, paths) is None:
+        return ("instantid needs the face model: models.paths[\"faces\"] naming insightface's model folder "
+                "(with models/antelopev2 in it; docs/characters.md)")
+    return weights, companion
 
 
 def adapter_problem(keyframe: ModelSpec, method: str | None) -> str | None:
     if keyframe.is_tiny or keyframe.rules.identity_problem(method):
         return None  # tiny builds stand in; a method the family lacks is validation's error
-    found = adapter_paths(keyframe)
+    found = adapter_paths(keyframe, keyframe.rules.identity_method(method) or "ip_adapter")
     return found if isinstance(found, str) else None
 
 
-def identity_adapter(keyframe: ModelSpec, count: int) -> IdentityAdapter:
-    """The adapter a keyframe pipeline loads for `count` characters (one IP-Adapter each)."""
+def identity_adapter(keyframe: ModelSpec, method: str, count: int = 1) -> IdentityAdapter:
+    """The adapter a keyframe pipeline loads for `count` characters drawn with `method`."""
     if keyframe.is_tiny:
-        return IdentityAdapter("ip_adapter", TINY_ADAPTER, TINY_ADAPTER, count)
-    found = adapter_paths(keyframe)
+        return IdentityAdapter(method, TINY_ADAPTER, TINY_ADAPTER if method == "ip_adapter" else "", count,
+                               TINY_ADAPTER if method == "instantid" else "")
+    found = adapter_paths(keyframe, method)
     if isinstance(found, str):
         raise ValueError(found)
-    return IdentityAdapter("ip_adapter", found[0], found[1], count)
+    if method == "instantid":
+        return IdentityAdapter(method, found[0], "", count, controlnet=found[1])
+    return IdentityAdapter(method, found[0], found[1], count)
 
 
-def adapter_identity(adapter: IdentityAdapter) -> dict[str, Any]:
-    """What of an adapter decides the embeddings and images it makes: its weights' and its encoder's
-    contents (a tiny build: its build's version)."""
+def adapter_identity(adapter: IdentityAdapter, faces: str | None = None) -> dict[str, Any]:
+    """What of an adapter decides the embeddings and images it makes: its weights' and its companions'
+    contents (a tiny build: its build's version), and for InstantID the face model that embeds."""
+    out: dict[str, Any] = {"method": adapter.method}
     if adapter.tiny:
         from farm.models import TINY_VERSION
 
-        return {"method": adapter.method, "tiny": TINY_VERSION}
-    return {"method": adapter.method, "weights": weights_digest(adapter.weights),
-            "image_encoder": weights_digest(adapter.image_encoder)}
+        out["tiny"] = TINY_VERSION
+    else:
+        out |= {"weights": weights_digest(adapter.weights),
+                "companion": weights_digest(adapter.image_encoder or adapter.controlnet)}
+    if adapter.method == "instantid":
+        out["faces"] = faces
+    return out
 
 
 def cast(manifest: Manifest, root: Path, keyframe: ModelSpec) -> dict[str, CharacterRef]:
@@ -264,13 +284,22 @@ class JobSetup:
         several characters share a keyframe."""
         if not self.characters:
             return {}
-        adapter = identity_adapter(self.specs["keyframe"], 1)
         tiny = "tiny (random weights built in code: farm/gpu/identity.py)"
-        return {"adapter": tiny if adapter.tiny else adapter.weights,
-                "image_encoder": tiny if adapter.tiny else adapter.image_encoder,
-                "adapter_identity": adapter_identity(adapter),
-                "several": "one IP-Adapter per character side by side, each at its strength, over the whole "
-                           "image (no masks)"}
+        out: dict[str, dict[str, Any]] = {}
+        for method in sorted({c.method for c in self.characters.values()}):
+            adapter = identity_adapter(self.specs["keyframe"], method)
+            companion = adapter.image_encoder or adapter.controlnet
+            out[method] = {"adapter": tiny if adapter.tiny else adapter.weights,
+                           ("image_encoder" if method == "ip_adapter" else "identitynet"): tiny if adapter.tiny
+                           else companion, "adapter_identity": adapter_identity(adapter, self.faces)}
+            if method == "instantid":
+                out[method]["faces"] = self.faces
+                out[method]["faces_note"] = ("the stand-in face analyser of tiny renders (farm/faces.py), not a "
+                                             "face model") if self.faces == "stand-in" else "insightface"
+            else:
+                out[method]["several"] = ("one IP-Adapter per character side by side, each at its strength, over "
+                                          "the whole image (no masks)")
+        return out
 
     def gates(self, shot_id: str) -> Gates:
         """The quality gates a shot is judged by: config, then the job's `qc:`, then the shot's; the

@@ -75,7 +75,7 @@ def character_entries(manifest: Manifest, plan: Plan, characters: Mapping[str, A
     (as the manifest names it, and the sha256 of its bytes), the adapter and image encoder, and the
     identity stage's embeddings key. Only shots whose keyframe the farm drew: a shot starting from an
     image or the previous shot has none (its warnings say so). `characters`: jobsetup.CharacterRef by
-    name; `adapters`: the adapter description (jobsetup.adapter_record)."""
+    name; `adapters`: each method's adapter description (JobSetup.adapter_record)."""
     out: dict[str, list[Any]] = {}
     for sp in plan.shots:
         entries = []
@@ -87,7 +87,7 @@ def character_entries(manifest: Manifest, plan: Plan, characters: Mapping[str, A
                     "references": [{"path": path, "sha256": sha, "file": file} for path, sha, file in
                                    zip(manifest.characters[name].images, ref.sha256, ref.images, strict=True)],
                     "embeddings_key": stage.get("key"), "encoded_by": stage.get("worker"),
-                    **adapters})
+                    **adapters.get(ref.method, {})})
         out[sp.shot.id] = entries
     return out
 

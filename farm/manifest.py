@@ -433,6 +433,13 @@ def _semantic_errors(manifest: Manifest, root: Path | None, confine: bool = Fals
             if problem:
                 errors.append(FieldError(("characters", who, "method") if character.method else ("characters", who),
                                          problem))
+        for i, shot in enumerate(manifest.shots):
+            methods = [keyframe_family.identity_method(manifest.characters[n].method)
+                       for n in shot.characters if n in manifest.characters]
+            if "instantid" in methods and len(methods) > 1:
+                errors.append(FieldError(("shots", i, "characters"),
+                                         "InstantID draws one face per keyframe: a shot with an instantid character "
+                                         "lists no other (draw them all with ip_adapter instead)"))
     tokens: set[str] = set()
     for i, emb in enumerate(manifest.models.embeddings):
         at: tuple[str | int, ...] = ("models", "embeddings", i)

@@ -11,13 +11,15 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from farm.contract import StageKind
+
 if TYPE_CHECKING:
     from farm.jobbook import JobBook
     from farm.pool import WorkerBook
     from farm.store import Store
 
 STAGE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-STAGES = ("keyframe", "video", "decode", "clip", "qc", "merge")
+STAGES = tuple(str(kind) for kind in StageKind)  # every kind from the start, at zero
 
 
 class _Snapshot:

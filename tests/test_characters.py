@@ -86,13 +86,12 @@ def test_a_reference_too_large_and_a_method_the_family_lacks_are_refused(tmp_pat
         f.write(b"\x89PNG\r\n\x1a\n")
         f.truncate(mf.MAX_REFERENCE_BYTES + (1 << 20))
     data["characters"]["tom"]["images"] = ["refs/huge.png"]
-    data["characters"]["mira"]["method"] = "instantid"
     errors = errors_of(data, tmp_path)
-    assert "at most 20 MB" in errors["characters.tom.images[0]"]
-    assert "cannot use instantid" in errors["characters.mira.method"]
+    assert list(errors) == ["characters.tom.images[0]"] and "at most 20 MB" in errors["characters.tom.images[0]"]
     flux = cast_manifest(tmp_path, models={"keyframe": "tiny:flux:schnell", "video": "tiny"})
+    flux["characters"]["mira"]["method"] = "instantid"
     errors = errors_of(flux, tmp_path)
-    assert "takes no identity references" in errors["characters.mira"]
+    assert "FLUX" in errors["characters.mira.method"] and "takes no identity references" in errors["characters.tom"]
 
 
 def test_farm_validate_names_an_unknown_character_and_a_missing_reference(tmp_path):
@@ -183,27 +182,20 @@ def rendered(tmp_path_factory):
     cache_dir = str(root / "cache")
     book = JobBook("j", setup_job(cast_manifest(root), root), str(root / "out"))
     worker = StageWorker("w", tier="cpu")
-    encoder_calls, calls = [], []
-    requests = {}
+    encoder_calls, requests, spied = [], {}, {}
     for sid in ("identity:mira", "identity:tom", "keyframe:a", "keyframe:b", "keyframe:c"):
         req = requests[sid] = book.request(sid, "cpu", cache_dir)
         worker.run(req)
         pipe = worker.resident(req)
-        if not getattr(pipe, "_spied", False):  # each pipeline once: count its encoder, record its calls
-            pipe.image_encoder and pipe.image_encoder.register_forward_hook(
-                lambda *_: encoder_calls.append(1))
-            original = type(pipe).__call__
-
-            def spy(self, *args, _original=original, **kwargs):
-                calls.append(kwargs)
-                return _original(self, *args, **kwargs)
-
-            pipe.__class__ = type(f"Spied{type(pipe).__name__}", (type(pipe),), {"__call__": spy})
-            pipe._spied = True
+        if id(pipe) not in spied:  # each pipeline once: count its image encoder, record its calls
+            if pipe.image_encoder is not None:
+                pipe.image_encoder.register_forward_hook(lambda *_: encoder_calls.append(1))
+            spied[id(pipe)] = spy_on(pipe)
             if req.kind == StageKind.KEYFRAME:  # its first call happened before the spy: run it again
                 worker.run(replace(req, output_key=req.output_key + "-again"))
         if req.kind == StageKind.IDENTITY:
             finished(book, sid, req.output_key)
+    calls = [call for seen in spied.values() for call in seen]
     return book, worker, ArtifactCache(cache_dir), requests, encoder_calls, calls
 
 
@@ -313,6 +305,141 @@ def test_the_stand_in_face_metric_is_computed_labelled_and_never_gates(tmp_path)
     unavailable = identity_metrics(image, {"faces": None, "characters": {"mira": [str(ref)]}})
     assert unavailable["identity"] is None and "unavailable" in unavailable["identity_by"]
     assert identity_metrics(image, {"faces": "stand-in", "characters": {}}) == {}
+
+
+# --- InstantID (SDXL, as the seeds draw keyframes) ---------------------------------------------------
+
+def test_instantid_draws_one_face_per_keyframe(tmp_path):
+    data = cast_manifest(tmp_path)
+    data["characters"]["mira"]["method"] = "instantid"
+    errors = errors_of(data, tmp_path)
+    assert list(errors) == ["shots[2].characters"] and "one face per keyframe" in errors["shots[2].characters"]
+    data["shots"][2]["characters"] = ["mira"]
+    assert mf.validate_data(data, tmp_path).characters["mira"].method == "instantid"
+    from farm.jobsetup import setup_job
+
+    data["shots"][1]["characters"] = ["tom"]
+    record = setup_job(data, tmp_path).adapter_record()  # what the lockfile says of each method's files
+    assert record["instantid"]["faces"] == "stand-in" and record["instantid"]["identitynet"].startswith("tiny")
+    assert record["ip_adapter"]["image_encoder"].startswith("tiny")  # tom, in shot b, is drawn with IP-Adapter
+
+
+def test_real_adapters_are_named_in_the_farm_config(tmp_path):
+    from farm.config import FarmConfig, current, install
+    from farm.jobsetup import adapter_problem, identity_adapter
+    from farm.models import resolve_model
+
+    sdxl = resolve_model("keyframe", "stabilityai/stable-diffusion-xl-base-1.0")
+    before = current()
+    try:
+        install(FarmConfig())
+        assert 'models.paths["ip_adapter:sdxl"]' in adapter_problem(sdxl, None)
+        assert 'models.paths["instantid:sdxl"]' in adapter_problem(sdxl, "instantid")
+        (tmp_path / "ip.safetensors").write_bytes(b"x")
+        (tmp_path / "encoder").mkdir()
+        (tmp_path / "identitynet").mkdir()
+        paths = {"ip_adapter:sdxl": str(tmp_path / "ip.safetensors"), "image_encoder:sdxl": str(tmp_path / "encoder"),
+                 "instantid:sdxl": str(tmp_path / "ip.safetensors"), "identitynet:sdxl": str(tmp_path / "identitynet")}
+        install(FarmConfig.model_validate({"models": {"paths": paths}}))
+        assert adapter_problem(sdxl, None) is None
+        assert "face model" in adapter_problem(sdxl, "instantid")  # InstantID embeds faces: insightface's folder
+        (tmp_path / "faces").mkdir()
+        install(FarmConfig.model_validate({"models": {"paths": paths | {"faces": str(tmp_path / "faces")}}}))
+        adapter = identity_adapter(sdxl, "instantid")
+        assert adapter.controlnet == str(tmp_path / "identitynet") and not adapter.tiny
+    finally:
+        install(before)
+
+
+@pytest.fixture(scope="module")
+def instantid(tmp_path_factory):
+    from farm.cache import ArtifactCache
+    from farm.gpu.worker import StageWorker
+    from farm.jobbook import JobBook
+    from farm.jobsetup import setup_job
+
+    root = tmp_path_factory.mktemp("instantid")
+    data = cast_manifest(root)
+    data["characters"]["mira"]["method"] = "instantid"
+    data["shots"][2]["characters"] = ["mira"]
+    book = JobBook("j", setup_job(data, root), str(root / "out"))
+    worker, cache_dir = StageWorker("w", tier="cpu"), str(root / "cache")
+    identity = book.request("identity:mira", "cpu", cache_dir)
+    worker.run(identity)
+    finished(book, "identity:mira", identity.output_key)
+    keyframe = book.request("keyframe:a", "cpu", cache_dir)
+    worker.run(keyframe)
+    pipe = worker.resident(keyframe)
+    calls, seen = spy_on(pipe), []
+    pipe.controlnet.register_forward_pre_hook(  # after the farm's hook: sees what IdentityNet really reads
+        lambda _m, _a, kwargs: seen.append(kwargs["encoder_hidden_states"]), with_kwargs=True)
+    worker.run(replace(keyframe, output_key="again"))
+    return identity, keyframe, worker, ArtifactCache(cache_dir), calls, seen
+
+
+def spy_on(pipe):
+    calls = []
+    original = type(pipe).__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    pipe.__class__ = type(f"Spied{type(pipe).__name__}", (type(pipe),), {"__call__": spy})
+    return calls
+
+
+def test_instantid_identity_is_a_face_embedding_and_keypoints(instantid):
+    identity, _, _, cache, _, _ = instantid
+    assert identity.params["faces"] == "stand-in" and identity.adapter.method == "instantid"
+    arrays = cache.get_arrays(identity.output_key)
+    assert arrays["embeds"].shape == (2, 1, 1, 512) and np.all(arrays["embeds"][0] == 0)
+    assert np.linalg.norm(arrays["embeds"][1]) == pytest.approx(1.0, abs=1e-5)
+    assert arrays["points"].shape == (5, 2) and np.all((arrays["points"] > 0) & (arrays["points"] < 1))
+
+
+def test_instantid_keyframe_gets_identitynet_the_keypoints_and_the_face(instantid):
+    identity, keyframe, worker, cache, calls, seen = instantid
+    pipe = worker.resident(keyframe)
+    assert type(pipe).__name__.endswith("StableDiffusionXLControlNetPipeline")
+    (call,) = calls
+    assert call["controlnet_conditioning_scale"] == 0.8
+    (embeds,) = call["ip_adapter_image_embeds"]
+    assert torch.equal(embeds, torch.from_numpy(cache.get_arrays(identity.output_key)["embeds"]))
+    kps = np.asarray(call["image"])  # the keypoints drawn at the keyframe's size: dots on black
+    assert kps.shape[:2] == (keyframe.params["height"], keyframe.params["width"])
+    points = cache.get_arrays(identity.output_key)["points"] * [kps.shape[1], kps.shape[0]]
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255)]  # eyes, nose, mouth corners
+    for (x, y), colour in zip(points, colours, strict=True):
+        assert tuple(kps[int(y), int(x)]) == colour
+    assert kps[0, 0].tolist() == [0, 0, 0]
+    # IdentityNet cross-attends to the 16 face tokens, not the prompt (unconditional and conditional)
+    assert seen and all(t.shape == (2, 16, pipe.unet.config.cross_attention_dim) for t in seen)
+    assert cache.last_frame("again").shape == cache.last_frame(keyframe.output_key).shape
+
+
+def test_instantid_without_a_face_model_says_so(instantid):
+    from farm.models import ModelError
+
+    identity, _, worker, _, _, _ = instantid
+    with pytest.raises(ModelError, match="needs a face model"):
+        worker.run(replace(identity, params={**identity.params, "faces": None}, output_key="none"))
+
+
+def test_instantid_weights_load_from_files_like_the_official_ones(tmp_path):
+    from farm.contract import IdentityAdapter
+    from farm.gpu.identity import convert_pickle, load_identity_adapter, tiny_identitynet, tiny_instantid_state_dict
+    from farm.gpu.loading import load_pipeline
+    from farm.models import resolve_model
+
+    pipe = load_pipeline(resolve_model("keyframe", "tiny:sdxl"))
+    torch.save(tiny_instantid_state_dict(pipe.unet), tmp_path / "ip-adapter.bin")  # InstantID ships a .bin
+    convert_pickle(tmp_path / "ip-adapter.bin", tmp_path / "ip-adapter.safetensors")
+    tiny_identitynet(pipe.unet).save_pretrained(tmp_path / "ControlNetModel")
+    out = load_identity_adapter(pipe, IdentityAdapter("instantid", str(tmp_path / "ip-adapter.safetensors"), "",
+                                                      controlnet=str(tmp_path / "ControlNetModel")), torch.float32)
+    assert type(out).__name__ == "StableDiffusionXLControlNetPipeline"
+    assert type(out.unet.encoder_hid_proj.image_projection_layers[0]).__name__ == "IPAdapterPlusImageProjection"
 
 
 # --- end to end ---------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ class SDXL(Family):
     draft = Draft("LCM-LoRA (latent-consistency/lcm-lora-sdxl)", "lora", steps=4, guidance=1.5,
                   scheduler="LCMScheduler")
     channels_last = True
-    identity_methods = ("ip_adapter",)  # h94/IP-Adapter's SDXL adapters (InstantID: not yet, docs/characters.md)
+    # h94/IP-Adapter's SDXL adapters; InstantID (IdentityNet + its face adapter), as the seeds draw keyframes
+    identity_methods = ("ip_adapter", "instantid")
     embeddings = True  # textual inversions, one vector set per CLIP text encoder (clip_l, clip_g)
     variants = {"base": Variant(
         "base", "SDXL base 1.0", hub=(r"xl", r"sdxl"), licence="CreativeML Open RAIL++-M", commercial=True,

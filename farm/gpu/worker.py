@@ -20,13 +20,13 @@ from farm.config import FarmConfig, current
 from farm.contract import IdentityAdapter, StageKind, StageRequest, StageResult
 from farm.faults import OutOfMemory, fire, spoil
 from farm.frames import fit_frames
-from farm.gpu.identity import call_embeds, encode_references
+from farm.gpu.identity import call_embeds, encode_faces, encode_references
 from farm.gpu.loading import apply_memory_knobs, load_pipeline, use_sampler, use_step_cache
 from farm.gpu.nvml import GpuInfo, gpus, resolve_tier
 from farm.gpu.speed import apply_speed_knobs, speed_knobs
 from farm.gpu.stages import count_prompt, observe, run_decode, run_denoise, run_stage
 from farm.hashing import array_hash
-from farm.models import ModelSpec, missing
+from farm.models import ModelError, ModelSpec, missing
 from farm.observed import IdleClock, TakesTurns, stage_thread
 from farm.presets import MemoryKnobs, Tier, memory_fraction
 
@@ -186,6 +186,19 @@ class StageWorker(TakesTurns):
             "nice": os.getpriority(os.PRIO_PROCESS, 0),  # above 0: its calls yield the cores to Ray's daemons
         }
 
+    def _identity(self, pipe: Any, req: StageRequest) -> dict[str, Any]:
+        """A character's identity stage: IP-Adapter's image embeddings of the references, or InstantID's
+        face embedding and keypoints from the face analyser the job names (farm/faces.py)."""
+        if req.adapter is None or req.adapter.method != "instantid":
+            return {"embeds": encode_references(pipe, req.references, self.device)}
+        from farm.faces import analyser_for
+
+        analyser = analyser_for(req.params.get("faces"))
+        if analyser is None:
+            raise ModelError(f"InstantID needs a face model and none loads here ({req.params.get('faces')}): "
+                             "install insightface and onnxruntime, and name its models in models.paths[\"faces\"]")
+        return encode_faces(analyser, req.references)
+
     def _run(self, req: StageRequest, cache: ArtifactCache, source: Any, input_s: float) -> StageResult:
         idle_before = self.idle.start()
         started = time.perf_counter()
@@ -197,11 +210,11 @@ class StageWorker(TakesTurns):
                                           req.embeddings, req.adapter)
             if req.kind == StageKind.IDENTITY:
                 with observe(pipe) as seen:
-                    embeds = encode_references(pipe, req.references, self.device)
-                cache.put_arrays(req.output_key, embeds=embeds)
-                hashes = {"output_sha": array_hash(embeds)}
+                    arrays = self._identity(pipe, req)
+                cache.put_arrays(req.output_key, **arrays)
+                hashes = {"output_sha": array_hash(arrays["embeds"])}
             elif req.kind == StageKind.KEYFRAME:
-                extra = call_embeds(cache, req.identity, pipe, dict(req.params), self.device)
+                extra = call_embeds(cache, req.identity, pipe, dict(req.params), self.device, req.adapter)
                 images, seen = run_stage(pipe, req.model.family, req.params, cancelled=is_cancelled, extra=extra)
                 count_prompt(pipe, req.model.family, req.params, seen)
                 # drawn at the family's multiple (1920x1088 for 1920x1080): cropped back to the keyframe size
