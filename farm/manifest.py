@@ -434,9 +434,14 @@ def _semantic_errors(manifest: Manifest, root: Path | None, confine: bool = Fals
                 errors.append(FieldError(("characters", who, "method") if character.method else ("characters", who),
                                          problem))
         for i, shot in enumerate(manifest.shots):
-            methods = [keyframe_family.identity_method(manifest.characters[n].method)
-                       for n in shot.characters if n in manifest.characters]
-            if "instantid" in methods and len(methods) > 1:
+            known = [manifest.characters[n].method for n in shot.characters if n in manifest.characters]
+            methods = [keyframe_family.identity_method(m) for m in known if not keyframe_family.identity_problem(m)]
+            if len(known) > keyframe_family.identity_per_shot:
+                errors.append(FieldError(("shots", i, "characters"),
+                                         f"{keyframe_family.title} draws at most {keyframe_family.identity_per_shot} "
+                                         f"character{'s' if keyframe_family.identity_per_shot > 1 else ''} per "
+                                         "keyframe (one identity adapter each)"))
+            elif "instantid" in methods and len(methods) > 1:
                 errors.append(FieldError(("shots", i, "characters"),
                                          "InstantID draws one face per keyframe: a shot with an instantid character "
                                          "lists no other (draw them all with ip_adapter instead)"))

@@ -91,7 +91,13 @@ def test_a_reference_too_large_and_a_method_the_family_lacks_are_refused(tmp_pat
     flux = cast_manifest(tmp_path, models={"keyframe": "tiny:flux:schnell", "video": "tiny"})
     flux["characters"]["mira"]["method"] = "instantid"
     errors = errors_of(flux, tmp_path)
-    assert "FLUX" in errors["characters.mira.method"] and "takes no identity references" in errors["characters.tom"]
+    assert list(errors) == ["characters.mira.method"] and "FLUX.1" in errors["characters.mira.method"]
+    sd3 = cast_manifest(tmp_path, models={"keyframe": "tiny:sd3", "video": "tiny"})  # one adapter per call
+    errors = errors_of(sd3, tmp_path)
+    assert list(errors) == ["shots[2].characters"] and "at most 1 character per" in errors["shots[2].characters"]
+    from farm.families import family
+
+    assert "takes no identity references" in family("svd").identity_problem(None)  # a family without any
 
 
 def test_farm_validate_names_an_unknown_character_and_a_missing_reference(tmp_path):
@@ -245,6 +251,44 @@ def test_the_character_changes_the_picture(rendered):
     mira = cache.last_frame(req.output_key)
     assert not np.array_equal(mira, cache.last_frame("as-tom"))
     assert not np.array_equal(mira, cache.last_frame("strength-0"))
+
+
+@pytest.mark.parametrize(("model", "cast"), [("tiny:flux:schnell", ["mira", "tom"]), ("tiny:sd3", ["tom"])])
+def test_flux_and_sd3_draw_characters_with_their_own_ip_adapters(tmp_path, model, cast):
+    """XLabs' FLUX adapter (CLIP image encoder, several side by side) and InstantX's SD 3.5 adapter
+    (SigLIP, one per call), through diffusers' own mixins, with the tiny builds."""
+    from farm.cache import ArtifactCache
+    from farm.gpu.worker import StageWorker
+    from farm.jobbook import JobBook
+    from farm.jobsetup import setup_job
+
+    data = cast_manifest(tmp_path, models={"keyframe": model, "video": "tiny"})
+    data["shots"][0]["characters"], data["shots"][2]["characters"] = cast, cast
+    book = JobBook("j", setup_job(data, tmp_path), str(tmp_path / "out"))
+    worker, cache = StageWorker("w", tier="cpu"), ArtifactCache(tmp_path / "cache")
+    for name in cast:
+        req = book.request(f"identity:{name}", "cpu", str(tmp_path / "cache"))
+        worker.run(req)
+        finished(book, req.stage, req.output_key)
+    keyframe = book.request("keyframe:a", "cpu", str(tmp_path / "cache"))
+    worker.run(keyframe)
+    pipe = worker.resident(keyframe)
+    assert len(pipe.transformer.encoder_hid_proj.image_projection_layers if model.startswith("tiny:flux")
+               else [pipe.transformer.image_proj]) == len(cast)
+    calls = spy_on(pipe)
+    worker.run(replace(keyframe, output_key="again"))
+    (call,) = calls
+    cached = [torch.from_numpy(cache.get_arrays(key)["embeds"]) for key, _ in keyframe.identity]
+    if model.startswith("tiny:flux"):  # FLUX: positive and negative (a black image's) embeddings apart
+        assert [torch.equal(a, b[1:2]) for a, b in zip(call["ip_adapter_image_embeds"], cached, strict=True)] == \
+            [True] * len(cast)
+        assert all(torch.equal(a, b[0:1]) for a, b in zip(call["negative_ip_adapter_image_embeds"], cached,
+                                                           strict=True))
+    else:  # SD 3.5: one tensor, the unconditional zeros first under CFG
+        assert torch.equal(call["ip_adapter_image_embeds"], cached[0]) and torch.all(cached[0][0] == 0)
+    assert np.array_equal(cache.last_frame("again"), cache.last_frame(keyframe.output_key))  # deterministic
+    worker.run(replace(keyframe, identity=tuple((key, 0.0) for key, _ in keyframe.identity), output_key="none"))
+    assert not np.array_equal(cache.last_frame("none"), cache.last_frame(keyframe.output_key))
 
 
 # --- pickled official weights -------------------------------------------------------------------

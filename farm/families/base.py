@@ -131,6 +131,7 @@ class Family:
     # farm config's models.paths names the adapter ("ip_adapter:<family>") and its image encoder
     # ("image_encoder:<family>")
     identity_methods: ClassVar[tuple[str, ...]] = ()
+    identity_per_shot: ClassVar[int] = 4  # characters one keyframe call can hold (an adapter each)
     # Memory knobs each tier starts with; the OOM ladder turns on one rung after the other.
     tier_knobs: ClassVar[dict[Tier, frozenset[str]]] = {
         tier: frozenset(k for k in ("cpu_offload", "forward_chunking", "vae_slicing") if getattr(p, k))
@@ -145,7 +146,10 @@ class Family:
     def identity_problem(self, asked: str | None) -> str | None:
         """Why this family cannot draw a character with `asked` (None: the family's best), or None."""
         if not self.identity_methods:
-            return f"{self.title} takes no identity references in this farm (SDXL does, with ip_adapter)"
+            from farm.families import FAMILIES
+
+            able = ", ".join(f.title for f in FAMILIES.values() if f.identity_methods)
+            return f"{self.title} takes no identity references in this farm (these keyframe families do: {able})"
         if asked is not None and asked not in self.identity_methods:
             return (f"{self.title} cannot use {asked} in this farm (it takes {', '.join(self.identity_methods)}; "
                     "docs/characters.md says what each needs)")

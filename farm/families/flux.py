@@ -35,6 +35,7 @@ class Flux(Family):
     default_variant = "schnell"
     draft = Draft("FLUX.1 [schnell]", "variant", steps=4, guidance=0.0, variant="schnell")
     step_cache = True
+    identity_methods = ("ip_adapter",)  # XLabs' FLUX IP-Adapter with its CLIP ViT-L/14 image encoder
     # 12B transformer + T5-XXL: a 24 GB card needs the models offloaded between calls; below that,
     # leaf-level group offload and fp8 storage of the transformer.
     tier_knobs = {"high": frozenset(), "mid": frozenset({"cpu_offload", "vae_tiling"}),

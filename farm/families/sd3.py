@@ -17,6 +17,9 @@ class SD3(Family):
     name = "sd3"
     title = "Stable Diffusion 3.5 (text-to-image)"
     prompt_encoder = ("tokenizer_3", 256)  # T5 at the pipeline's max_sequence_length (the CLIPs stop at 77)
+    # InstantX/SD3.5-Large-IP-Adapter (SigLIP so400m image encoder): diffusers loads one adapter per call
+    identity_methods = ("ip_adapter",)
+    identity_per_shot = 1
     role = "keyframe"
     pipeline = "StableDiffusion3Pipeline"
     classes = ("StableDiffusion3Pipeline",)

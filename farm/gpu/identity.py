@@ -19,7 +19,7 @@ from farm.cache import ArtifactCache
 from farm.contract import IdentityAdapter
 from farm.models import ModelError
 
-TINY_IMAGE_EMBED_DIM = 32  # the tiny CLIP image encoder's projection (ViT-H's is 1024)
+TINY_IMAGE_EMBED_DIM = 32  # the tiny CLIP image encoder's projection (ViT-H's is 1024): GpuFamily.tiny_image_encoder
 
 
 def _ip_layers(unet: Any) -> dict[str, Any]:
@@ -117,7 +117,7 @@ def _face_tokens(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     return args, kwargs
 
 
-def load_identity_adapter(pipe: Any, adapter: IdentityAdapter, dtype: torch.dtype) -> Any:
+def load_identity_adapter(pipe: Any, adapter: IdentityAdapter, dtype: torch.dtype, family: str = "sdxl") -> Any:
     """The keyframe pipeline with its identity adapter: for IP-Adapter, `adapter.count` copies side by
     side (one per character in the shot) and its image encoder; for InstantID, SDXL's ControlNet
     pipeline over the same components with IdentityNet, and the face adapter. Local files only;
@@ -126,38 +126,35 @@ def load_identity_adapter(pipe: Any, adapter: IdentityAdapter, dtype: torch.dtyp
         raise ModelError(f"{type(pipe).__name__} takes no IP-Adapter")
     if adapter.method == "instantid":
         return _load_instantid(pipe, adapter, dtype)
-    if adapter.tiny:
-        from farm.gpu.tiny import feature_extractor, seeded, vision_encoder
+    from farm.gpu.families import gpu_family
 
-        with seeded():
-            encoder = vision_encoder(TINY_IMAGE_EMBED_DIM).to(dtype)
-        pipe.register_modules(image_encoder=encoder, feature_extractor=feature_extractor())
-        weights: Any = [tiny_adapter_state_dict(pipe.unet)] * adapter.count
+    fam = gpu_family(family)
+    if adapter.tiny:
+        encoder, processor, width = fam.tiny_image_encoder()
+        pipe.register_modules(image_encoder=encoder.to(dtype), feature_extractor=processor)
+        weights: Any = [fam.tiny_ip_adapter(pipe, width)] * adapter.count
         names, folders = [""] * adapter.count, [""] * adapter.count
     else:
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
         path = Path(adapter.weights)
         if path.suffix.lower() != ".safetensors":
             raise ModelError(f"IP-Adapter weights must be .safetensors (convert {path.name} once with "
                              "`farm convert-weights`)")
         try:
-            encoder = CLIPVisionModelWithProjection.from_pretrained(adapter.image_encoder, local_files_only=True,
-                                                                    use_safetensors=True, dtype=dtype)
+            encoder, processor = fam.image_encoder(adapter.image_encoder, dtype)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the IP-Adapter's image encoder from {adapter.image_encoder}: {exc}") from exc
-        size = encoder.config.image_size
-        pipe.register_modules(image_encoder=encoder,
-                              feature_extractor=CLIPImageProcessor(size=size, crop_size=size))
+        pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
         weights, names, folders = [str(path.parent)] * adapter.count, [path.name] * adapter.count, [""] * adapter.count
-    _load_ip(pipe, weights, folders, names, adapter)
+    _load_ip(pipe, weights, folders, names, adapter, family)
     return pipe
 
 
-def _load_ip(pipe: Any, weights: Any, folders: list[str], names: list[str], adapter: IdentityAdapter) -> None:
+def _load_ip(pipe: Any, weights: Any, folders: list[str], names: list[str], adapter: IdentityAdapter,
+             family: str) -> None:
+    from farm.gpu.families import gpu_family
+
     try:
-        pipe.load_ip_adapter(weights, subfolder=folders, weight_name=names, image_encoder_folder=None,
-                             local_files_only=True)
+        gpu_family(family).load_ip_adapter(pipe, weights, folders, names)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"cannot load the {adapter.method} adapter {adapter.weights}: {exc}") from exc
 
@@ -185,22 +182,23 @@ def _load_instantid(pipe: Any, adapter: IdentityAdapter, dtype: torch.dtype) -> 
         weights, names = [str(path.parent)], [path.name]
     controlnet.register_forward_pre_hook(_face_tokens, with_kwargs=True)
     out = StableDiffusionXLControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
-    _load_ip(out, weights, [""], names, adapter)
+    _load_ip(out, weights, [""], names, adapter, "sdxl")
     return out
 
 
-def encode_references(pipe: Any, paths: Sequence[str], device: str) -> np.ndarray:
-    """A character's reference photos through the adapter's image encoder, as the pipeline itself
-    would encode them: (2, n_images, ...) float32, the negative (unconditional) half first, ready to
-    be passed back as one adapter's `ip_adapter_image_embeds`."""
+def encode_references(pipe: Any, family: str, paths: Sequence[str], device: str) -> np.ndarray:
+    """A character's reference photos through the adapter's image encoder, as the family's pipeline
+    itself would encode them: (2, n_images, ...) float32, the negative (unconditional) half first."""
     import PIL.Image
+
+    from farm.gpu.families import gpu_family
 
     images = []
     for path in paths:
         with PIL.Image.open(path) as image:
             images.append(image.convert("RGB"))
     with torch.no_grad():
-        (embeds,) = pipe.prepare_ip_adapter_image_embeds([images], None, device, 1, True)
+        embeds = gpu_family(family).reference_embeds(pipe, images, device)
     return embeds.float().cpu().numpy()
 
 
@@ -252,21 +250,23 @@ def draw_keypoints(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def call_embeds(cache: ArtifactCache, identity: Sequence[tuple[str, float]], pipe: Any,
-                params: dict[str, Any], device: str, adapter: IdentityAdapter | None = None) -> dict[str, Any]:
+                params: dict[str, Any], device: str, adapter: IdentityAdapter | None = None,
+                family: str = "sdxl") -> dict[str, Any]:
     """A keyframe call's identity arguments: each character's cached embeddings (the negative half
     dropped where the call runs without classifier-free guidance), and each adapter's scale set. For
     InstantID also the keypoint image, IdentityNet's conditioning scale, and its face tokens."""
     if not identity:
         return {}
-    dtype = pipe.unet.dtype
-    cfg = float(params.get("guidance_scale", 5.0)) > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-    embeds, arrays = [], []
-    for key, _scale in identity:
-        arrays.append(cache.get_arrays(key))
-        array = torch.from_numpy(arrays[-1]["embeds"]).to(device=device, dtype=dtype)
-        embeds.append(array if cfg else array.chunk(2)[1])
-    pipe.set_ip_adapter_scale([scale for _key, scale in identity])
-    extra: dict[str, Any] = {"ip_adapter_image_embeds": embeds}
+    from farm.gpu.families import gpu_family
+
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    distilled = getattr(denoiser.config, "time_cond_proj_dim", None) is not None  # LCM-style: no CFG
+    cfg = float(params.get("guidance_scale", 5.0)) > 1.0 and not distilled
+    arrays = [cache.get_arrays(key) for key, _scale in identity]
+    embeds = [torch.from_numpy(a["embeds"]).to(device=device, dtype=denoiser.dtype) for a in arrays]
+    fam = gpu_family(family)
+    fam.set_ip_adapter_scales(pipe, [scale for _key, scale in identity])
+    extra = fam.ip_adapter_kwargs(embeds, cfg)
     if adapter is not None and adapter.method == "instantid":
         import PIL.Image
 

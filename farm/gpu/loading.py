@@ -77,7 +77,7 @@ def load_pipeline(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | 
     if adapter is not None:  # characters: the identity adapter beside the model (farm/gpu/identity.py)
         from farm.gpu.identity import load_identity_adapter
 
-        pipe = load_identity_adapter(pipe, adapter, dtype)
+        pipe = load_identity_adapter(pipe, adapter, dtype, spec.family)
     if not (cpu_offload and str(device).startswith("cuda")):
         pipe.to(device)
     return pipe

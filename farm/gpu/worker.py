@@ -190,7 +190,7 @@ class StageWorker(TakesTurns):
         """A character's identity stage: IP-Adapter's image embeddings of the references, or InstantID's
         face embedding and keypoints from the face analyser the job names (farm/faces.py)."""
         if req.adapter is None or req.adapter.method != "instantid":
-            return {"embeds": encode_references(pipe, req.references, self.device)}
+            return {"embeds": encode_references(pipe, req.model.family, req.references, self.device)}
         from farm.faces import analyser_for
 
         analyser = analyser_for(req.params.get("faces"))
@@ -214,7 +214,8 @@ class StageWorker(TakesTurns):
                 cache.put_arrays(req.output_key, **arrays)
                 hashes = {"output_sha": array_hash(arrays["embeds"])}
             elif req.kind == StageKind.KEYFRAME:
-                extra = call_embeds(cache, req.identity, pipe, dict(req.params), self.device, req.adapter)
+                extra = call_embeds(cache, req.identity, pipe, dict(req.params), self.device, req.adapter,
+                                    req.model.family)
                 images, seen = run_stage(pipe, req.model.family, req.params, cancelled=is_cancelled, extra=extra)
                 count_prompt(pipe, req.model.family, req.params, seen)
                 # drawn at the family's multiple (1920x1088 for 1920x1080): cropped back to the keyframe size

@@ -35,6 +35,46 @@ class GpuFamily:
         """What the farm changes on any freshly built pipeline of this family, however it was built."""
         return pipe
 
+    # --- its IP-Adapter (characters, docs/characters.md; farm/gpu/identity.py loads and calls it) ---
+
+    def tiny_ip_adapter(self, pipe: Any, image_embed_dim: int) -> dict[str, dict[str, Any]]:
+        """An IP-Adapter for this family's tiny denoiser, random weights in the official file layout."""
+        raise NotImplementedError(f"{self.name} has no IP-Adapter")
+
+    def tiny_image_encoder(self) -> tuple[Any, Any, int]:
+        """The adapter's image encoder for tiny renders: (model, processor, width of what it hands on)."""
+        from farm.gpu.tiny import feature_extractor, seeded, vision_encoder
+
+        with seeded():
+            return vision_encoder(32), feature_extractor(), 32
+
+    def image_encoder(self, folder: str, dtype: torch.dtype) -> tuple[Any, Any]:
+        """The adapter's image encoder from a local folder, and its processor (CLIP: h94's ViT-H/14)."""
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        encoder = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                                dtype=dtype)
+        size = encoder.config.image_size
+        return encoder, CLIPImageProcessor(size=size, crop_size=size)
+
+    def set_ip_adapter_scales(self, pipe: Any, scales: list[float]) -> None:
+        pipe.set_ip_adapter_scale(scales)
+
+    def load_ip_adapter(self, pipe: Any, weights: list[Any], folders: list[str], names: list[str]) -> None:
+        """diffusers' own loader, the image encoder already registered (UNet pipelines' keywords)."""
+        pipe.load_ip_adapter(weights, subfolder=folders, weight_name=names, image_encoder_folder=None,
+                             local_files_only=True)
+
+    def reference_embeds(self, pipe: Any, images: list[Any], device: str) -> torch.Tensor:
+        """One character's photos through the adapter's image encoder as the pipeline encodes them:
+        (2, n_images, ...), the negative (unconditional) half first."""
+        (embeds,) = pipe.prepare_ip_adapter_image_embeds([images], None, device, 1, True)
+        return embeds
+
+    def ip_adapter_kwargs(self, embeds: list[torch.Tensor], cfg: bool) -> dict[str, Any]:
+        """The call's arguments for the characters' embeddings (one per adapter), CFG or not."""
+        return {"ip_adapter_image_embeds": [e if cfg else e.chunk(2)[1] for e in embeds]}
+
     def denoisers(self, pipe: Any) -> list[torch.nn.Module]:
         """The networks the denoising steps run (what `observe` times and `compile` compiles)."""
         return [m for m in (getattr(pipe, n, None) for n in ("unet", "transformer", "transformer_2"))

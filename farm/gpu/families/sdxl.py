@@ -66,6 +66,11 @@ class SDXLGpu(GpuFamily):
     def build_tiny(self, variant: str) -> Any:
         return build_tiny_sdxl()
 
+    def tiny_ip_adapter(self, pipe: Any, image_embed_dim: int) -> dict[str, dict[str, Any]]:
+        from farm.gpu.identity import tiny_adapter_state_dict
+
+        return tiny_adapter_state_dict(pipe.unet, image_embed_dim)
+
     def prepare(self, pipe: Any) -> Any:
         # DPM++ 2M Karras: the documents' sampler (40 steps ~ 60 Euler steps), for real and tiny alike.
         from diffusers import DPMSolverMultistepScheduler
