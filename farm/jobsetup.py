@@ -118,8 +118,10 @@ def identity_adapter(keyframe: ModelSpec, method: str, count: int = 1) -> Identi
         return IdentityAdapter(method, TINY_ADAPTER, TINY_ADAPTER if method == "ip_adapter" else "", count,
                                TINY_ADAPTER if method == "instantid" else "")
     found = adapter_paths(keyframe, method)
-    if isinstance(found, str):
-        raise ValueError(found)
+    if isinstance(found, str):  # refused at submit (adapter_problem); here the worker's load says why
+        paths = current().models.paths
+        first, second = (paths.get(f"{name}:{keyframe.rules.name}", "") for name in METHOD_PATHS[method])
+        found = (first, second)
     if method == "instantid":
         return IdentityAdapter(method, found[0], "", count, controlnet=found[1])
     return IdentityAdapter(method, found[0], found[1], count)

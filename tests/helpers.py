@@ -67,8 +67,15 @@ def running_api(token: str, root: Path, **settings: Any) -> Iterator[tuple[str, 
 
     from deployments.app import FarmAPI, Limits, Settings
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    for attempt in range(5):
+        port = free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            break
+        except Exception as exc:  # the port went to a client's ephemeral socket between free_port and the bind
+            serve.shutdown()
+            if "Failed to bind" not in str(exc) or attempt == 4:
+                raise
     api = Settings(token=token, root=str(root), limits=Limits(max_body_bytes=64 * 1024, max_shots=20), tier="cpu",
                    models="tiny", **settings)
     serve.run(FarmAPI.bind(api), name="farm", route_prefix="/")

@@ -319,6 +319,11 @@ def test_pickled_adapter_weights_are_converted_once_and_load_as_safetensors(tmp_
         names = set(f.keys())
         assert torch.equal(f.get_tensor("image_proj.proj.weight"), state["image_proj"]["proj.weight"])
     assert names == {f"{group}.{k}" for group, inner in state.items() for k in inner}
+    from farm.models import ModelError
+
+    with pytest.raises(ModelError, match="must be .safetensors"):  # the render path never loads the pickle
+        load_identity_adapter(pipe, IdentityAdapter("ip_adapter", str(tmp_path / "ip-adapter.bin"),
+                                                    str(tmp_path / "image_encoder")), torch.float32)
     # the real (non-tiny) loading path reads it: diffusers' load_ip_adapter from a local safetensors file
     load_identity_adapter(pipe, IdentityAdapter("ip_adapter", str(out), str(tmp_path / "image_encoder")),
                           torch.float32)

@@ -135,10 +135,7 @@ def load_identity_adapter(pipe: Any, adapter: IdentityAdapter, dtype: torch.dtyp
         weights: Any = [fam.tiny_ip_adapter(pipe, width)] * adapter.count
         names, folders = [""] * adapter.count, [""] * adapter.count
     else:
-        path = Path(adapter.weights)
-        if path.suffix.lower() != ".safetensors":
-            raise ModelError(f"IP-Adapter weights must be .safetensors (convert {path.name} once with "
-                             "`farm convert-weights`)")
+        path = _safetensors(adapter)
         try:
             encoder, processor = fam.image_encoder(adapter.image_encoder, dtype)
         except (OSError, ValueError) as exc:
@@ -147,6 +144,15 @@ def load_identity_adapter(pipe: Any, adapter: IdentityAdapter, dtype: torch.dtyp
         weights, names, folders = [str(path.parent)] * adapter.count, [path.name] * adapter.count, [""] * adapter.count
     _load_ip(pipe, weights, folders, names, adapter, family)
     return pipe
+
+
+def _safetensors(adapter: IdentityAdapter) -> Path:
+    """The adapter's weights file, which must be safetensors: the render path never loads a pickle."""
+    path = Path(adapter.weights)
+    if path.suffix.lower() != ".safetensors":
+        raise ModelError(f"the {adapter.method} adapter must be .safetensors (convert {path.name} once with "
+                         "`farm convert-weights`)")
+    return path
 
 
 def _load_ip(pipe: Any, weights: Any, folders: list[str], names: list[str], adapter: IdentityAdapter,
@@ -170,10 +176,7 @@ def _load_instantid(pipe: Any, adapter: IdentityAdapter, dtype: torch.dtype) -> 
         weights: Any = [tiny_instantid_state_dict(unet)]
         names = [""]
     else:
-        path = Path(adapter.weights)
-        if path.suffix.lower() != ".safetensors":
-            raise ModelError(f"InstantID's adapter must be .safetensors (convert {path.name} once with "
-                             "`farm convert-weights`)")
+        path = _safetensors(adapter)
         try:
             controlnet = ControlNetModel.from_pretrained(adapter.controlnet, local_files_only=True,
                                                          use_safetensors=True, torch_dtype=dtype)
