@@ -441,7 +441,8 @@ class Director:
         self.effects.apply(book)
 
     def _finish_jobs(self) -> None:
-        for book in list(self.books.values()):
+        # In priority order, as dispatch: jobs done in the same pass publish, and succeed, highest first.
+        for book in sorted(self.books.values(), key=lambda b: (-b.priority, b.created)):
             if book.active and book.complete:
                 # The ledger and lockfile here, then the encoder tags, draws the timeline and the report
                 # while this loop goes on; the job succeeds once that is done too.

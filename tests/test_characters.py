@@ -323,10 +323,10 @@ def test_pickled_adapter_weights_are_converted_once_and_load_as_safetensors(tmp_
 
     with pytest.raises(ModelError, match="must be .safetensors"):  # the render path never loads the pickle
         load_identity_adapter(pipe, IdentityAdapter("ip_adapter", str(tmp_path / "ip-adapter.bin"),
-                                                    str(tmp_path / "image_encoder")), torch.float32)
+                                                    str(tmp_path / "image_encoder")), torch.float32, "sdxl")
     # the real (non-tiny) loading path reads it: diffusers' load_ip_adapter from a local safetensors file
     load_identity_adapter(pipe, IdentityAdapter("ip_adapter", str(out), str(tmp_path / "image_encoder")),
-                          torch.float32)
+                          torch.float32, "sdxl")
     assert len(pipe.unet.encoder_hid_proj.image_projection_layers) == 1
     assert subprocess.run(run, capture_output=True, text=True, timeout=120).returncode == 2  # exists: --force
     torch.save({"image_proj": {"w": torch.ones(1)}, "evil": Payload()}, tmp_path / "evil.bin")
@@ -486,7 +486,8 @@ def test_instantid_weights_load_from_files_like_the_official_ones(tmp_path):
     convert_pickle(tmp_path / "ip-adapter.bin", tmp_path / "ip-adapter.safetensors")
     tiny_identitynet(pipe.unet).save_pretrained(tmp_path / "ControlNetModel")
     out = load_identity_adapter(pipe, IdentityAdapter("instantid", str(tmp_path / "ip-adapter.safetensors"), "",
-                                                      controlnet=str(tmp_path / "ControlNetModel")), torch.float32)
+                                                      controlnet=str(tmp_path / "ControlNetModel")), torch.float32,
+                                "sdxl")
     assert type(out).__name__ == "StableDiffusionXLControlNetPipeline"
     assert type(out.unet.encoder_hid_proj.image_projection_layers[0]).__name__ == "IPAdapterPlusImageProjection"
 

@@ -117,7 +117,7 @@ def _face_tokens(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     return args, kwargs
 
 
-def load_identity_adapter(pipe: Any, adapter: IdentityAdapter, dtype: torch.dtype, family: str = "sdxl") -> Any:
+def load_identity_adapter(pipe: Any, adapter: IdentityAdapter, dtype: torch.dtype, family: str) -> Any:
     """The keyframe pipeline with its identity adapter: for IP-Adapter, `adapter.count` copies side by
     side (one per character in the shot) and its image encoder; for InstantID, SDXL's ControlNet
     pipeline over the same components with IdentityNet, and the face adapter. Local files only;
@@ -125,7 +125,7 @@ def load_identity_adapter(pipe: Any, adapter: IdentityAdapter, dtype: torch.dtyp
     if not hasattr(pipe, "load_ip_adapter"):
         raise ModelError(f"{type(pipe).__name__} takes no IP-Adapter")
     if adapter.method == "instantid":
-        return _load_instantid(pipe, adapter, dtype)
+        return _load_instantid(pipe, adapter, dtype, family)
     from farm.gpu.families import gpu_family
 
     fam = gpu_family(family)
@@ -165,7 +165,7 @@ def _load_ip(pipe: Any, weights: Any, folders: list[str], names: list[str], adap
         raise ModelError(f"cannot load the {adapter.method} adapter {adapter.weights}: {exc}") from exc
 
 
-def _load_instantid(pipe: Any, adapter: IdentityAdapter, dtype: torch.dtype) -> Any:
+def _load_instantid(pipe: Any, adapter: IdentityAdapter, dtype: torch.dtype, family: str) -> Any:
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
     if not isinstance(pipe, StableDiffusionXLPipeline):
@@ -185,7 +185,7 @@ def _load_instantid(pipe: Any, adapter: IdentityAdapter, dtype: torch.dtype) -> 
         weights, names = [str(path.parent)], [path.name]
     controlnet.register_forward_pre_hook(_face_tokens, with_kwargs=True)
     out = StableDiffusionXLControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
-    _load_ip(out, weights, [""], names, adapter, "sdxl")
+    _load_ip(out, weights, [""], names, adapter, family)
     return out
 
 
@@ -253,8 +253,7 @@ def draw_keypoints(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def call_embeds(cache: ArtifactCache, identity: Sequence[tuple[str, float]], pipe: Any,
-                params: dict[str, Any], device: str, adapter: IdentityAdapter | None = None,
-                family: str = "sdxl") -> dict[str, Any]:
+                params: dict[str, Any], device: str, adapter: IdentityAdapter | None, family: str) -> dict[str, Any]:
     """A keyframe call's identity arguments: each character's cached embeddings (the negative half
     dropped where the call runs without classifier-free guidance), and each adapter's scale set. For
     InstantID also the keypoint image, IdentityNet's conditioning scale, and its face tokens."""
