@@ -95,6 +95,7 @@ class Director:
         self.gap_watch: set[str] = set()
         self.gaps: dict[str, deque[float]] = {}
         self.input_waits: deque[float] = deque(maxlen=20_000)
+        self.last_end: dict[str, float] = {}  # worker -> when the ledger says its last stage ended
         self.ready_since: dict[str, float] = {}
         self.publishing: dict[str, Any] = {}  # job -> the encoder's publish of its last outputs
         self.held = False  # drained for maintenance: jobs are accepted and queued, nothing new starts
@@ -431,7 +432,11 @@ class Director:
             self.pool.succeeded(wid)
             if isinstance(result, StageResult):
                 if f"{job}/{stage_id}" in self.sent_ahead:
-                    book.began(stage_id, now - result.wall_seconds)
+                    # On the director's clock, never before the previous stage's ledger end: the result
+                    # before may have been read later after its end than this one (a busy loop), and a
+                    # worker runs one stage at a time.
+                    book.began(stage_id, max(now - result.wall_seconds, self.last_end.get(wid, 0.0)))
+                self.last_end[wid] = now
                 if f"{job}/{stage_id}" in self.gap_watch and result.idle_before_s is not None:
                     self.gaps.setdefault(wid, deque(maxlen=2_000)).append(result.idle_before_s)
                 self.input_waits.append(result.input_s)
