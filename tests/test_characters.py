@@ -129,6 +129,19 @@ def test_identity_from_a_frame_and_unused_characters_are_warned(tmp_path):
     assert "no shot lists this character" in warned["characters.ghost"]
 
 
+def test_the_example_storyboard_with_a_character_plans_one_identity_stage():
+    from pathlib import Path
+
+    from farm.jobsetup import setup_job
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    setup = setup_job(mf.load(examples / "characters.yaml"), examples, {"models": "tiny", "preview": True})
+    assert setup.warnings == []
+    plan = setup.plan
+    assert [s.id for s in plan.stages.values() if s.kind == StageKind.IDENTITY] == ["identity:mira"]
+    assert [s.shot for s in plan.stages.values() if s.deps == ("identity:mira",)] == ["s01-station", "s03-door"]
+
+
 # --- the plan, the keys ---------------------------------------------------------------------------
 
 def test_each_character_is_one_identity_stage_before_the_keyframes_that_show_them(tmp_path):
