@@ -34,7 +34,7 @@ from farm.cache import ArtifactCache
 from farm.config import FarmConfig, PolicyConfig, current, install
 from farm.contract import ACTIVE_STATES, FailureKind, JobState, StageResult
 from farm.jobbook import JobBook
-from farm.jobsetup import adapter_problem, setup_job
+from farm.jobsetup import adapter_errors, setup_job
 from farm.manifest import FieldError, ManifestError
 from farm.metrics import snapshot
 from farm.paths import output_problem
@@ -116,9 +116,7 @@ class Director:
             absent = self.fleet.missing_models(list(setup.specs.values()))
             if absent:
                 raise ManifestError([FieldError(("models", role), why) for role, why in sorted(absent.items())])
-            # identity adapters are named by path in the farm config: checked here, before any GPU work
-            unready = [FieldError(("characters", name), why) for name, ref in setup.characters.items()
-                       if (why := adapter_problem(setup.specs["keyframe"], ref.method))]
+            unready = adapter_errors(setup.manifest, setup.specs["keyframe"])  # named by path in the farm config
             if unready:
                 raise ManifestError(unready)
         job_id = uuid.uuid4().hex[:12]

@@ -13,6 +13,7 @@ unavailable (None), never estimated.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,8 +81,10 @@ class InsightFaces:
         return sorted(out, key=lambda f: f.area, reverse=True)
 
 
+@functools.cache
 def analyser_for(spec: str | None) -> FaceAnalyser | None:
-    """`spec`: "stand-in", "insightface:<model>:<folder>", or None; None where it cannot run here."""
+    """`spec`: "stand-in", "insightface:<model>:<folder>", or None; None where it cannot run here.
+    One per process: insightface loads its ONNX models once, not for every take's QC."""
     if spec == STAND_IN:
         return StandInFaces()
     if spec and spec.startswith("insightface:"):

@@ -34,7 +34,7 @@ from farm.families import Draft
 from farm.hashing import derive_seed
 from farm.jobsetup import JobSetup, adapter_identity, identity_adapter
 from farm.paths import OutputLayout
-from farm.plan import ShotPlan, Stage, decode_id, identity_id, take_id
+from farm.plan import ShotPlan, Stage, character_of, decode_id, identity_id, take_id
 from farm.presets import TIERS, Preset, Scene, as_tier
 from farm.qc import Verdict, best_take, failed_gates, judge
 from farm.schedule import ReadyStage
@@ -285,9 +285,9 @@ class JobBook:
         identity adapters a character's stage needs (the worker keeps that pipeline apart)."""
         key = self.setup.specs[StageKind(stage.kind).role].key
         if stage.kind == StageKind.IDENTITY:
-            return f"{key}+{self.setup.characters[stage.id.split(':', 1)[1]].method}:1"
-        count = sum(1 for d in stage.deps if self.plan.stages[d].kind == StageKind.IDENTITY)
-        return f"{key}+{self.cast_method(stage)}:{count}" if stage.kind == StageKind.KEYFRAME and count else key
+            return f"{key}+{self.setup.characters[character_of(stage.id)].method}:1"
+        names = self._cast_names(stage)
+        return f"{key}+{self.cast_method(stage)}:{len(names)}" if names else key
 
     def ready_stage(self, stage: Stage) -> ReadyStage:
         """The stage as the dispatch policy sees it (`farm.schedule.assign`): its cost per tier (a
@@ -391,7 +391,7 @@ class JobBook:
         """A GPU stage's effective parameters on a worker of `tier` (what the pipeline is called with)."""
         setup, stage = self.setup, self.plan.stages[stage_id]
         if stage.kind == StageKind.IDENTITY:
-            character = setup.characters[stage.id.split(":", 1)[1]]
+            character = setup.characters[character_of(stage.id)]
             return {"character": character.name, "method": character.method, "images": list(character.sha256)} | (
                 {"faces": setup.faces} if character.method == "instantid" else {})
         sp = self.shots[stage.shot or ""]
@@ -471,17 +471,21 @@ class JobBook:
                             preset.label(), preset.tier, key, cache_dir, input_key=input_key, drop=drop, kept=kept,
                             frame_size=setup.manifest.output.size, **common)
 
+    def _cast_names(self, stage: Stage) -> list[str]:
+        """A keyframe's characters, in the shot's order (its identity dependencies); none for other stages."""
+        if stage.kind != StageKind.KEYFRAME:
+            return []
+        return [character_of(d) for d in stage.deps if self.plan.stages[d].kind == StageKind.IDENTITY]
+
     def cast(self, stage: Stage) -> tuple[tuple[str, float], ...]:
-        """A keyframe's characters, in the shot's order: each one's embeddings (the identity stage's
-        output key) and strength."""
-        names = [d.split(":", 1)[1] for d in stage.deps if self.plan.stages[d].kind == StageKind.IDENTITY]
-        return tuple((self.done[identity_id(n)].key, self.setup.characters[n].strength) for n in names)
+        """A keyframe's characters: each one's embeddings (the identity stage's output key) and strength."""
+        return tuple((self.done[identity_id(n)].key, self.setup.characters[n].strength)
+                     for n in self._cast_names(stage))
 
     def cast_method(self, stage: Stage) -> str | None:
         """How a keyframe's characters are drawn: one method per keyframe (validation refuses an
         InstantID character beside others)."""
-        methods = {self.setup.characters[d.split(":", 1)[1]].method for d in stage.deps
-                   if self.plan.stages[d].kind == StageKind.IDENTITY}
+        methods = {self.setup.characters[n].method for n in self._cast_names(stage)}
         return methods.pop() if methods else None
 
     def input_key(self, stage: Stage) -> str:

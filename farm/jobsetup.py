@@ -17,7 +17,7 @@ from farm.encode import EncodeSettings, default_bitrate
 from farm.hashing import file_hash, weights_digest
 from farm.manifest import FieldError, Manifest, ManifestError, inside_root, parse_size, validate_data
 from farm.models import ModelSpec, companion_vae, missing, resolve_model, with_tiny
-from farm.plan import Plan, build_plan, draws_keyframe
+from farm.plan import Plan, build_plan, drawn_characters
 from farm.presets import QUALITY_TEMPLATES
 from farm.qc import Gates, resolve
 
@@ -47,14 +47,8 @@ def model_errors(manifest: Manifest, root: Path | None, override: str | None = N
         return []
     allow = current().models.allow_download
     specs = resolve_models(manifest, root)
-    errors = [FieldError(("models", role), msg) for role, spec in specs.items()
-              if (msg := missing(spec, allow)) is not None]
-    for name, character in manifest.characters.items():
-        if any(name in shot.characters for shot in manifest.shots):
-            problem = adapter_problem(specs["keyframe"], character.method)
-            if problem:
-                errors.append(FieldError(("characters", name), problem))
-    return errors
+    return [FieldError(("models", role), msg) for role, spec in specs.items()
+            if (msg := missing(spec, allow)) is not None] + adapter_errors(manifest, specs["keyframe"])
 
 
 # --- characters (docs/characters.md) ------------------------------------------------------------
@@ -112,6 +106,13 @@ def adapter_problem(keyframe: ModelSpec, method: str | None) -> str | None:
     return found if isinstance(found, str) else None
 
 
+def adapter_errors(manifest: Manifest, keyframe: ModelSpec) -> list[FieldError]:
+    """Each drawn character whose adapter files the farm config does not name, or that are missing:
+    `farm validate`/`farm render` and the director's submit refuse them before any GPU work."""
+    return [FieldError(("characters", name), why) for name in drawn_characters(manifest)
+            if (why := adapter_problem(keyframe, manifest.characters[name].method))]
+
+
 def identity_adapter(keyframe: ModelSpec, method: str, count: int = 1) -> IdentityAdapter:
     """The adapter a keyframe pipeline loads for `count` characters drawn with `method`."""
     if keyframe.is_tiny:
@@ -145,11 +146,9 @@ def adapter_identity(adapter: IdentityAdapter, faces: str | None = None) -> dict
 
 def cast(manifest: Manifest, root: Path, keyframe: ModelSpec) -> dict[str, CharacterRef]:
     """The job's characters that some shot draws a keyframe of, with their images read and hashed."""
-    drawn = {name for shot in manifest.shots if draws_keyframe(shot) for name in shot.characters}
     out = {}
-    for name, character in manifest.characters.items():
-        if name not in drawn:
-            continue
+    for name in drawn_characters(manifest):
+        character = manifest.characters[name]
         images, shas = [], []
         for k, image in enumerate(character.images):
             path = inside_root(root, image)

@@ -15,7 +15,7 @@ from farm import __version__
 from farm.hashing import canonical_json, content_hash
 from farm.manifest import FieldError, Manifest
 from farm.models import ModelSpec, model_revision
-from farm.plan import Plan, take_id
+from farm.plan import Plan, identity_id, take_id
 from farm.qc import MAX_RETAKES
 
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "ray", "numpy", "pydantic", "pyarrow")
@@ -81,7 +81,7 @@ def character_entries(manifest: Manifest, plan: Plan, characters: Mapping[str, A
         entries = []
         if sp.first_frame_from == "keyframe":
             for name in sp.shot.characters:
-                ref, stage = characters[name], records.get(f"identity:{name}", {})
+                ref, stage = characters[name], records.get(identity_id(name), {})
                 entries.append({
                     "name": name, "method": ref.method, "strength": ref.strength,
                     "references": [{"path": path, "sha256": sha, "file": file} for path, sha, file in

@@ -192,7 +192,6 @@ class Defaults(Strict):
 
 
 CHARACTER_NAME = r"^[A-Za-z0-9_-]{1,64}$"
-IDENTITY_METHODS = ("ip_adapter", "instantid")
 MAX_REFERENCE_BYTES = 20 << 20  # a reference photo; the image encoder sees it at 224 px anyway
 MAX_REFERENCES = 8  # per character
 MAX_CHARACTERS = 16  # per job

@@ -174,9 +174,21 @@ def identity_id(character: str) -> str:
     return f"identity:{character}"
 
 
+def character_of(identity_stage_id: str) -> str:
+    """The character an identity stage is for: `identity:mira` -> `mira`."""
+    return identity_stage_id.split(":", 1)[1]
+
+
 def draws_keyframe(shot: Shot) -> bool:
     """A shot whose first frame the keyframe model draws (not the user's image, not the previous shot)."""
     return shot.keyframe is None and shot.continue_from is None
+
+
+def drawn_characters(manifest: Manifest) -> list[str]:
+    """The job's characters, in its order, that some shot draws a keyframe of: those that get an
+    identity stage and whose adapter a render needs."""
+    drawn = {name for shot in manifest.shots if draws_keyframe(shot) for name in shot.characters}
+    return [name for name in manifest.characters if name in drawn]
 
 
 def build_plan(manifest: Manifest, video: ModelSpec | int) -> Plan:
@@ -196,9 +208,8 @@ def build_plan(manifest: Manifest, video: ModelSpec | int) -> Plan:
         fps = fam.generation_fps(film, video.variant)
     plan = Plan(fps=fps, film_fps=film)
     # A character's identity is computed once, before the first keyframe that shows them.
-    for name in manifest.characters:
-        if any(name in shot.characters for shot in manifest.shots if draws_keyframe(shot)):
-            plan.add(Stage(identity_id(name), StageKind.IDENTITY, None, ()))
+    for name in drawn_characters(manifest):
+        plan.add(Stage(identity_id(name), StageKind.IDENTITY, None, ()))
     checks: list[str] = []
     previous_last: str | None = None
     previous_qc: str | None = None

@@ -19,7 +19,7 @@ from farm.cache import ArtifactCache
 from farm.contract import IdentityAdapter
 from farm.models import ModelError
 
-TINY_IMAGE_EMBED_DIM = 32  # the tiny CLIP image encoder's projection (ViT-H's is 1024): GpuFamily.tiny_image_encoder
+TINY_IMAGE_EMBED_DIM = 32  # what the tiny image encoders hand on (ViT-H: 1024): GpuFamily.tiny_image_encoder
 
 
 def _ip_layers(unet: Any) -> dict[str, Any]:

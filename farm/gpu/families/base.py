@@ -43,10 +43,11 @@ class GpuFamily:
 
     def tiny_image_encoder(self) -> tuple[Any, Any, int]:
         """The adapter's image encoder for tiny renders: (model, processor, width of what it hands on)."""
+        from farm.gpu.identity import TINY_IMAGE_EMBED_DIM
         from farm.gpu.tiny import feature_extractor, seeded, vision_encoder
 
         with seeded():
-            return vision_encoder(32), feature_extractor(), 32
+            return vision_encoder(TINY_IMAGE_EMBED_DIM), feature_extractor(), TINY_IMAGE_EMBED_DIM
 
     def image_encoder(self, folder: str, dtype: torch.dtype) -> tuple[Any, Any]:
         """The adapter's image encoder from a local folder, and its processor (CLIP: h94's ViT-H/14)."""

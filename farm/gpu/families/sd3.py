@@ -38,10 +38,12 @@ class SD3Gpu(GpuFamily):
     def tiny_image_encoder(self) -> tuple[Any, Any, int]:
         from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
+        from farm.gpu.identity import TINY_IMAGE_EMBED_DIM as width
+
         with seeded():
-            encoder = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            encoder = SiglipVisionModel(SiglipVisionConfig(hidden_size=width, intermediate_size=37, num_hidden_layers=2,
                                                            num_attention_heads=4, image_size=64, patch_size=16))
-        return encoder, SiglipImageProcessor(size={"height": 64, "width": 64}), 32
+        return encoder, SiglipImageProcessor(size={"height": 64, "width": 64}), width
 
     def image_encoder(self, folder: str, dtype: Any) -> tuple[Any, Any]:
         from transformers import SiglipImageProcessor, SiglipVisionModel
