@@ -39,13 +39,15 @@ import torch
 from torch.utils import flop_counter
 
 from bench import realsize
-from bench.report import table, write_section
+from bench.report import machine, table, write_section
 from farm.cache import ArtifactCache, model_identity
+from farm.config import current
 from farm.contract import FailureKind, StageResult
 from farm.families import family as family_rules
 from farm.faults import OutOfMemory
 from farm.gpu.families import gpu_family
 from farm.gpu.loading import load_pipeline
+from farm.gpu.speed import CompileSetting
 from farm.gpu.worker import StageWorker
 from farm.jobbook import Descend, JobBook
 from farm.jobsetup import setup_job
@@ -59,6 +61,7 @@ from farm.presets import GIB, GPU_TIERS
 TIER_CAP_GB = {"low": 12, "mid": 16, "high": 24}
 QUALITY, SCENE = "balanced", "smooth"
 WARMUP_STEPS = 2
+PROFILE_STEPS = 3
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, matched against torch's device name in
 # order (the first substring that matches wins, so "H100 PCIe" before "H100", "L40S" before "L4").
@@ -79,12 +82,14 @@ BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 # Published end-to-end figures at the settings the anchor runs use.
-ANCHORS = {
+ANCHORS: dict[str, dict[str, Any]] = {
     "sdxl": {"width": 1024, "height": 1024, "steps": 30, "seconds": 2.54,
              "source": "diffusers SDXL speed-up guide: A100-80GB, bf16, SDPA, torch.compile"},
     "svd": {"width": 1024, "height": 576, "steps": 25, "frames": 25, "seconds": 22.6,
             "source": "Stability SVD-XT 1.1 TensorRT model card: H100 PCIe, end to end"},
 }
+ANCHOR_TARGETS_S = {"sdxl": 2.0, "svd": 20.0}  # issue 17's targets on an H100/H200-class card
+UTILISATION_TARGET = 0.5
 
 
 def bf16_peak_tflops(device_name: str) -> float | None:
@@ -188,6 +193,48 @@ class UnetInputs:
         self.handle.remove()
 
 
+def top_kernels(events: Any, limit: int = 12) -> list[str]:
+    """The GPU kernels that took the most time in a profile, as table lines (name, share, ms, calls);
+    without a GPU, the CPU ops by self time (so the CPU run exercises the same path)."""
+    from torch.autograd import DeviceType
+
+    totals: dict[str, list[float]] = {}
+    for event in events:
+        if event.device_type == DeviceType.CUDA:
+            entry = totals.setdefault(event.name, [0.0, 0])
+            entry[0] += event.time_range.elapsed_us()
+            entry[1] += 1
+    if not totals:
+        for event in events:
+            if event.device_type == DeviceType.CPU and not event.cpu_children:
+                entry = totals.setdefault(event.name, [0.0, 0])
+                entry[0] += event.time_range.elapsed_us()
+                entry[1] += 1
+    whole = sum(us for us, _ in totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:limit]
+    return [f"| {name[:90].replace('|', '/')} | {us / whole * 100:.1f}% | {us / 1000:.1f} | {int(n)} |"
+            for name, (us, n) in ranked]
+
+
+def profile_stage(worker: StageWorker, req: Any) -> list[str]:
+    """Run one short stage under torch.profiler, on the worker's stage thread as `run` does: the profiler
+    records the ops of the thread it is entered on (CUPTI sees every kernel either way)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cache = ArtifactCache(req.cache_dir)
+    source = cache.stage_input(req.kind, req.input_key)
+    with profile(activities=activities):  # Kineto initialises on the thread that registered it (this one)
+        pass
+
+    def profiled() -> list[str]:
+        with profile(activities=activities) as prof:
+            worker._run(req, cache, source, 0.0)
+        return top_kernels(prof.events())
+
+    return worker.turn.submit(profiled).result()
+
+
 # --- one stage -----------------------------------------------------------------------------------
 
 
@@ -202,6 +249,8 @@ class Case:
     cap_gb: float | None  # None: the whole card
     label: str = ""
     inject_oom: bool = False  # CPU runs exercise the ladder through the worker's fault hook
+    compile: CompileSetting = "auto"  # the farm config's `compile` for this run's worker
+    profile: bool = False  # also profile a short stage: the top kernels by GPU time
 
 
 @dataclass
@@ -213,6 +262,8 @@ class Outcome:
     error: str = ""
     load_s: float = 0.0
     first_s: float = 0.0  # the warm-up stage: compile and first-call costs
+    first_extra_s: float | None = None  # what the warm-up stage took beyond a warm stage of its steps
+    compiled: bool | None = None  # whether the denoiser ran compiled (the worker's applied knobs)
     syncs_per_step: float | None = None  # host-GPU synchronisations the denoising loop adds per step
     stage_s: float = 0.0  # video: the denoising stage and its decode stage
     call_s: float = 0.0
@@ -225,6 +276,7 @@ class Outcome:
     peak_vram: int | None = None
     mfu: float | None = None
     unet_util: float | None = None
+    profile: list[str] = field(default_factory=list)  # top kernels of a profiled stage, as table lines
 
 
 def bench_book(case: Case, spec: ModelSpec, cache: ArtifactCache) -> JobBook:
@@ -244,7 +296,9 @@ def bench_book(case: Case, spec: ModelSpec, cache: ArtifactCache) -> JobBook:
     manifest = validate_data({
         "version": 1, "title": "bench", "seed": 7, "quality": QUALITY, "models": {"keyframe": "tiny", "video": "tiny"},
         "steps": {"keyframe": case.steps, "video": case.steps},
-        "output": {"fps": fps, "resolution": f"{case.width}x{case.height}"}, "shots": [shot]}, root)
+        # Keyframes at the case's size, not the farm's default 1.875x the video size: the table's size is what ran.
+        "output": {"fps": fps, "resolution": f"{case.width}x{case.height}",
+                   "keyframe_resolution": f"{case.width}x{case.height}"}, "shots": [shot]}, root)
     setup = setup_job(manifest, root)
     specs = {**setup.specs, role: spec}
     plan = build_plan(manifest, specs["video"] if role == "video" else max(case.frames, 1))
@@ -279,11 +333,14 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
     loader = realsize.loader if real else load_pipeline
     cuda = torch.cuda.is_available()
     result = Outcome(case)
+    worker = StageWorker(f"bench-{case.tier}", tier=case.tier, loader=loader,
+                         config=current().model_copy(update={"compile": case.compile}))
     if cuda:
+        # After the worker, which caps a forced tier at the top of its range (farm.presets.TIER_MEMORY_CAP):
+        # the bench holds each preset to the bottom of its range, the smallest card the tier promises to serve.
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(memory_fraction(case.cap_gb, total) if case.cap_gb else 1.0)
-    worker = StageWorker(f"bench-{case.tier}", tier=case.tier, loader=loader)
     if case.inject_oom:
         worker.set_faults([{"match": f"bench/{realsize.ROLES[case.family]}:*", "kind": "oom", "times": 1}])
     book = bench_book(case, spec, cache)
@@ -294,15 +351,16 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
             result.preset = req.preset
             try:
                 started = time.perf_counter()
-                pipe, _ = worker.pipeline(spec, req.knobs)
+                pipe, applied = worker.pipeline(spec, req.knobs)
                 result.load_s = time.perf_counter() - started
+                result.compiled = applied.get("compiled", False)
                 # A first stage of the same shapes but few steps: compiles (where compile is on) and warms
                 # the kernels, as a long-lived worker's first stage does; the timed stage is the next one.
                 warm = replace(req, params={**req.params, "num_inference_steps": WARMUP_STEPS},
                                output_key=req.output_key + "-warmup")
                 started = time.perf_counter()
                 with host_syncs() as warm_syncs:
-                    worker.run(warm)
+                    warm_report = worker.run(warm)
                 result.first_s = time.perf_counter() - started
                 denoiser = gpu_family(case.family).denoisers(pipe)[0]
                 inputs = UnetInputs(denoiser)
@@ -325,6 +383,14 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
             result.unet_calls, result.unet_batch = seen["unet_calls"], seen["unet_batch"]
             result.unet_s = seen["unet_seconds"] / max(1, seen["unet_calls"])
             result.peak_vram = seen["peak_vram_bytes"]
+            if result.step_s:
+                # The warm-up call beyond a warmed call of its steps: compile (where on) and first-call costs.
+                steady = seen["seconds"] - (case.steps - WARMUP_STEPS) * result.step_s
+                result.first_extra_s = max(0.0, warm_report.observed["seconds"] - steady)
+            if case.profile:
+                result.profile = profile_stage(worker, replace(
+                    req, params={**req.params, "num_inference_steps": PROFILE_STEPS},
+                    output_key=req.output_key + "-profile"))
             if inputs.args is not None:
                 result.flops_per_call = count_flops(denoiser, inputs.args, inputs.kwargs)
             # One UNet call per step (guidance batched in it): the step's FLOPs are the call's.
@@ -346,8 +412,21 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
 # --- the suite -----------------------------------------------------------------------------------
 
 
-def cases(real: bool, families: list[str], tiers: list[str], steps: int | None, anchors: bool) -> list[Case]:
+RUNS = ("anchor", "tier", "ladder")
+
+
+def cases(real: bool, families: list[str], tiers: list[str], steps: int | None, runs: tuple[str, ...] = RUNS,
+          compiles: tuple[CompileSetting, ...] = ("auto",), profile: bool = False) -> list[Case]:
+    """The suite's stages, anchors first (the published comparisons), then each tier preset under its cap,
+    then the ladder; each once per compile setting asked for (eager then compiled, for the side by side)."""
     out: list[Case] = []
+    if "anchor" in runs:
+        for family, a in ANCHORS.items():
+            if family in families:
+                width, height, frames = (a["width"], a["height"], a.get("frames", 1)) if real else \
+                    (64, 64, resolve_model(realsize.ROLES[family], f"tiny:{family}").frames_per_call)  # type: ignore[arg-type]
+                out += [Case(family, "high", width, height, a["steps"] if real else 2, frames, None, label="anchor",
+                             compile=mode, profile=profile) for mode in compiles]
     for family in families:
         rules = family_rules(family)
         if real:
@@ -360,20 +439,16 @@ def cases(real: bool, families: list[str], tiers: list[str], steps: int | None, 
             tiny = resolve_model(realsize.ROLES[family], f"tiny:{family}")  # type: ignore[arg-type]
             width, height, frames = 64, 64, tiny.frames_per_call
         keyframe = realsize.ROLES[family] == "keyframe"
-        for tier in tiers:
+        for tier in tiers if "tier" in runs else ():
             default = rules.steps(QUALITY, tier, None, realsize.VARIANTS.get(family))  # type: ignore[arg-type]
             tier_steps = steps or (default if real else 2)
-            out.append(Case(family, tier, width, height, tier_steps, frames,
-                            TIER_CAP_GB[tier] if real else None, label="tier"))
-        if not keyframe:
+            out += [Case(family, tier, width, height, tier_steps, frames, TIER_CAP_GB[tier] if real else None,
+                         label="tier", compile=mode) for mode in compiles]
+        if not keyframe and "ladder" in runs:
             # The high preset on the low tier's card must not fit; the ladder has to bring it down.
             out.append(Case(family, "high", width, height, steps or 2, frames,
-                            TIER_CAP_GB["low"] if real else None, label="ladder", inject_oom=not real))
-    if anchors and real:
-        for family, a in ANCHORS.items():
-            if family in families:
-                out.append(Case(family, "high", a["width"], a["height"], a["steps"], a.get("frames", 1), None,
-                                label="anchor"))
+                            TIER_CAP_GB["low"] if real else None, label="ladder", inject_oom=not real,
+                            compile=compiles[0]))
     return out
 
 
@@ -393,10 +468,12 @@ def rows(outcomes: list[Outcome]) -> list[dict[str, Any]]:
         out.append({
             "model": c.family, "run": c.label, "tier preset": c.tier, "card cap GB": c.cap_gb or "all",
             "size": size, "steps": c.steps, "ran as": o.preset if o.ok else "",
+            "compiled": "" if o.compiled is None else ("yes" if o.compiled else "no"),
             "OOM rungs": " > ".join(o.rungs) or "-", "s/step": f"{o.step_s:.3f}" if o.step_s else "",
             "s/stage": f"{o.stage_s:.2f}" if o.ok else o.error,
             "decode s": f"{o.decode_s:.2f}" if o.ok and o.decode_s else "",
             "load s": f"{o.load_s:.1f}" if o.ok else "", "warm-up stage s": f"{o.first_s:.1f}" if o.ok else "",
+            "compile + first call s": "" if o.first_extra_s is None else f"{o.first_extra_s:.1f}",
             "UNet GFLOP/call": f"{o.flops_per_call / 1e9:.2f}",
             "MFU": _pct(o.mfu), "UNet util": _pct(o.unet_util), "peak VRAM GiB": _gb(o.peak_vram),
             "CFG batch": o.unet_batch, "host syncs/step": "" if o.syncs_per_step is None else f"{o.syncs_per_step:.1f}",
@@ -410,9 +487,34 @@ def anchor_lines(outcomes: list[Outcome]) -> list[str]:
         if o.case.label != "anchor" or not o.ok:
             continue
         a = ANCHORS[o.case.family]
-        lines.append(f"- {o.case.family} {o.case.width}x{o.case.height}, {o.case.steps} steps: **{o.call_s:.2f} s** "
-                     f"end to end vs. {a['seconds']} s published ({a['source']}); ratio {o.call_s / a['seconds']:.2f}")
+        target = ANCHOR_TARGETS_S[o.case.family]
+        how = "compiled" if o.compiled else "eager"
+        lines.append(f"- {o.case.family} {o.case.width}x{o.case.height}, {o.case.steps} steps, {how}: "
+                     f"**{o.call_s:.2f} s** "
+                     f"end to end vs. {a['seconds']} s published ({a['source']}); ratio {o.call_s / a['seconds']:.2f}; "
+                     f"target < {target} s: {'met' if o.call_s < target else 'missed'}; "
+                     f"UNet util {_pct(o.unet_util) or 'n/a'}")
     return lines
+
+
+def profile_lines(outcomes: list[Outcome]) -> list[str]:
+    lines = []
+    for o in outcomes:
+        if o.profile:
+            how = "compiled" if o.compiled else "eager"
+            lines += ["", f"Top kernels of a {PROFILE_STEPS}-step {o.case.family} stage at "
+                          f"{o.case.width}x{o.case.height}, {how} (torch.profiler, share of GPU kernel time; "
+                          "CPU op time where there is no GPU):", "",
+                      "| kernel | share | ms | calls |", "|---|---|---|---|", *o.profile]
+    return lines
+
+
+def outcome_record(o: Outcome) -> dict[str, Any]:
+    return {**o.__dict__, "case": o.case.__dict__}
+
+
+def outcome_from(record: dict[str, Any]) -> Outcome:
+    return Outcome(**{**record, "case": Case(**record["case"])})
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -427,41 +529,64 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--families", nargs="+", default=["sdxl", "svd", "i2vgen"], choices=list(realsize.CONFIG_FILES),
                     help="families to measure (real-size configs in bench/configs/)")
     ap.add_argument("--tiers", nargs="+", default=list(GPU_TIERS), choices=list(GPU_TIERS))
-    ap.add_argument("--steps", type=int, help="denoising steps per stage (default: the tier preset's)")
-    ap.add_argument("--no-anchors", action="store_true")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS,
+                    help="anchor: the published comparisons; tier: each tier preset under its cap; ladder: OOM ladder")
+    ap.add_argument("--steps", type=int, help="denoising steps per tier/ladder stage (default: the tier preset's)")
+    ap.add_argument("--compile", choices=("auto", "on", "off", "both"), default="auto",
+                    help="torch.compile of the denoiser (the farm config's `compile`); both: eager, then compiled")
+    ap.add_argument("--profile", action="store_true", help="profile a short stage of each anchor: top kernels")
     ap.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if not in the table")
     ap.add_argument("--json", type=Path, help="also write the outcomes here")
+    ap.add_argument("--jsonl", type=Path, help="append each outcome here as it finishes (a killed run keeps them)")
+    ap.add_argument("--from-jsonl", type=Path, nargs="+",
+                    help="run nothing: write the section from outcomes appended by earlier runs (bench/gpu_lease.py)")
+    ap.add_argument("--command", help="the command to name in the section (default: this one)")
+    ap.add_argument("--note", default="", help="a paragraph to add to the section (the lease's card and steps)")
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     args = ap.parse_args(argv)
 
-    cuda = torch.cuda.is_available()
-    real = args.size == "real" or (args.size == "auto" and cuda)
-    if real and not cuda:
-        sys.exit("--size real needs a CUDA GPU (the real-size models are tens of GB of activations)")
-    device_name = torch.cuda.get_device_name(0) if cuda else "CPU"
-    peak = args.peak_tflops or (bf16_peak_tflops(device_name) if cuda else None)
-    outcomes: list[Outcome] = []
-    with tempfile.TemporaryDirectory(prefix="farm-bench-gpu-") as tmp:
-        cache = ArtifactCache(tmp)
-        for case in cases(real, args.families, args.tiers, args.steps, not args.no_anchors):
-            outcome = run_case(case, real=real, peak_tflops=peak, cache=cache)
-            outcomes.append(outcome)
-            print(json.dumps(rows([outcome])[0]), flush=True)
+    if args.from_jsonl:
+        records = [json.loads(line) for path in args.from_jsonl for line in path.read_text().splitlines() if line]
+        if not records:
+            sys.exit("no outcomes in " + " ".join(map(str, args.from_jsonl)))
+        device_name, real, peak, where = (records[0][k] for k in ("device", "real", "peak_tflops", "machine"))
+        outcomes = [outcome_from(r["outcome"]) for r in records]
+    else:
+        cuda = torch.cuda.is_available()
+        real = args.size == "real" or (args.size == "auto" and cuda)
+        if real and not cuda:
+            sys.exit("--size real needs a CUDA GPU (the real-size models are tens of GB of activations)")
+        device_name = torch.cuda.get_device_name(0) if cuda else "CPU"
+        peak = args.peak_tflops or (bf16_peak_tflops(device_name) if cuda else None)
+        where = machine()
+        compiles: tuple[CompileSetting, ...] = ("off", "on") if args.compile == "both" else (args.compile,)
+        outcomes = []
+        with tempfile.TemporaryDirectory(prefix="farm-bench-gpu-") as tmp:
+            cache = ArtifactCache(tmp)
+            for case in cases(real, args.families, args.tiers, args.steps, tuple(args.runs), compiles, args.profile):
+                outcome = run_case(case, real=real, peak_tflops=peak, cache=cache)
+                outcomes.append(outcome)
+                print(json.dumps(rows([outcome])[0]), flush=True)
+                if args.jsonl:
+                    with args.jsonl.open("a") as f:
+                        f.write(json.dumps({"device": device_name, "real": real, "peak_tflops": peak,
+                                            "machine": where, "outcome": outcome_record(outcome)}) + "\n")
 
-    body = _body(outcomes, real, device_name, peak)
+    body = _body(outcomes, real, device_name, peak) + (f"\n{args.note.strip()}\n" if args.note else "")
     print(body)
     result = {"device": device_name, "real": real, "peak_tflops": peak,
-              "outcomes": [{**o.__dict__, "case": o.case.__dict__} for o in outcomes]}
+              "outcomes": [outcome_record(o) for o in outcomes]}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     if not args.no_write:
-        command = "python -m bench.gpu" + (f" --steps {args.steps}" if args.steps else "")
+        command = args.command or "python -m bench.gpu " + " ".join(argv if argv is not None else sys.argv[1:])
         if real:
             key = "gpu-" + re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-            write_section(key, f"GPU stages at real size: {device_name} (issue 6)", command, body)
+            write_section(key, f"GPU stages at real size: {device_name} (issues 6 and 17)", command.strip(), body,
+                          where)
         else:
             write_section("gpu-cpu-smoke", "bench/gpu.py at tiny size on the CPU (issue 6; not a GPU figure)",
-                          command, body)
+                          command.strip(), body, where)
     return result
 
 
@@ -501,12 +626,16 @@ def _body(outcomes: list[Outcome], real: bool, device_name: str, peak: float | N
     lines = anchor_lines(outcomes)
     if lines:
         text += "\nAnchors at equal settings:\n\n" + "\n".join(lines) + "\n"
+    profiled = profile_lines(outcomes)
+    if profiled:
+        text += "\n".join(profiled) + "\n"
     text += ("\nFLOPs of the real architectures, counted by torch's FlopCounterMode on the meta device (no GPU "
              "needed; the anchors' rates are derived from their published times, not measured here):\n\n"
              + table(architecture_rows()) + "\n")
     utils = [o.unet_util for o in outcomes if o.unet_util is not None and o.case.label == "tier"]
     if utils:
-        text += f"\nMedian UNet utilisation over the tier runs: {statistics.median(utils) * 100:.1f}% (target > 50%).\n"
+        text += (f"\nMedian UNet utilisation over the tier runs: {statistics.median(utils) * 100:.1f}% "
+                 f"(target > {UTILISATION_TARGET * 100:.0f}%).\n")
     return text
 
 

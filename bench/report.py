@@ -26,10 +26,12 @@ def table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(key: str, title: str, command: str, body: str) -> None:
+def write_section(key: str, title: str, command: str, body: str, where: str | None = None) -> None:
+    """`where`: the machine the figures were measured on, when not this one (bench/gpu.py merges a
+    GPU lease's outcomes into its section after the run)."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    section = (f"{start}\n## {title}\n\nCommand: `{command}`  \nMachine: {machine()}  \nMeasured: {stamp}\n\n"
+    section = (f"{start}\n## {title}\n\nCommand: `{command}`  \nMachine: {where or machine()}  \nMeasured: {stamp}\n\n"
                f"{body.strip()}\n{end}")
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
