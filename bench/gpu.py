@@ -264,6 +264,7 @@ class Outcome:
     first_s: float = 0.0  # the warm-up stage: compile and first-call costs
     first_extra_s: float | None = None  # what the warm-up stage took beyond a warm stage of its steps
     compiled: bool | None = None  # whether the denoiser ran compiled (the worker's applied knobs)
+    channels_last: bool | None = None  # whether the UNet and VAE ran NHWC
     syncs_per_step: float | None = None  # host-GPU synchronisations the denoising loop adds per step
     stage_s: float = 0.0  # video: the denoising stage and its decode stage
     call_s: float = 0.0
@@ -354,6 +355,7 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
                 pipe, applied = worker.pipeline(spec, req.knobs)
                 result.load_s = time.perf_counter() - started
                 result.compiled = applied.get("compiled", False)
+                result.channels_last = applied.get("channels_last", False)
                 # A first stage of the same shapes but few steps: compiles (where compile is on) and warms
                 # the kernels, as a long-lived worker's first stage does; the timed stage is the next one.
                 warm = replace(req, params={**req.params, "num_inference_steps": WARMUP_STEPS},
@@ -367,7 +369,8 @@ def run_case(case: Case, *, real: bool, peak_tflops: float | None, cache: Artifa
                 with host_syncs() as syncs:
                     report = worker.run(req)
                 if cuda and case.steps > WARMUP_STEPS:
-                    result.syncs_per_step = (syncs[0] - warm_syncs[0]) / (case.steps - WARMUP_STEPS)
+                    # Never below 0: the warm-up stage has first-call syncs the timed one does not.
+                    result.syncs_per_step = max(0.0, (syncs[0] - warm_syncs[0]) / (case.steps - WARMUP_STEPS))
             except OutOfMemory:  # the worker has already freed what the failed attempt held
                 result.rungs.append(req.preset)
                 book.dispatched(stage, worker.worker_id, case.tier, req.preset, req.output_key, 0.0)
@@ -469,6 +472,7 @@ def rows(outcomes: list[Outcome]) -> list[dict[str, Any]]:
             "model": c.family, "run": c.label, "tier preset": c.tier, "card cap GB": c.cap_gb or "all",
             "size": size, "steps": c.steps, "ran as": o.preset if o.ok else "",
             "compiled": "" if o.compiled is None else ("yes" if o.compiled else "no"),
+            "layout": {None: "", True: "NHWC", False: "NCHW"}[o.channels_last],
             "OOM rungs": " > ".join(o.rungs) or "-", "s/step": f"{o.step_s:.3f}" if o.step_s else "",
             "s/stage": f"{o.stage_s:.2f}" if o.ok else o.error,
             "decode s": f"{o.decode_s:.2f}" if o.ok and o.decode_s else "",
@@ -488,7 +492,7 @@ def anchor_lines(outcomes: list[Outcome]) -> list[str]:
             continue
         a = ANCHORS[o.case.family]
         target = ANCHOR_TARGETS_S[o.case.family]
-        how = "compiled" if o.compiled else "eager"
+        how = ("compiled" if o.compiled else "eager") + (", NHWC" if o.channels_last else "")
         lines.append(f"- {o.case.family} {o.case.width}x{o.case.height}, {o.case.steps} steps, {how}: "
                      f"**{o.call_s:.2f} s** "
                      f"end to end vs. {a['seconds']} s published ({a['source']}); ratio {o.call_s / a['seconds']:.2f}; "

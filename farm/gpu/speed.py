@@ -26,9 +26,12 @@ def speed_knobs(device: str, capability: tuple[int, int] | None, cpu_offload: bo
                 setting: CompileSetting = "auto", convolutional: bool = True) -> SpeedKnobs:
     """What pays on this device.
 
-    - channels-last on CUDA only, and only for families whose denoiser is a UNet of 2-D
-      convolutions (`convolutional`): CPUs gain little from it and the tiny CPU models lose; the
-      transformer families (FLUX, SD3, Wan, LTX) have no 2-D convolutions to speed up.
+    - channels-last on CUDA only, only for families whose denoiser is a UNet of 2-D convolutions
+      (`convolutional`), and only where the UNet is compiled: CPUs gain little from it and the tiny
+      CPU models lose; the transformer families (FLUX, SD3, Wan, LTX) have no 2-D convolutions to
+      speed up; and in eager mode every GroupNorm converts NHWC back to NCHW (measured on an H200:
+      SDXL 1024x1024 eager at 0.121 s/step with channels-last, GroupNorm statistics and layout
+      copies 45% of GPU time; BENCHMARKS.md "GPU stages"), while Inductor plans the layouts itself.
     - compile ("auto") on CUDA GPUs of compute capability 8.0+ (Ampere and newer, where Inductor's
       Triton kernels and bf16 do well) and not under CPU offload, whose hooks move weights between
       calls and break the graph. A worker is long-lived and renders the same shapes again and again,
@@ -41,24 +44,33 @@ def speed_knobs(device: str, capability: tuple[int, int] | None, cpu_offload: bo
         compile_unet = False
     else:
         compile_unet = cuda and capability is not None and capability >= (8, 0) and not cpu_offload
-    return SpeedKnobs(channels_last=cuda and convolutional, compile=compile_unet)
+    return SpeedKnobs(channels_last=cuda and convolutional and compile_unet, compile=compile_unet)
 
 
 def apply_speed_knobs(pipe: Any, knobs: SpeedKnobs) -> dict[str, bool]:
     """Apply `knobs`; return what is in effect (sdpa is checked, not set: diffusers picks it)."""
-    import torch
 
     applied = {"sdpa": uses_sdpa(pipe), "channels_last": False, "compiled": False}
     if knobs.channels_last:
         for name in ("unet", "vae"):
             module = getattr(pipe, name, None)
             if module is not None:
-                module.to(memory_format=torch.channels_last)
+                to_channels_last(module)
         applied["channels_last"] = True
     if knobs.compile:
         nets = [m for m in (getattr(pipe, n, None) for n in ("unet", "transformer", "transformer_2")) if m is not None]
         applied["compiled"] = all([compile_unet(net) for net in nets]) and bool(nets)
     return applied
+
+
+def to_channels_last(module: Any) -> None:
+    """NHWC for the 4-D weights (2-D convolutions) only: `module.to(memory_format=...)` refuses any
+    module with a 5-D weight, and SVD's temporal VAE decoder has 3-D convolutions."""
+    import torch
+
+    for param in module.parameters():
+        if param.dim() == 4:
+            param.data = param.data.contiguous(memory_format=torch.channels_last)
 
 
 def uses_sdpa(pipe: Any) -> bool:
@@ -98,7 +110,7 @@ def compile_unet(unet: Any) -> bool:
     torch._dynamo.config.suppress_errors = True  # a compiler failure costs speed, never a render
     inductor = torch._inductor.config
     inductor.conv_1x1_as_mm = True  # the UNets' 1x1 convolutions are matmuls in disguise
-    inductor.coordinate_descent_tuning = True
+    # No coordinate-descent tuning: on an H200 it kept SDXL's first compile past 140 s (BENCHMARKS.md).
     unet.forward = torch.compile(unet.forward, fullgraph=False, dynamic=False)
     unet._farm_compiled = True
     log.info("compiled %s forward (first call per shape compiles)", type(unet).__name__)
