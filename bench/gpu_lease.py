@@ -1,6 +1,6 @@
 """One GPU lease, one command: bench/gpu.py's runs in priority order, each time-boxed.
 
-A lent GPU comes for a few minutes in all (docs/benchmarks.md), so the whole measurement is one
+A lent GPU comes for about 15 minutes in all, start-up included (docs/gpu.md), so the whole measurement is one
 scripted call. Each step is a `python -m bench.gpu` of its own with a deadline: a step that overruns
 (a compile that takes too long, a hang) is killed and the next one still gets its time, and every
 finished case is already appended to the outcomes file. At the end the outcomes become BENCHMARKS.md's
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", nargs="+", choices=[s.name for s in STEPS], help="only these steps")
     ap.add_argument("--keep", type=Path, nargs="*", default=[],
                     help="outcomes of an earlier lease to merge into the section with this one's")
+    ap.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone (the section goes to --out)")
     args = ap.parse_args(argv)
 
     deadline = time.monotonic() + args.budget
@@ -141,8 +142,12 @@ def main(argv: list[str] | None = None) -> int:
                 "peak that MFU is computed against.\n\n" + note)
     merge = [sys.executable, "-m", "bench.gpu", "--from-jsonl", *map(str, args.keep), str(outcomes), "--note", note,
              "--command", f"python -m bench.gpu_lease --out OUT --budget {args.budget:.0f}"]
-    code = subprocess.run(merge, stdout=subprocess.DEVNULL).returncode
-    shutil.copy(BENCHMARKS, args.out / "BENCHMARKS.md")
+    if args.no_write:
+        merge.append("--no-write")
+    with (args.out / "section.md").open("w") as f:
+        code = subprocess.run(merge, stdout=f).returncode
+    if not args.no_write:
+        shutil.copy(BENCHMARKS, args.out / "BENCHMARKS.md")
     print("\n".join(done))
     return code
 

@@ -39,3 +39,16 @@ def test_the_analytic_bound_never_exceeds_the_optimum(durations, chained, cluste
     assert lower_bound(book_of(durations, chained), cluster) <= found.best_s + stages * 0.01
     # and the farm's own schedule (with every model load paid) is never shorter than the optimum
     assert simulate(book_of(durations, chained), cluster, policy=assign).makespan >= found.best_s - 1e-6
+
+
+def test_gpu_work_bound_splits_work_between_unlike_tiers():
+    """Tier 0 draws keyframes 3x faster than tier 1 and is as fast at video. "Work over capacity" with one
+    speed per tier counts tier 1 as fast as tier 0 (it is, at video) and says 2 s; the linear program
+    knows there is only 1 s of video to give it and says 2.5 s. The best real schedule takes 3 s."""
+    from farm.sim.engine import gpu_work_bound
+
+    stages = [(1.0, 3.0)] * 3 + [(1.0, 1.0)]
+    assert gpu_work_bound(stages, [1, 1]) == pytest.approx(2.5)
+    assert gpu_work_bound([(1.0, 2.0)] * 6, [1, 1]) == pytest.approx(4.0)  # one class: 6 / (1 + 1/2)
+    assert gpu_work_bound(stages, [2, 0]) == pytest.approx(2.0)  # a tier with no workers takes nothing
+    assert gpu_work_bound(stages, [0, 1]) == pytest.approx(10.0)  # all on the slow tier

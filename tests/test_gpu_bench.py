@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -144,3 +146,32 @@ def test_real_size_svd_runs_through_the_worker_on_cpu(tmp_path):
     made = family("svd").call_frames(2, 25)  # a 2-frame shot is made at SVD-XT's smallest call length
     assert made == 13 and outcome.flops_per_call == gpu.architecture_flops("svd", 64, 64, made)
     assert outcome.flops_per_call > 50e9  # a 1.5B-parameter UNet, even at 8x8 latents
+
+
+def test_gpu_lease_runs_its_steps_time_boxed_and_merges_the_section(tmp_path):
+    """The one-command GPU lease at tiny size: a step's cases are appended as they finish, profiled
+    anchors carry their top ops, the section is written to --out and BENCHMARKS.md is left alone."""
+    from bench import gpu_lease
+    from bench.report import BENCHMARKS
+
+    before = BENCHMARKS.read_bytes()
+    assert gpu_lease.main(["--out", str(tmp_path), "--size", "tiny", "--steps", "anchors-eager",
+                           "--budget", "400", "--no-write"]) == 0
+    assert BENCHMARKS.read_bytes() == before
+    records = [json.loads(line) for line in (tmp_path / "outcomes.jsonl").read_text().splitlines()]
+    outcomes = [gpu.outcome_from(r["outcome"]) for r in records]
+    assert [(o.case.family, o.case.label, o.compiled) for o in outcomes] == [("sdxl", "anchor", False),
+                                                                           ("svd", "anchor", False)]
+    assert all(o.ok and o.profile and o.channels_last is False for o in outcomes)  # no layout knob on a CPU
+    section = (tmp_path / "section.md").read_text()
+    assert "Top kernels of a 3-step sdxl stage" in section and "anchors-eager: ok" in section
+    assert "not GPU figures" in section
+
+
+def test_gpu_lease_kills_a_step_past_its_box(tmp_path):
+    from bench import gpu_lease
+
+    step = gpu_lease.Step("slow", ("--families", "sdxl", "--runs", "anchor"), 1)
+    status, took = gpu_lease.run_step(step, "tiny", tmp_path / "o.jsonl", tmp_path / "log", timeout_s=1.0)
+    assert status == "timed out" and took < 10
+    assert not (tmp_path / "o.jsonl").exists()  # nothing half-written: a case is appended once it finished

@@ -51,14 +51,21 @@ def work_units(kind: str, steps: int, frames: int) -> int:
         StageKind(kind), 0)
 
 
-# ASSUMED placeholder figures, not measurements: a 1024x576 SDXL step and one frame of a 1024x576
-# SVD-XT step (CFG included). Mid (16-24 GB cards) is the reference; high is taken as ~2x mid's speed,
-# low as ~0.6x, cpu as ~30x slower than mid. Loads assume weights on local disk; lower tiers are
-# usually in slower hosts. Replace them with `calibrate` over a real ledger before trusting a makespan.
-# The figures are per step at 1024x576 and are not rescaled for other resolutions.
-# The decode figures are ASSUMED the same way: about one denoising step's worth per frame.
+# Mostly ASSUMED placeholder figures: a 1024x576 SDXL step and one frame of a 1024x576 SVD-XT step (CFG
+# included). Mid (16-24 GB cards) is the reference; high is taken as ~2x mid's speed, low as ~0.6x, cpu
+# as ~30x slower than mid. Loads assume weights on local disk; lower tiers are usually in slower hosts.
+# Replace them with `calibrate` over a real ledger before trusting a makespan. The figures are per step
+# at 1024x576 and are not rescaled for other resolutions; the decode figures are ASSUMED the same way,
+# about one denoising step's worth per frame.
+# MEASURED (BENCHMARKS.md "GPU stages at real size: NVIDIA H200", 2026-12-04, eager): the high tier's
+# keyframe step, SDXL at 1024x576 on an H200 (0.077 s), and LTX-Video's rates, fitted from its
+# 768x512x121 row (0.177 s/step, 0.30 s decode) per frame at REF_PIXELS. The H200's rows under the mid
+# and low caps are an H200's speed, not those cards', so those tiers stay assumed.
+H200_LTX_PIXELS = 768 * 512
 DEFAULT_COSTS: dict[str, TierCost] = {
-    "high": TierCost(keyframe_step_s=0.06, video_frame_step_s=0.08, load_s=20.0, decode_frame_s=0.05),
+    "high": TierCost(keyframe_step_s=0.077, video_frame_step_s=0.08, load_s=20.0, decode_frame_s=0.05,
+                     families={"ltx": {"video": round(0.177 / 121 * REF_PIXELS / H200_LTX_PIXELS, 9),
+                                       "decode": round(0.30 / 121 * REF_PIXELS / H200_LTX_PIXELS, 9)}}),
     "mid": TierCost(keyframe_step_s=0.12, video_frame_step_s=0.16, load_s=30.0, decode_frame_s=0.1),
     "low": TierCost(keyframe_step_s=0.20, video_frame_step_s=0.27, load_s=45.0, decode_frame_s=0.18),
     "cpu": TierCost(keyframe_step_s=3.6, video_frame_step_s=4.8, load_s=60.0, decode_frame_s=3.0),

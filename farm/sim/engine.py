@@ -263,38 +263,77 @@ def lower_bound(jobs: JobBook | Sequence[JobBook], cluster: Mapping[str, int],
     cold start:
 
         c*(s)    = min over the cluster's tiers of stage s's cost   (the "fastest tier" per stage)
-        speed(T) = max over GPU stages s of c*(s) / c_T(s)          (<= 1; 1 for the fastest tier)
-        LB = max( sum_GPU c*(s) / sum_T n_T speed(T) + tail,        GPU work over weighted capacity
+        W        = the least time in which n_T workers of each tier T can do all the GPU work, each
+                   stage split between tiers at will (`gpu_work_bound`, a small linear program)
+        LB = max( W + tail,                                          GPU work over the cluster
                   critical_path(c*, clips and merge included) + min_T load_s(T),
                   sum_CPU c(s) / encoders )                         encoder pool's work
         tail = min over shots of (its CPU stages after its last GPU stage) + the merge
 
-    The work term holds because a worker of tier T spends at least c*(s)/speed(T) on any stage s,
-    and whichever GPU stage ends last still has its shot's clip and QC and then the merge after it;
-    the chain term because the chain's first stage waits for its worker's first model load. Over
-    several jobs the sums run over all of them, the chain and tail terms take the longest and the
-    shortest job's."""
+    The work term holds because a real schedule is one such split, and whichever GPU stage ends last
+    still has its shot's clip and QC and then the merge after it; the chain term because the chain's
+    first stage waits for its worker's first model load. Over several jobs the sums run over all of
+    them, the chain and tail terms take the longest and the shortest job's."""
     books = [jobs] if isinstance(jobs, JobBook) else list(jobs)
     tiers = cluster_tiers(cluster)
     if not tiers:
         raise ValueError("cluster has no GPU workers")
-    work = cpu_work = chain = 0.0
+    cpu_work = chain = 0.0
     tail = math.inf
-    ratios: dict[str, float] = {tier: 0.0 for tier in tiers}
+    gpu_costs: list[tuple[float, ...]] = []  # each GPU stage's cost on each tier, in `tiers` order
     for book in books:
         plan = book.plan
         table = cost_table(book, tiers, costs)
         best = {sid: min(table[t][sid] for t in tiers) for sid in plan.stages}
-        gpu_ids = [sid for sid, s in plan.stages.items() if s.gpu]
-        for tier in tiers:
-            ratios[tier] = max([ratios[tier], *(best[sid] / table[tier][sid] for sid in gpu_ids
-                                                if table[tier][sid] > 0)])
-        work += sum(best[sid] for sid in gpu_ids)
+        gpu_costs += [tuple(table[t][sid] for t in tiers) for sid, s in plan.stages.items() if s.gpu]
         cpu_work += sum(c for sid, c in best.items() if not plan.stages[sid].gpu)
         chain = max(chain, plan.critical_path(best) + min(costs[t].load_s for t in tiers))
         tail = min(tail, cpu_tail(plan, best))
-    capacity = sum(cluster[tier] * (ratios[tier] or 1.0) for tier in tiers)
-    return max(work / capacity + tail if capacity else 0.0, chain, cpu_work / max(encoders, 1))
+    work = gpu_work_bound(gpu_costs, [cluster[t] for t in tiers])
+    return max(work + tail if gpu_costs else 0.0, chain, cpu_work / max(encoders, 1))
+
+
+def gpu_work_bound(stage_costs: Sequence[tuple[float, ...]], workers: Sequence[int]) -> float:
+    """The least time T in which `workers[i]` GPUs of tier i do all these stages, any stage split
+    between tiers at will (stage_costs[s][i]: its seconds on tier i): the linear program
+
+        minimise T  subject to  sum_i x[k,i] = W_k,   sum_k x[k,i] * r[k,i] <= workers[i] * T,   x >= 0
+
+    over classes k of stages whose costs are proportional across tiers (W_k: their total cost on
+    the fastest tier, r[k,i]: tier i's slowdown on them). No schedule does better, since every real
+    schedule is such a split. It equals "work over capacity" where every tier is uniformly slower
+    than another, and is tighter where they are not (a tier fast at keyframes, slow at video)."""
+    present = [i for i, n in enumerate(workers) if n > 0]  # a tier with no workers takes no work
+    if not present:
+        raise ValueError("cluster has no GPU workers")
+    classes: dict[tuple[float, ...], float] = {}
+    for full in stage_costs:
+        row = [full[i] for i in present]
+        fastest = min(row)
+        if fastest <= 0:
+            continue
+        ratios = tuple(round(c / fastest, 9) for c in row)
+        classes[ratios] = classes.get(ratios, 0.0) + fastest
+    if not classes:
+        return 0.0
+    keys = list(classes)
+    tiers = list(range(len(present)))  # from here on, positions in `present`
+    workers = [workers[i] for i in present]
+    if len(keys) == 1:  # one class: work over capacity, no solver needed
+        return classes[keys[0]] / sum(workers[i] / keys[0][i] for i in tiers)
+    from scipy.optimize import linprog
+
+    nk, nt = len(keys), len(tiers)
+    objective = [0.0] * (nk * nt) + [1.0]  # x[k, i] for each class and tier, then T
+    equal = [[1.0 if k == j else 0.0 for j in range(nk) for _ in range(nt)] + [0.0] for k in range(nk)]
+    capacity = [[keys[k][tiers[i]] if i == col else 0.0 for k in range(nk) for col in range(nt)] + [-workers[tiers[i]]]
+                for i in range(nt)]
+    solved = linprog(objective, A_ub=capacity, b_ub=[0.0] * nt, A_eq=equal, b_eq=[classes[k] for k in keys],
+                     bounds=[(0, None)] * (nk * nt + 1), method="highs")
+    if not solved.success:  # never seen; the uniform-speed relaxation is always a valid fallback
+        speeds = [max(1.0 / keys[k][i] for k in range(nk)) for i in tiers]
+        return sum(classes.values()) / sum(workers[i] * sp for i, sp in zip(tiers, speeds, strict=True))
+    return float(solved.fun) * (1 - 1e-9)  # the solver's tolerance must not lift a bound above the truth
 
 
 def cpu_tail(plan: Plan, cost: Mapping[str, float]) -> float:
