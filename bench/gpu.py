@@ -419,7 +419,8 @@ RUNS = ("anchor", "tier", "ladder")
 
 
 def cases(real: bool, families: list[str], tiers: list[str], steps: int | None, runs: tuple[str, ...] = RUNS,
-          compiles: tuple[CompileSetting, ...] = ("auto",), profile: bool = False) -> list[Case]:
+          compiles: tuple[CompileSetting, ...] = ("auto",), profile: bool = False,
+          whole_card: bool = False) -> list[Case]:
     """The suite's stages, anchors first (the published comparisons), then each tier preset under its cap,
     then the ladder; each once per compile setting asked for (eager then compiled, for the side by side)."""
     out: list[Case] = []
@@ -445,7 +446,8 @@ def cases(real: bool, families: list[str], tiers: list[str], steps: int | None, 
         for tier in tiers if "tier" in runs else ():
             default = rules.steps(QUALITY, tier, None, realsize.VARIANTS.get(family))  # type: ignore[arg-type]
             tier_steps = steps or (default if real else 2)
-            out += [Case(family, tier, width, height, tier_steps, frames, TIER_CAP_GB[tier] if real else None,
+            cap = TIER_CAP_GB[tier] if real and not whole_card else None
+            out += [Case(family, tier, width, height, tier_steps, frames, cap,
                          label="tier", compile=mode) for mode in compiles]
         if not keyframe and "ladder" in runs:
             # The high preset on the low tier's card must not fit; the ladder has to bring it down.
@@ -539,6 +541,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--compile", choices=("auto", "on", "off", "both"), default="auto",
                     help="torch.compile of the denoiser (the farm config's `compile`); both: eager, then compiled")
     ap.add_argument("--profile", action="store_true", help="profile a short stage of each anchor: top kernels")
+    ap.add_argument("--whole-card", action="store_true",
+                    help="tier rows on the whole card, no cap (the speed of a model too big for the tier's cap)")
     ap.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if not in the table")
     ap.add_argument("--json", type=Path, help="also write the outcomes here")
     ap.add_argument("--jsonl", type=Path, help="append each outcome here as it finishes (a killed run keeps them)")
@@ -567,7 +571,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         outcomes = []
         with tempfile.TemporaryDirectory(prefix="farm-bench-gpu-") as tmp:
             cache = ArtifactCache(tmp)
-            for case in cases(real, args.families, args.tiers, args.steps, tuple(args.runs), compiles, args.profile):
+            for case in cases(real, args.families, args.tiers, args.steps, tuple(args.runs), compiles, args.profile,
+                              args.whole_card):
                 outcome = run_case(case, real=real, peak_tflops=peak, cache=cache)
                 outcomes.append(outcome)
                 print(json.dumps(rows([outcome])[0]), flush=True)
