@@ -387,8 +387,15 @@ class Director:
         extra = {} if self.prefetch_s is None else {"prefetch_s": self.prefetch_s}
         for ident, wid in self.assign_fn([b.ready_stage(s) for b, s in ready.values()], views, backlog, **extra):
             book, stage = ready[ident]
+            if not book.active:  # an earlier stage of this pass failed it
+                continue
             worker = self.pool.workers[wid]
-            req = book.request(stage.id, worker.tier, str(self.cache.root))
+            try:
+                req = book.request(stage.id, worker.tier, str(self.cache.root))
+            except OSError as exc:  # a file the request hashes went away since submit (an adapter, a LoRA)
+                book.fail(f"{stage.id}: {short(exc)}", now)
+                self.effects.apply(book)
+                continue
             expected = stage_seconds(book, stage.id, worker.tier, self.costs)
             if book.model_key(stage) not in worker.models:
                 expected += self.costs[worker.tier].load_s

@@ -134,8 +134,28 @@ def loader(spec: ModelSpec, *, device: str = "cpu", dtype: torch.dtype | None = 
     (on the host when it is to be offloaded)."""
     if loras or vae:
         raise ValueError("real-size random models take no LoRA or VAE override")
-    where = "cpu" if cpu_offload or not str(device).startswith("cuda") else device
-    return build(spec.family, where, dtype or torch.float32)
+    if cpu_offload and str(device).startswith("cuda"):
+        return built_on_card_for_host(spec.family, device, dtype or torch.float32)
+    return build(spec.family, device if str(device).startswith("cuda") else "cpu", dtype or torch.float32)
+
+
+def built_on_card_for_host(family: str, device: str, dtype: torch.dtype) -> Any:
+    """An offloaded pipeline's random weights, drawn on the card and moved to the host: drawing 3-17B
+    parameters on the host took 90 s for SDXL and outlasted FLUX.1's 70 s box on the first H200 lease
+    (docs/gpu.md); on the card it takes seconds. The tier's memory cap is lifted while drawing and put
+    back before the stage runs, so what the stage may use is unchanged."""
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is None:  # an older torch: no way to put the cap back, so draw on the host
+        return build(family, "cpu", dtype)
+    cap = fraction()
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    try:
+        pipe = build(family, device, dtype)
+        pipe.to("cpu")
+    finally:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(cap)
+    return pipe
 
 
 def parameter_count(module: torch.nn.Module) -> int:

@@ -444,7 +444,7 @@ class JobBook:
         if stage.kind == StageKind.IDENTITY:
             character = setup.characters[params["character"]]
             encoder = identity_adapter(setup.specs["keyframe"], character.method)
-            key = keys.identity_key(adapter_identity(encoder, setup.faces), list(character.sha256))
+            key = character.key or keys.identity_key(adapter_identity(encoder, setup.faces), list(character.sha256))
             return StageRequest(self.id, stage.id, StageKind.IDENTITY, setup.specs["keyframe"], params, preset.knobs,
                                 preset.label(), preset.tier, key, cache_dir, adapter=encoder,
                                 references=character.images, **common)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from farm.cache import model_identity
+from farm.cache import identity_key, model_identity
 from farm.config import current
 from farm.contract import IdentityAdapter
 from farm.encode import EncodeSettings, default_bitrate
@@ -66,6 +66,9 @@ class CharacterRef:
     strength: float
     images: tuple[str, ...]
     sha256: tuple[str, ...]
+    # The identity stage's cache key, computed once at setup (the adapter's files hashed then), so a
+    # request reads no file; None where the adapter is not there yet (the submit check says why).
+    key: str | None = None
 
 
 # What each identity method loads beside the keyframe model, as keys of the farm config's models.paths
@@ -158,8 +161,20 @@ def cast(manifest: Manifest, root: Path, keyframe: ModelSpec) -> dict[str, Chara
                 raise ManifestError([FieldError(("characters", name, "images", k), f"cannot be read: {exc}")]) from None
             images.append(str(path))
         method = keyframe.rules.identity_method(character.method) or "ip_adapter"
-        out[name] = CharacterRef(name, method, character.strength, tuple(images), tuple(shas))
+        out[name] = CharacterRef(name, method, character.strength, tuple(images), tuple(shas),
+                                 identity_stage_key(keyframe, method, shas))
     return out
+
+
+def identity_stage_key(keyframe: ModelSpec, method: str, shas: list[str]) -> str | None:
+    """The cache key of a character's identity stage: its references' bytes and what embeds them."""
+    from farm.faces import faces_spec
+
+    try:
+        adapter = identity_adapter(keyframe, method)
+        return identity_key(adapter_identity(adapter, faces_spec(keyframe.is_tiny, current().models.paths)), shas)
+    except OSError:
+        return None
 
 
 def encode_settings(manifest: Manifest) -> EncodeSettings:

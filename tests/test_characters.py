@@ -413,6 +413,39 @@ def test_real_adapters_are_named_in_the_farm_config(tmp_path):
         install(before)
 
 
+def test_the_identity_key_is_taken_at_setup_from_the_adapter_bytes(tmp_path):
+    """An identity request reads no file: the key is computed once at setup (a deleted adapter made the
+    director's dispatch raise on every pass). It follows the adapter's bytes, not its name."""
+    from farm.config import FarmConfig, current, install
+    from farm.jobbook import JobBook
+    from farm.jobsetup import identity_stage_key, setup_job
+    from farm.models import resolve_model
+
+    sdxl = resolve_model("keyframe", "stabilityai/stable-diffusion-xl-base-1.0")
+    weights, encoder = tmp_path / "ip.safetensors", tmp_path / "encoder"
+    weights.write_bytes(b"one")
+    encoder.mkdir()
+    (encoder / "model.safetensors").write_bytes(b"enc")
+    before = current()
+    try:
+        install(FarmConfig.model_validate({"models": {"paths": {"ip_adapter:sdxl": str(weights),
+                                                                  "image_encoder:sdxl": str(encoder)}}}))
+        first = identity_stage_key(sdxl, "ip_adapter", ["a" * 64])
+        assert first is not None and first == identity_stage_key(sdxl, "ip_adapter", ["a" * 64])
+        assert identity_stage_key(sdxl, "ip_adapter", ["b" * 64]) != first
+        weights.write_bytes(b"two")
+        assert identity_stage_key(sdxl, "ip_adapter", ["a" * 64]) not in (None, first)
+        weights.unlink()
+        assert identity_stage_key(sdxl, "ip_adapter", ["a" * 64]) is None  # the submit check names the file
+    finally:
+        install(before)
+    root = tmp_path / "job"
+    root.mkdir()
+    book = JobBook("j", setup_job(cast_manifest(root), root), str(root / "out"))
+    mira = book.setup.characters["mira"]
+    assert mira.key and book.request("identity:mira", "cpu").output_key == mira.key
+
+
 @pytest.fixture(scope="module")
 def instantid(tmp_path_factory):
     from farm.cache import ArtifactCache

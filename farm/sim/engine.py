@@ -264,7 +264,8 @@ def lower_bound(jobs: JobBook | Sequence[JobBook], cluster: Mapping[str, int],
 
         c*(s)    = min over the cluster's tiers of stage s's cost   (the "fastest tier" per stage)
         W        = the least time in which n_T workers of each tier T can do all the GPU work, each
-                   stage split between tiers at will (`gpu_work_bound`, a small linear program)
+                   stage split between tiers at will and each worker starting after its first model
+                   load (`gpu_work_bound`, a small linear program)
         LB = max( W + tail,                                          GPU work over the cluster
                   critical_path(c*, clips and merge included) + min_T load_s(T),
                   sum_CPU c(s) / encoders )                         encoder pool's work
@@ -289,20 +290,29 @@ def lower_bound(jobs: JobBook | Sequence[JobBook], cluster: Mapping[str, int],
         cpu_work += sum(c for sid, c in best.items() if not plan.stages[sid].gpu)
         chain = max(chain, plan.critical_path(best) + min(costs[t].load_s for t in tiers))
         tail = min(tail, cpu_tail(plan, best))
-    work = gpu_work_bound(gpu_costs, [cluster[t] for t in tiers])
+    # A GPU that works loaded a model first (cold start); the last GPU stage ends no sooner than the
+    # first load plus the longest GPU stage, so no tier's load is counted past that.
+    first_end = min(costs[t].load_s for t in tiers) + max((min(row) for row in gpu_costs), default=0.0)
+    ready = [min(costs[t].load_s, first_end) for t in tiers]
+    work = gpu_work_bound(gpu_costs, [cluster[t] for t in tiers], ready)
     return max(work + tail if gpu_costs else 0.0, chain, cpu_work / max(encoders, 1))
 
 
-def gpu_work_bound(stage_costs: Sequence[tuple[float, ...]], workers: Sequence[int]) -> float:
+def gpu_work_bound(stage_costs: Sequence[tuple[float, ...]], workers: Sequence[int],
+                   ready: Sequence[float] | None = None) -> float:
     """The least time T in which `workers[i]` GPUs of tier i do all these stages, any stage split
-    between tiers at will (stage_costs[s][i]: its seconds on tier i): the linear program
+    between tiers at will (stage_costs[s][i]: its seconds on tier i), none of tier i starting before
+    ready[i] (its first model load): the linear program
 
-        minimise T  subject to  sum_i x[k,i] = W_k,   sum_k x[k,i] * r[k,i] <= workers[i] * T,   x >= 0
+        minimise T  subject to  sum_i x[k,i] = W_k,
+                                sum_k x[k,i] * r[k,i] <= workers[i] * (T - ready[i]),   x >= 0
 
     over classes k of stages whose costs are proportional across tiers (W_k: their total cost on
     the fastest tier, r[k,i]: tier i's slowdown on them). No schedule does better, since every real
-    schedule is such a split. It equals "work over capacity" where every tier is uniformly slower
-    than another, and is tighter where they are not (a tier fast at keyframes, slow at video)."""
+    schedule is such a split and a GPU that does any work loaded a model first; `ready[i]` must not
+    exceed a time every schedule's last GPU stage ends after (the caller's bound), so a tier left idle
+    cannot make it wrong. Without loads and with tiers uniformly slower than one another it is
+    "work over capacity"; it is tighter where they are not (a tier fast at keyframes, slow at video)."""
     present = [i for i, n in enumerate(workers) if n > 0]  # a tier with no workers takes no work
     if not present:
         raise ValueError("cluster has no GPU workers")
@@ -317,22 +327,21 @@ def gpu_work_bound(stage_costs: Sequence[tuple[float, ...]], workers: Sequence[i
     if not classes:
         return 0.0
     keys = list(classes)
-    tiers = list(range(len(present)))  # from here on, positions in `present`
-    workers = [workers[i] for i in present]
-    if len(keys) == 1:  # one class: work over capacity, no solver needed
-        return classes[keys[0]] / sum(workers[i] / keys[0][i] for i in tiers)
+    n = [workers[i] for i in present]
+    start = [ready[i] if ready is not None else 0.0 for i in present]
+    if len(keys) == 1 and not any(start):  # work over capacity, no solver needed
+        return classes[keys[0]] / sum(n[i] / keys[0][i] for i in range(len(n)))
     from scipy.optimize import linprog
 
-    nk, nt = len(keys), len(tiers)
+    nk, nt = len(keys), len(n)
     objective = [0.0] * (nk * nt) + [1.0]  # x[k, i] for each class and tier, then T
     equal = [[1.0 if k == j else 0.0 for j in range(nk) for _ in range(nt)] + [0.0] for k in range(nk)]
-    capacity = [[keys[k][tiers[i]] if i == col else 0.0 for k in range(nk) for col in range(nt)] + [-workers[tiers[i]]]
-                for i in range(nt)]
-    solved = linprog(objective, A_ub=capacity, b_ub=[0.0] * nt, A_eq=equal, b_eq=[classes[k] for k in keys],
-                     bounds=[(0, None)] * (nk * nt + 1), method="highs")
-    if not solved.success:  # never seen; the uniform-speed relaxation is always a valid fallback
-        speeds = [max(1.0 / keys[k][i] for k in range(nk)) for i in tiers]
-        return sum(classes.values()) / sum(workers[i] * sp for i, sp in zip(tiers, speeds, strict=True))
+    capacity = [[keys[k][i] if i == col else 0.0 for k in range(nk) for col in range(nt)] + [-n[i]] for i in range(nt)]
+    solved = linprog(objective, A_ub=capacity, b_ub=[-n[i] * start[i] for i in range(nt)], A_eq=equal,
+                     b_eq=[classes[k] for k in keys], bounds=[(0, None)] * (nk * nt + 1), method="highs")
+    if not solved.success:  # never seen; the uniform-speed relaxation without loads is always valid
+        speeds = [max(1.0 / keys[k][i] for k in range(nk)) for i in range(nt)]
+        return sum(classes.values()) / sum(n[i] * speeds[i] for i in range(nt))
     return float(solved.fun) * (1 - 1e-9)  # the solver's tolerance must not lift a bound above the truth
 
 
