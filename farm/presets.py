@@ -215,6 +215,24 @@ class MemoryKnobs:
     def with_on(self, names: frozenset[str]) -> MemoryKnobs:
         return replace(self, **{name: True for name in names})
 
+    @property
+    def resident(self) -> bool:
+        """Whether every weight stays on the card in bf16 (no offload, no fp8 storage)."""
+        return not (self.cpu_offload or self.group_offload or self.fp8_storage)
+
+
+# The share of a card the weights alone may take and still leave room for a call's activations. Below
+# it a preset that keeps them resident cannot run: FLUX.1's 33.7 GB of weights on a 32 GB high-tier card.
+WEIGHTS_SHARE = 0.9
+
+
+def holds_weights(knobs: MemoryKnobs, weights_bytes: float | None, usable_bytes: float | None) -> bool:
+    """Whether a preset with these knobs can hold a model's weights on a card with `usable_bytes` (a
+    tier cap included). Unknown sizes say yes: the OOM ladder still catches what does not fit."""
+    if not knobs.resident or weights_bytes is None or usable_bytes is None:
+        return True
+    return weights_bytes <= WEIGHTS_SHARE * usable_bytes
+
 
 def memory_knobs(tier: Tier) -> MemoryKnobs:
     """The seed's per-tier knobs (docs/sources.md section 1: low tier offloads, chunks, slices)."""

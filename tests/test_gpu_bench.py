@@ -175,3 +175,40 @@ def test_gpu_lease_kills_a_step_past_its_box(tmp_path):
     status, took = gpu_lease.run_step(step, "tiny", tmp_path / "o.jsonl", tmp_path / "log", timeout_s=1.0)
     assert status == "timed out" and took < 10
     assert not (tmp_path / "o.jsonl").exists()  # nothing half-written: a case is appended once it finished
+
+
+@pytest.mark.parametrize("family", sorted(realsize.CONFIG_FILES))
+def test_declared_weights_match_the_real_architectures(family):
+    """Variant.weights_gb (what a worker checks before loading) is the bf16 size of the published
+    architecture, counted on the meta device."""
+    from farm.families import family as rules
+
+    declared = rules(family).variant(realsize.VARIANTS.get(family)).weights_gb
+    parts = realsize.components(family, "meta", torch.bfloat16)
+    counted = sum(realsize.parameter_count(p) for p in parts.values() if isinstance(p, torch.nn.Module)) * 2 / 1e9
+    assert declared == pytest.approx(counted, rel=0.01)
+
+
+def test_a_worker_skips_a_load_its_card_cannot_hold():
+    from farm.faults import OutOfMemory
+    from farm.gpu.nvml import GpuInfo
+    from farm.gpu.worker import StageWorker
+    from farm.models import resolve_model
+    from farm.presets import MemoryKnobs
+
+    class Reached(Exception):
+        pass
+
+    def loader(*_args, **_kwargs):
+        raise Reached
+
+    flux = resolve_model("keyframe", "black-forest-labs/FLUX.1-schnell")
+    worker = StageWorker("w", tier="high", loader=loader)
+    worker.device, worker.gpu = "cuda", GpuInfo(0, "a 32 GB card", 32 * 10**9, 0, 0.0)  # what the check reads
+    with pytest.raises(OutOfMemory, match=r"33\.72 GB .* 32\.0 GB"):
+        worker.pipeline(flux, MemoryKnobs())
+    with pytest.raises(Reached):  # offloaded, it loads
+        worker.pipeline(flux, MemoryKnobs(cpu_offload=True))
+    worker.gpu = GpuInfo(0, "an 80 GB card", 80 * 10**9, 0, 0.0)
+    with pytest.raises(Reached):
+        worker.pipeline(flux, MemoryKnobs())

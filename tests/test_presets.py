@@ -128,3 +128,17 @@ def test_the_worker_applies_the_cap_only_when_the_tier_is_forced():
     assert cap_memory("auto", "high", h200, applied.append) is None  # the card's own tier: all of it
     assert cap_memory("low", "low", None, applied.append) is None  # no GPU (a CPU worker) has nothing to cap
     assert len(applied) == 1
+
+
+def test_a_preset_that_keeps_weights_resident_needs_room_for_them():
+    """FLUX.1's 33.7 GB of bf16 weights do not fit a 32 GB high-tier card with the high preset (no
+    offload): the worker says so before reading them and the ladder takes the next rung."""
+    from farm.presets import MemoryKnobs, holds_weights
+
+    flux, gb = 33.72e9, 1e9
+    assert not holds_weights(MemoryKnobs(), flux, 32 * gb)
+    assert holds_weights(MemoryKnobs(), flux, 80 * gb)
+    assert not holds_weights(MemoryKnobs(vae_tiling=True), flux, 32 * gb)  # tiling keeps the weights resident
+    for offload in (MemoryKnobs(cpu_offload=True), MemoryKnobs(group_offload=True), MemoryKnobs(fp8_storage=True)):
+        assert holds_weights(offload, flux, 12 * gb)
+    assert holds_weights(MemoryKnobs(), None, 12 * gb) and holds_weights(MemoryKnobs(), flux, None)  # unknown: try

@@ -40,6 +40,10 @@ class Variant:
     guidance: float = 7.5  # default classifier-free guidance
     distilled: bool = False  # a few-step distilled checkpoint: its own steps and guidance always
     pipeline: Mapping[str, Any] = field(default_factory=dict)  # extra pipeline settings (Wan 2.2 A14B)
+    # What its weights take on the card in bf16, every component resident (GB): counted from the
+    # published configs (bench/configs/, tests/test_gpu_bench.py checks them); None where no config is
+    # kept. A worker whose card cannot hold them skips the presets that keep them resident.
+    weights_gb: float | None = None
 
     @property
     def download(self) -> str:

@@ -24,12 +24,13 @@ class Flux(Family):
         "schnell": Variant(
             "schnell", "FLUX.1 [schnell]", hub=(r"flux\.?1?-schnell", r"schnell"), licence="Apache-2.0",
             commercial=True, size=(1024, 1024), multiple=16, steps={"balanced": 4}, guidance=0.0, distilled=True,
-            repo="black-forest-labs/FLUX.1-schnell", size_gb=34,
+            repo="black-forest-labs/FLUX.1-schnell", size_gb=34, weights_gb=33.72,
             pipeline={"max_sequence_length": 256}),
         "dev": Variant(
             "dev", "FLUX.1 [dev]", hub=(r"flux",), licence="FLUX.1 [dev] Non-Commercial License", commercial=False,
             size=(1024, 1024), multiple=16, steps={"high": 50, "balanced": 40, "fast": 28}, guidance=3.5,
-            repo="black-forest-labs/FLUX.1-dev", size_gb=34, note="accept the FLUX.1 [dev] licence on the hub first",
+            repo="black-forest-labs/FLUX.1-dev", size_gb=34, weights_gb=33.72,
+            note="accept the FLUX.1 [dev] licence on the hub first",
             pipeline={"max_sequence_length": 512}),
     }
     default_variant = "schnell"

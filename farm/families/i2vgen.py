@@ -102,7 +102,7 @@ class I2VGen(Family):
     ladder = (frozenset({"cpu_offload", "forward_chunking", "vae_slicing"}),)
     variants = {"base": Variant(
         "base", "I2VGen-XL", hub=(r"i2vgen",), licence="MIT", commercial=True, frames_per_call=16, size=(1280, 704),
-        repo="ali-vilab/i2vgen-xl", size_gb=10)}
+        repo="ali-vilab/i2vgen-xl", size_gb=10, weights_gb=4.98)}
     default_variant = "base"
     presets = I2VGEN_PRESETS
 

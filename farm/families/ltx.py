@@ -33,7 +33,7 @@ class LTX(Family):
             size=(768, 512), multiple=32, steps={"balanced": 8}, guidance=1.0, distilled=True),
         "dev": Variant(
             "dev", "LTX-Video 0.9.x", hub=(r"ltx",), licence=LICENCE, commercial=True, repo="Lightricks/LTX-Video",
-            size_gb=28,
+            size_gb=28, weights_gb=15.87,
             frames_per_call=121, fps=25, size=(768, 512), multiple=32, steps={"high": 50, "balanced": 40, "fast": 30},
             guidance=3.0),
     }

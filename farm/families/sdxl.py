@@ -32,7 +32,7 @@ class SDXL(Family):
     embeddings = True  # textual inversions, one vector set per CLIP text encoder (clip_l, clip_g)
     variants = {"base": Variant(
         "base", "SDXL base 1.0", hub=(r"xl", r"sdxl"), licence="CreativeML Open RAIL++-M", commercial=True,
-        repo="stabilityai/stable-diffusion-xl-base-1.0", size_gb=7,
+        repo="stabilityai/stable-diffusion-xl-base-1.0", size_gb=7, weights_gb=6.94,
         size=(1024, 1024), steps={q: t.keyframe_steps for q, t in QUALITY_TEMPLATES.items()},
         guidance=GUIDANCE_SCALE)}
     default_variant = "base"

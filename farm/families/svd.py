@@ -56,7 +56,7 @@ class SVD(Family):
     variants = {
         "xt": Variant(
             "xt", "SVD-XT (25 frames)", hub=(r"(^|[-_./])xt([-_.]|$)",), licence=LICENCE, commercial=False,
-            repo="stabilityai/stable-video-diffusion-img2vid-xt", size_gb=10,
+            repo="stabilityai/stable-video-diffusion-img2vid-xt", size_gb=10, weights_gb=4.51,
             frames_per_call=25, size=(1024, 576)),
         "base": Variant(
             "base", "SVD (14 frames)", hub=(r"stable-video-diffusion", r"(^|[-_./])svd"), licence=LICENCE,

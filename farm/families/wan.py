@@ -34,7 +34,7 @@ class Wan(Family):
     variants = {
         "ti2v-5b": Variant(
             "ti2v-5b", "Wan 2.2 TI2V-5B", hub=(r"wan2\.2-ti2v", r"ti2v"), licence="Apache-2.0", commercial=True,
-            repo="Wan-AI/Wan2.2-TI2V-5B-Diffusers", size_gb=34, frames_per_call=121, fps=24,
+            repo="Wan-AI/Wan2.2-TI2V-5B-Diffusers", size_gb=34, weights_gb=22.77, frames_per_call=121, fps=24,
             size=(1280, 704), multiple=32, steps=STEPS, guidance=5.0, pipeline={"expand_timesteps": True}),
         "a14b": Variant(
             "a14b", "Wan 2.2 I2V-A14B (two experts)", hub=(r"wan2\.2-i2v-a14b", r"a14b"), licence="Apache-2.0",

@@ -28,7 +28,7 @@ from farm.gpu.stages import count_prompt, observe, run_decode, run_denoise, run_
 from farm.hashing import array_hash
 from farm.models import ModelError, ModelSpec, missing
 from farm.observed import IdleClock, TakesTurns, stage_thread
-from farm.presets import MemoryKnobs, Tier, memory_fraction
+from farm.presets import MemoryKnobs, Tier, holds_weights, memory_fraction
 
 # (spec, device=, dtype=, loras=, vae=, cpu_offload=[, embeddings=]) -> pipeline; bench/gpu.py passes one that builds
 # real-size models with random weights, so it measures this worker's own code.
@@ -108,6 +108,13 @@ class StageWorker(TakesTurns):
             return held[1], held[2]
         if held is not None:  # the OOM ladder asked for other memory knobs: rebuild from scratch
             self.unload(key)
+        variant = spec.rules.variant(spec.variant)
+        weights, usable = (None if spec.is_tiny else variant.weights_gb), self.usable_bytes()
+        if weights is not None and usable is not None and not holds_weights(knobs, weights * 1e9, usable):
+            # Not worth reading 30 GB from disk to find out: the director's ladder takes the next rung.
+            self.pipelines.clear()
+            raise OutOfMemory(f"{variant.title}'s weights ({weights:g} GB in bf16) do not fit beside a call in the "
+                              f"{usable / 1e9:.1f} GB this worker may use without offloading them")
         try:
             # bench/gpu.py's loader takes neither
             extra: dict[str, Any] = {"embeddings": embeddings} if embeddings else {}
@@ -127,6 +134,12 @@ class StageWorker(TakesTurns):
             raise self._out_of_memory(exc) from None
         self.pipelines[key] = (knobs, pipe, applied)
         return pipe, applied
+
+    def usable_bytes(self) -> float | None:
+        """The card memory this worker may use (a forced tier's cap included); None without a GPU."""
+        if self.device != "cuda" or self.gpu is None:
+            return None
+        return self.gpu.memory_total * (self.memory_cap or 1.0)
 
     def resident(self, req: StageRequest) -> Any:
         """The loaded pipeline a request runs on (None if it is not loaded)."""
