@@ -98,8 +98,8 @@ def test_flop_count_includes_cpu_attention():
 
 
 def test_bench_runs_the_farm_stages_at_tiny_size_on_cpu(tmp_path):
-    result = gpu.main(["--size", "tiny", "--families", "sdxl", "svd", "--tiers", "high", "low", "--no-write",
-                       "--json", str(tmp_path / "out.json")])
+    result = gpu.main(["--size", "tiny", "--families", "sdxl", "svd", "--tiers", "high", "low",
+                       "--runs", "tier", "ladder", "--no-write", "--json", str(tmp_path / "out.json")])
     assert result["real"] is False and result["device"] == "CPU"
     runs = {(o["case"]["family"], o["case"]["label"], o["case"]["tier"]): o for o in result["outcomes"]}
     assert set(runs) == {("sdxl", "tier", "high"), ("sdxl", "tier", "low"), ("svd", "tier", "high"),

@@ -131,6 +131,9 @@ class Family:
     draft: ClassVar[Draft | None] = None  # its real fast draft, where it has one
     presets: ClassVar[dict[str, tuple[int, float]]] = {}  # named (steps, guidance) a shot may pick
     step_cache: ClassVar[bool] = False  # its denoiser takes diffusers' cache hooks (FirstBlockCache)
+    # Seconds per unit of work (farm.sim.costs.work_units) at 1024x576, measured on a GPU of a tier:
+    # tier -> stage kind -> rate. The cost model uses them in place of its assumed tier-wide figures.
+    measured_rates: ClassVar[dict[str, dict[str, float]]] = {}
     # keyframe: how a character's reference photos condition it, best first (docs/characters.md); the
     # farm config's models.paths names the adapter ("ip_adapter:<family>") and its image encoder
     # ("image_encoder:<family>")

@@ -58,14 +58,19 @@ def work_units(kind: str, steps: int, frames: int) -> int:
 # at 1024x576 and are not rescaled for other resolutions; the decode figures are ASSUMED the same way,
 # about one denoising step's worth per frame.
 # MEASURED (BENCHMARKS.md "GPU stages at real size: NVIDIA H200", 2026-12-04, eager): the high tier's
-# keyframe step, SDXL at 1024x576 on an H200 (0.077 s), and LTX-Video's rates, fitted from its
-# 768x512x121 row (0.177 s/step, 0.30 s decode) per frame at REF_PIXELS. The H200's rows under the mid
-# and low caps are an H200's speed, not those cards', so those tiers stay assumed.
-H200_LTX_PIXELS = 768 * 512
+# keyframe step, SDXL at 1024x576 on an H200 (0.077 s), and the rates a family file declares
+# (`measured_rates`: LTX-Video's). The H200's rows under the mid and low caps are an H200's speed, not
+# those cards', so those tiers stay assumed.
+def measured_rates(tier: str) -> dict[str, dict[str, float]]:
+    """family -> stage kind -> rate, for the families measured on a GPU of `tier` (their own files)."""
+    from farm.families import FAMILIES
+
+    return {name: dict(fam.measured_rates[tier]) for name, fam in FAMILIES.items() if tier in fam.measured_rates}
+
+
 DEFAULT_COSTS: dict[str, TierCost] = {
     "high": TierCost(keyframe_step_s=0.077, video_frame_step_s=0.08, load_s=20.0, decode_frame_s=0.05,
-                     families={"ltx": {"video": round(0.177 / 121 * REF_PIXELS / H200_LTX_PIXELS, 9),
-                                       "decode": round(0.30 / 121 * REF_PIXELS / H200_LTX_PIXELS, 9)}}),
+                     families=measured_rates("high")),
     "mid": TierCost(keyframe_step_s=0.12, video_frame_step_s=0.16, load_s=30.0, decode_frame_s=0.1),
     "low": TierCost(keyframe_step_s=0.20, video_frame_step_s=0.27, load_s=45.0, decode_frame_s=0.18),
     "cpu": TierCost(keyframe_step_s=3.6, video_frame_step_s=4.8, load_s=60.0, decode_frame_s=3.0),
