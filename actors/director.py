@@ -370,8 +370,12 @@ class Director:
             for stage in book.ready(now):
                 ident = f"{book.id}/{stage.id}"
                 self.ready_since.setdefault(ident, now)
-                if book.needs_probe(stage) and from_cache(self.cache, book, stage, tiers, now):
-                    continue
+                try:
+                    if book.needs_probe(stage) and from_cache(self.cache, book, stage, tiers, now):
+                        continue
+                except OSError as exc:  # the probe builds the stage's requests: see _unbuildable
+                    self._unbuildable(book, stage, exc, now)
+                    break
                 if stage.gpu:
                     ready[ident] = (book, stage)
                     continue
@@ -392,9 +396,8 @@ class Director:
             worker = self.pool.workers[wid]
             try:
                 req = book.request(stage.id, worker.tier, str(self.cache.root))
-            except OSError as exc:  # a file the request hashes went away since submit (an adapter, a LoRA)
-                book.fail(f"{stage.id}: {short(exc)}", now)
-                self.effects.apply(book)
+            except OSError as exc:
+                self._unbuildable(book, stage, exc, now)
                 continue
             expected = stage_seconds(book, stage.id, worker.tier, self.costs)
             if book.model_key(stage) not in worker.models:
@@ -415,6 +418,14 @@ class Director:
             self.pool.dispatched(wid, ident, book.model_key(stage), ends, expected)
             self.inflight[self.fleet.run(wid, req)] = (book.id, stage.id, wid)
             self.effects.apply(book)
+
+    def _unbuildable(self, book: JobBook, stage: Stage, exc: OSError, now: float) -> None:
+        """A file a stage's request hashes went away since submit (an adapter, say): fail the job with
+        it, rather than raise in every dispatch pass."""
+        book.fail(f"{stage.id}: {short(exc)}", now)
+        self.effects.apply(book)
+        for ident in [i for i in self.ready_since if i.startswith(f"{book.id}/")]:
+            del self.ready_since[ident]
 
     def _result(self, ref: Any) -> None:
         job, stage_id, wid = self.inflight.pop(ref)

@@ -152,10 +152,12 @@ def built_on_card_for_host(family: str, device: str, dtype: torch.dtype) -> Any:
     try:
         pipe = build(family, device, dtype)
         pipe.to("cpu")
+    except torch.OutOfMemoryError:  # a card smaller than the model: the slow way
+        pipe = None
     finally:
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(cap)
-    return pipe
+    return pipe if pipe is not None else build(family, "cpu", dtype)
 
 
 def parameter_count(module: torch.nn.Module) -> int:

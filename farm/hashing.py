@@ -33,6 +33,8 @@ def weights_digest(path: str) -> str:
     hashing a 300 MB LoRA once per job, not once per stage."""
     from pathlib import Path
 
+    if not path:  # Path("") is the working directory: never hash that for an unset path
+        raise FileNotFoundError("no weights path given")
     root = Path(path)
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     parts = []

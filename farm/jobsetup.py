@@ -170,6 +170,8 @@ def identity_stage_key(keyframe: ModelSpec, method: str, shas: list[str]) -> str
     """The cache key of a character's identity stage: its references' bytes and what embeds them."""
     from farm.faces import faces_spec
 
+    if not keyframe.is_tiny and isinstance(adapter_paths(keyframe, method), str):
+        return None  # not configured or not there: the submit check says which
     try:
         adapter = identity_adapter(keyframe, method)
         return identity_key(adapter_identity(adapter, faces_spec(keyframe.is_tiny, current().models.paths)), shas)

@@ -426,8 +426,14 @@ def test_the_identity_key_is_taken_at_setup_from_the_adapter_bytes(tmp_path):
     weights.write_bytes(b"one")
     encoder.mkdir()
     (encoder / "model.safetensors").write_bytes(b"enc")
+    from farm.hashing import weights_digest
+
     before = current()
     try:
+        install(FarmConfig())  # nothing configured: no key (an unset path once hashed the working directory)
+        assert identity_stage_key(sdxl, "ip_adapter", ["a" * 64]) is None
+        with pytest.raises(FileNotFoundError):
+            weights_digest("")
         install(FarmConfig.model_validate({"models": {"paths": {"ip_adapter:sdxl": str(weights),
                                                                   "image_encoder:sdxl": str(encoder)}}}))
         first = identity_stage_key(sdxl, "ip_adapter", ["a" * 64])

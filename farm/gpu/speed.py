@@ -51,12 +51,11 @@ def apply_speed_knobs(pipe: Any, knobs: SpeedKnobs) -> dict[str, bool]:
     """Apply `knobs`; return what is in effect (sdpa is checked, not set: diffusers picks it)."""
 
     applied = {"sdpa": uses_sdpa(pipe), "channels_last": False, "compiled": False}
-    if knobs.channels_last:
-        for name in ("unet", "vae"):
-            module = getattr(pipe, name, None)
-            if module is not None:
-                to_channels_last(module)
-        applied["channels_last"] = True
+    if knobs.channels_last:  # the compiled UNet only: the VAE runs eager, where NHWC costs its GroupNorms
+        unet = getattr(pipe, "unet", None)
+        if unet is not None:
+            to_channels_last(unet)
+            applied["channels_last"] = True
     if knobs.compile:
         nets = [m for m in (getattr(pipe, n, None) for n in ("unet", "transformer", "transformer_2")) if m is not None]
         applied["compiled"] = all([compile_unet(net) for net in nets]) and bool(nets)

@@ -112,7 +112,6 @@ class StageWorker(TakesTurns):
         weights, usable = (None if spec.is_tiny else variant.weights_gb), self.usable_bytes()
         if weights is not None and usable is not None and not holds_weights(knobs, weights * 1e9, usable):
             # Not worth reading 30 GB from disk to find out: the director's ladder takes the next rung.
-            self.pipelines.clear()
             raise OutOfMemory(f"{variant.title}'s weights ({weights:g} GB in bf16) do not fit beside a call in the "
                               f"{usable / 1e9:.1f} GB this worker may use without offloading them")
         try:

@@ -58,7 +58,8 @@ def work_units(kind: str, steps: int, frames: int) -> int:
 # at 1024x576 and are not rescaled for other resolutions; the decode figures are ASSUMED the same way,
 # about one denoising step's worth per frame.
 # MEASURED (BENCHMARKS.md "GPU stages at real size: NVIDIA H200", 2026-12-04, eager): the high tier's
-# keyframe step, SDXL at 1024x576 on an H200 (0.077 s), and the rates a family file declares
+# keyframe step, SDXL at 1024x576 on an H200 (0.077 s, eager and channels-last, which eager workers no
+# longer use: likely an overestimate), and the rates a family file declares
 # (`measured_rates`: LTX-Video's). The H200's rows under the mid and low caps are an H200's speed, not
 # those cards', so those tiers stay assumed.
 def measured_rates(tier: str) -> dict[str, dict[str, float]]:
