@@ -62,7 +62,7 @@ def size_for_deadline(book: Callable[[], JobBook], limits: Mapping[str, int], de
     def makespan(cluster: Mapping[str, int]) -> float:
         key = tuple(cluster.get(t, 0) for t in tiers)
         if key not in cache:
-            cache[key] = simulate(book(), {t: n for t, n in cluster.items() if n}, costs=costs).makespan
+            cache[key] = simulate(book(), {t: n for t, n in cluster.items() if n}, costs=costs, bound=False).makespan
         return cache[key]
 
     # start from the one GPU that alone would finish soonest per unit of price
