@@ -198,18 +198,16 @@ def top_kernels(events: Any, limit: int = 12) -> list[str]:
     without a GPU, the CPU ops by self time (so the CPU run exercises the same path)."""
     from torch.autograd import DeviceType
 
-    totals: dict[str, list[float]] = {}
-    for event in events:
-        if event.device_type == DeviceType.CUDA:
+    def tally(counted: Any) -> dict[str, list[float]]:
+        totals: dict[str, list[float]] = {}
+        for event in filter(counted, events):
             entry = totals.setdefault(event.name, [0.0, 0])
             entry[0] += event.time_range.elapsed_us()
             entry[1] += 1
-    if not totals:
-        for event in events:
-            if event.device_type == DeviceType.CPU and not event.cpu_children:
-                entry = totals.setdefault(event.name, [0.0, 0])
-                entry[0] += event.time_range.elapsed_us()
-                entry[1] += 1
+        return totals
+
+    totals = tally(lambda e: e.device_type == DeviceType.CUDA) or \
+        tally(lambda e: e.device_type == DeviceType.CPU and not e.cpu_children)
     whole = sum(us for us, _ in totals.values()) or 1.0
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:limit]
     return [f"| {short_kernel(name)} | {us / whole * 100:.1f}% | {us / 1000:.1f} | {int(n)} |"
@@ -277,7 +275,7 @@ class Outcome:
     first_s: float = 0.0  # the warm-up stage: compile and first-call costs
     first_extra_s: float | None = None  # what the warm-up stage took beyond a warm stage of its steps
     compiled: bool | None = None  # whether the denoiser ran compiled (the worker's applied knobs)
-    channels_last: bool | None = None  # whether the UNet and VAE ran NHWC
+    channels_last: bool | None = None  # whether the UNet ran NHWC
     syncs_per_step: float | None = None  # host-GPU synchronisations the denoising loop adds per step
     stage_s: float = 0.0  # video: the denoising stage and its decode stage
     call_s: float = 0.0

@@ -32,7 +32,7 @@ from farm.contract import (
 from farm.effective import keyframe_params, video_params
 from farm.families import Draft
 from farm.hashing import derive_seed
-from farm.jobsetup import JobSetup, adapter_identity, identity_adapter
+from farm.jobsetup import JobSetup, hashed_identity_key, identity_adapter
 from farm.paths import OutputLayout
 from farm.plan import ShotPlan, Stage, character_of, decode_id, identity_id, take_id
 from farm.presets import TIERS, Preset, Scene, as_tier
@@ -444,7 +444,7 @@ class JobBook:
         if stage.kind == StageKind.IDENTITY:
             character = setup.characters[params["character"]]
             encoder = identity_adapter(setup.specs["keyframe"], character.method)
-            key = character.key or keys.identity_key(adapter_identity(encoder, setup.faces), list(character.sha256))
+            key = character.key or hashed_identity_key(setup.specs["keyframe"], character.method, character.sha256)
             return StageRequest(self.id, stage.id, StageKind.IDENTITY, setup.specs["keyframe"], params, preset.knobs,
                                 preset.label(), preset.tier, key, cache_dir, adapter=encoder,
                                 references=character.images, **common)

@@ -6,6 +6,7 @@ simulator, so they all see a job the same way.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -166,17 +167,24 @@ def cast(manifest: Manifest, root: Path, keyframe: ModelSpec) -> dict[str, Chara
     return out
 
 
-def identity_stage_key(keyframe: ModelSpec, method: str, shas: list[str]) -> str | None:
-    """The cache key of a character's identity stage: its references' bytes and what embeds them."""
-    from farm.faces import faces_spec
-
+def identity_stage_key(keyframe: ModelSpec, method: str, shas: Sequence[str]) -> str | None:
+    """The cache key of a character's identity stage, taken at setup; None where the adapter is not
+    configured or not there (the submit check says which)."""
     if not keyframe.is_tiny and isinstance(adapter_paths(keyframe, method), str):
-        return None  # not configured or not there: the submit check says which
+        return None
     try:
-        adapter = identity_adapter(keyframe, method)
-        return identity_key(adapter_identity(adapter, faces_spec(keyframe.is_tiny, current().models.paths)), shas)
+        return hashed_identity_key(keyframe, method, shas)
     except OSError:
         return None
+
+
+def hashed_identity_key(keyframe: ModelSpec, method: str, shas: Sequence[str]) -> str:
+    """An identity stage's key: its references' bytes and what embeds them (the adapter's files are
+    hashed; raises OSError where one is missing)."""
+    from farm.faces import faces_spec
+
+    faces = faces_spec(keyframe.is_tiny, current().models.paths)
+    return identity_key(adapter_identity(identity_adapter(keyframe, method), faces), list(shas))
 
 
 def encode_settings(manifest: Manifest) -> EncodeSettings:

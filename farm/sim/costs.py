@@ -51,6 +51,13 @@ def work_units(kind: str, steps: int, frames: int) -> int:
         StageKind(kind), 0)
 
 
+def measured_rates(tier: str) -> dict[str, dict[str, float]]:
+    """family -> stage kind -> rate, for the families measured on a GPU of `tier` (their own files)."""
+    from farm.families import FAMILIES
+
+    return {name: dict(fam.measured_rates[tier]) for name, fam in FAMILIES.items() if tier in fam.measured_rates}
+
+
 # Mostly ASSUMED placeholder figures: a 1024x576 SDXL step and one frame of a 1024x576 SVD-XT step (CFG
 # included). Mid (16-24 GB cards) is the reference; high is taken as ~2x mid's speed, low as ~0.6x, cpu
 # as ~30x slower than mid. Loads assume weights on local disk; lower tiers are usually in slower hosts.
@@ -62,13 +69,6 @@ def work_units(kind: str, steps: int, frames: int) -> int:
 # longer use: likely an overestimate), and the rates a family file declares
 # (`measured_rates`: LTX-Video's). The H200's rows under the mid and low caps are an H200's speed, not
 # those cards', so those tiers stay assumed.
-def measured_rates(tier: str) -> dict[str, dict[str, float]]:
-    """family -> stage kind -> rate, for the families measured on a GPU of `tier` (their own files)."""
-    from farm.families import FAMILIES
-
-    return {name: dict(fam.measured_rates[tier]) for name, fam in FAMILIES.items() if tier in fam.measured_rates}
-
-
 DEFAULT_COSTS: dict[str, TierCost] = {
     "high": TierCost(keyframe_step_s=0.077, video_frame_step_s=0.08, load_s=20.0, decode_frame_s=0.05,
                      families=measured_rates("high")),
