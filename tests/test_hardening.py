@@ -9,6 +9,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -129,7 +130,23 @@ def test_a_dead_receiver_fails_after_bounded_retries():
 # --- hostile storyboards (farm/manifest.py) -------------------------------------------------------------
 
 
-def test_nesting_and_aliases_are_bounded_before_parsing():
+@pytest.fixture(params=["libyaml", "python"])
+def yaml_loader(request, monkeypatch):
+    """parse_text with each YAML loader it may run on (libyaml's events where PyYAML has them)."""
+    import yaml
+
+    import farm.manifest as fm
+
+    if request.param == "libyaml":
+        if not yaml.__with_libyaml__:
+            pytest.fail("PyYAML without libyaml: the API's parse runs 4x slower (pip install pyyaml wheels)")
+        assert fm._BoundedLoader is fm._CBoundedLoader  # what the farm uses where libyaml is there
+    else:
+        monkeypatch.setattr(fm, "_BoundedLoader", fm._PyBoundedLoader)
+    return request.param
+
+
+def test_nesting_and_aliases_are_bounded_before_parsing(yaml_loader):
     for text in ["[" * 10_000 + "]" * 10_000, '{"a":' * 5000 + "1" + "}" * 5000, "a: " + "[" * 10_000,
                  "x:\n" + "".join("  " * i + "- \n" for i in range(1000))]:
         with pytest.raises(ManifestError, match=f"deeper than {MAX_DEPTH}"):
@@ -139,6 +156,22 @@ def test_nesting_and_aliases_are_bounded_before_parsing():
     with pytest.raises(ManifestError, match="more than"):
         parse_text(laughs)
     assert parse_text("base: &b {prompt: x}\nother: *b") == {"base": {"prompt": "x"}, "other": {"prompt": "x"}}
+    with pytest.raises(ManifestError, match=r"invalid YAML at line \d: .*expected"):
+        parse_text("title: x\nshots: [1, 2")
+
+
+def test_both_yaml_loaders_read_every_example_alike():
+    import yaml
+
+    import farm.manifest as fm
+
+    repo = Path(__file__).parent.parent
+    texts = [p.read_text() for p in [*sorted((repo / "examples").rglob("*.yaml")), repo / "cluster.yaml",
+                                     *sorted((repo / "deployments").glob("*.yaml"))]]
+    texts.append("a: 1e3\nb: yes\nc: 2026-01-01\nd: 0x10\ne: .inf\nf: ~\ng: !!str 5\nh: 'q'\n")
+    assert len(texts) > 5
+    for text in texts:
+        assert yaml.load(text, Loader=fm._BoundedLoader) == yaml.load(text, Loader=fm._PyBoundedLoader)
 
 
 def test_paths_outside_the_root_get_one_message_whatever_is_there(tmp_path):
