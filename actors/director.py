@@ -32,9 +32,9 @@ from farm import jobbook as jb
 from farm.artifacts import from_cache, ingest_images, write_outputs
 from farm.cache import ArtifactCache
 from farm.config import FarmConfig, PolicyConfig, current, install
-from farm.contract import ACTIVE_STATES, FailureKind, JobState, StageResult
+from farm.contract import ACTIVE_STATES, FailureKind, JobState, StageResult, Submission
 from farm.jobbook import JobBook
-from farm.jobsetup import adapter_errors, setup_job
+from farm.jobsetup import JobSetup, adapter_errors, setup_job
 from farm.manifest import FieldError, ManifestError
 from farm.metrics import snapshot
 from farm.paths import output_problem
@@ -44,7 +44,7 @@ from farm.schedule import Policy, assign
 from farm.schemas import job_status
 from farm.sim.costs import TierCost, load_seconds, price, stage_seconds
 from farm.sim.engine import total_backlog
-from farm.store import Store
+from farm.store import NewJob, Store
 
 log = logging.getLogger("farm.director")
 DIRECTOR_NAME = "farm-director"
@@ -54,6 +54,9 @@ ENCODER = "encoder"  # what CPU stages run on, in the ledger and events
 # end: long enough to cover the director's loop (<= 0.1 s wait) and the request's transfer, short enough
 # that little is committed early (a prefetched stage is no longer re-planned).
 PREFETCH_S = 1.0
+# How often the loop looks in the store for queued jobs it was not told about (a restart, another
+# process's insert); what this director queues itself it admits on the next pass.
+ADMIT_RESCAN_S = 1.0
 
 
 class Director:
@@ -99,6 +102,11 @@ class Director:
         self.ready_since: dict[str, float] = {}
         self.publishing: dict[str, Any] = {}  # job -> the encoder's publish of its last outputs
         self.held = False  # drained for maintenance: jobs are accepted and queued, nothing new starts
+        # Jobs queued through this director since its loop last admitted: admitting them costs a pass what
+        # they number, not what the whole queue does (which a full rescan, every ADMIT_RESCAN_S, still
+        # walks for jobs another process queued in the store).
+        self.inbox: deque[tuple[str, JobSetup]] = deque()  # with the setup its submit made
+        self.rescan_at = 0.0
         self.incarnation = uuid.uuid4().hex[:8]  # event ids are per incarnation (event_page)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="director", daemon=True)
@@ -111,7 +119,45 @@ class Director:
                webhook: str | None = None) -> dict[str, Any]:
         """Validate and queue a job. Raises ManifestError (with field paths) or ModelError for bad input.
         Without an `out_dir` the outputs go to <state dir>/outputs/<job id>."""
-        setup = setup_job(manifest, Path(root), options)
+        got = self.submit_many([Submission(manifest, root, out_dir, options or {}, priority, idempotency_key,
+                                           webhook)])[0]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def submit_many(self, submissions: list[Submission]) -> list[dict[str, Any] | Exception]:
+        """`submit` for the storyboards the API received together: one call and one store transaction
+        for all (a commit's fsync is most of a submit's cost here). Each answer in order: the job's
+        status, or what `submit` would have raised for it alone."""
+        out: list[dict[str, Any] | Exception] = [ValueError("not queued")] * len(submissions)
+        ready: list[tuple[int, JobSetup, NewJob]] = []
+        for i, sub in enumerate(submissions):
+            try:
+                setup = self._setup(sub)
+                job_id = uuid.uuid4().hex[:12]
+                out_dir = sub.out_dir or str(Path(self.store.path).parent / "outputs" / job_id)
+                ready.append((i, setup, NewJob(job_id, setup.manifest.title, sub.manifest, sub.root, out_dir,
+                                               sub.priority, dict(sub.options), sub.idempotency_key,
+                                               sub.webhook or setup.manifest.webhook, self.name)))
+            except Exception as exc:  # noqa: BLE001 - refused alone, as a submit of its own would be
+                out[i] = exc
+        added = self.store.add_jobs([job for _, _, job in ready])
+        for (i, setup, _), got in zip(ready, added, strict=True):
+            if isinstance(got, Exception):
+                out[i] = got
+                continue
+            row, created = got
+            if created:
+                self.inbox.append((row.id, setup))
+            # A new job has no book yet: its status needs no lock (the dispatch loop holds it while it works).
+            status = job_status(row, None, []).model_dump(mode="json") if created else self.status(row.id)
+            status["warnings"] = [{"loc": list(w.loc), "msg": w.msg} for w in setup.warnings]  # before its book
+            out[i] = status
+        return out
+
+    def _setup(self, sub: Submission) -> JobSetup:
+        """A submission validated and planned, or the ManifestError / ModelError that refuses it."""
+        setup = setup_job(sub.validated or sub.manifest, Path(sub.root), dict(sub.options))
         if not setup.tiny:
             absent = self.fleet.missing_models(list(setup.specs.values()))
             if absent:
@@ -119,21 +165,13 @@ class Director:
             unready = adapter_errors(setup.manifest, setup.specs["keyframe"])  # named by path in the farm config
             if unready:
                 raise ManifestError(unready)
-        job_id = uuid.uuid4().hex[:12]
-        outputs = Path(self.store.path).parent / "outputs"
-        out = out_dir or str(outputs / job_id)
         # Not after the GPU work. The folder of all outputs stands for a job's own, so an idempotent
         # replay (which returns the first job) leaves no empty folder behind.
-        problem = output_problem(Path(out_dir) if out_dir else outputs, setup.output_bytes())
+        problem = output_problem(Path(sub.out_dir) if sub.out_dir else Path(self.store.path).parent / "outputs",
+                                 setup.output_bytes())
         if problem:
             raise ManifestError([FieldError(("output",), problem)])
-        row, created = self.store.add_job(job_id, setup.manifest.title, manifest, root, out, priority=priority,
-                                          options=options or {}, idempotency_key=idempotency_key,
-                                          webhook=webhook or setup.manifest.webhook, director=self.name)
-        # A new job has no book yet: its status needs no lock (the dispatch loop holds it while it works).
-        status = job_status(row, None, []).model_dump(mode="json") if created else self.status(row.id)
-        status["warnings"] = [{"loc": list(w.loc), "msg": w.msg} for w in setup.warnings]  # before its book exists
-        return status
+        return setup
 
     def status(self, job_id: str) -> dict[str, Any]:
         with self.lock:
@@ -190,6 +228,7 @@ class Director:
                     self.effects.apply(book)
                 else:
                     self.store.set_job_state(job_id, JobState.QUEUED)
+                    self.rescan_at = 0.0  # admitted on the next pass, from its stored manifest
         return self.status(job_id)
 
     def _size_deadlines(self) -> None:
@@ -321,7 +360,7 @@ class Director:
         while not self._stop.is_set():
             try:
                 with self.lock:
-                    self.fleet.reconcile(sum(b.waiting_gpu() for b in self.books.values()), self.tier_demand())
+                    self.fleet.reconcile(lambda: sum(b.waiting_gpu() for b in self.books.values()), self.tier_demand)
                     self._admit()
                     self._size_deadlines()
                     self._dispatch()
@@ -342,12 +381,22 @@ class Director:
                 time.sleep(0.5)
 
     def _admit(self) -> None:
-        for job_id in self.store.job_ids((JobState.QUEUED, JobState.RUNNING), director=self.name):
+        news: list[tuple[str, JobSetup | None]]
+        if time.monotonic() >= self.rescan_at:
+            self.rescan_at = time.monotonic() + ADMIT_RESCAN_S
+            self.inbox.clear()
+            news = [(job_id, None) for job_id in
+                    self.store.job_ids((JobState.QUEUED, JobState.RUNNING), director=self.name)]
+        else:
+            news = [self.inbox.popleft() for _ in range(len(self.inbox))]
+        for job_id, made in news:
             if job_id in self.books and self.books[job_id].active:
                 continue
             row = self._row(job_id)
+            if JobState(row.state) not in (JobState.QUEUED, JobState.RUNNING):
+                continue  # cancelled between its submit and this pass
             try:
-                setup = setup_job(row.manifest, row.root, row.options)
+                setup = made or setup_job(row.manifest, row.root, row.options)
                 p = self.policy
                 book = JobBook(row.id, setup, row.out_dir, priority=row.priority, created=row.created,
                                use_cache=row.options.get("cache", True), image_keys=ingest_images(setup, self.cache),
@@ -463,7 +512,9 @@ class Director:
 
     def _finish_jobs(self) -> None:
         # In priority order, as dispatch: jobs done in the same pass publish, and succeed, highest first.
-        for book in sorted(self.books.values(), key=lambda b: (-b.priority, b.created)):
+        # Only those sorted: a pass runs 20 times a second over a queue that may hold thousands.
+        done = [b for b in self.books.values() if b.complete or not b.active]
+        for book in sorted(done, key=lambda b: (-b.priority, b.created)):
             if book.active and book.complete:
                 # The ledger and lockfile here, then the encoder tags, draws the timeline and the report
                 # while this loop goes on; the job succeeds once that is done too.

@@ -80,8 +80,10 @@ class Effects:
     def carry_out(self, book: JobBook, effect: jb.Effect) -> None:
         if isinstance(effect, jb.Emit):
             self.streams.setdefault(book.id, []).append(effect.event)
+            if effect.event["type"] != "job_finished":  # the row (for its webhook) only then: events are many
+                return
             row = self.store.job(book.id)
-            if effect.event["type"] == "job_finished" and row is not None and row.webhook:
+            if row is not None and row.webhook:
                 deliver_later(row.webhook, {"id": book.id, "title": row.title, "state": effect.event["state"],
                                             "error": effect.event.get("error"), "out_dir": row.out_dir},
                               done=self._delivered)

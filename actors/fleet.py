@@ -8,7 +8,7 @@ only place that holds their handles.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
@@ -81,9 +81,12 @@ class Fleet:
         self.encoder = cls.options(resources=HEAD).remote(self.cache_root, **(args or {}))
         return self.encoder
 
-    def reconcile(self, gpu_demand: int, tier_demand: Mapping[str, int] | None = None) -> None:
+    def reconcile(self, gpu_demand: Callable[[], int],
+                  tier_demand: Callable[[], Mapping[str, int]] | None = None) -> None:
         """Follow nodes joining and leaving: create missing workers, drop those on dead nodes, and tell
-        the autoscaler about `gpu_demand` waiting GPU stages and the GPUs per tier deadlines need."""
+        the autoscaler about `gpu_demand()` waiting GPU stages and the GPUs per tier deadlines need.
+        The demands are functions: counting them walks every queued job, so only a round that is due
+        (every `reconcile_s`) pays for it, not every pass of the director's loop."""
         from actors.worker import start_worker
 
         now = time.monotonic()
@@ -114,7 +117,7 @@ class Fleet:
         try:
             from ray.autoscaler.sdk import request_resources
 
-            request_resources(bundles=autoscaler_bundles(gpu_demand, tier_demand))
+            request_resources(bundles=autoscaler_bundles(gpu_demand(), tier_demand() if tier_demand else None))
         except Exception:  # noqa: BLE001 - local clusters have no autoscaler
             pass
 

@@ -16,6 +16,7 @@ from farm.presets import MemoryKnobs
 
 if TYPE_CHECKING:
     from farm.encode import EncodeSettings
+    from farm.manifest import Manifest
     from farm.models import ModelSpec
 
 
@@ -102,6 +103,26 @@ class FailureKind(StrEnum):
     def outcome(self) -> Outcome:
         return {FailureKind.ERROR: Outcome.FAILED, FailureKind.DISK: Outcome.FAILED, FailureKind.OOM: Outcome.OOM,
                 FailureKind.LOST: Outcome.WORKER_LOST, FailureKind.CANCELLED: Outcome.CANCELLED}[self]
+
+
+# --- jobs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A storyboard to queue (Director.submit_many): the parsed manifest, the folder its relative
+    paths are read from, and how the submitter wants it run."""
+
+    manifest: dict[str, Any]
+    root: str
+    out_dir: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    idempotency_key: str | None = None
+    webhook: str | None = None
+    # The manifest as the API already validated it (a farm.manifest.Manifest, under the API's stricter
+    # rules): the director plans from it instead of validating `manifest` a second time.
+    validated: Manifest | None = None
 
 
 # --- GPU stages ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -140,21 +140,34 @@ class Store:
         """Insert a queued job; with an idempotency key already used for the same request, return that
         job instead; for another request (manifest, options or priority), raise IdempotencyConflict.
         Returns (job, created)."""
+        got = self.add_jobs([NewJob(job_id, title, manifest, root, out_dir, priority, options or {},
+                                    idempotency_key, webhook, director)])[0]
+        if isinstance(got, IdempotencyConflict):
+            raise got
+        return got
+
+    def add_jobs(self, jobs: list[NewJob]) -> list[tuple[JobRow, bool] | IdempotencyConflict]:
+        """`add_job` for many in one transaction (one commit, so one fsync, however many arrive
+        together: the API's submits under load). Each job's answer in order; a conflict refuses that
+        job alone. A key used twice in one batch behaves as two submits in turn."""
+        out: list[tuple[JobRow, bool] | IdempotencyConflict] = []
         with self.tx() as db:
-            if idempotency_key is not None:
-                row = db.execute("SELECT * FROM jobs WHERE idempotency_key=?", (idempotency_key,)).fetchone()
-                if row is not None:
-                    job = _job(row)
-                    if (job.manifest, job.options, job.priority) != (json.loads(json.dumps(manifest)),
-                                                                    json.loads(json.dumps(options or {})), priority):
-                        raise IdempotencyConflict(job.id)
-                    return job, False
-            db.execute(
-                "INSERT INTO jobs (id, title, priority, state, manifest, root, out_dir, options, created, "
-                "idempotency_key, webhook, director) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, title, priority, json.dumps(manifest), root, out_dir, json.dumps(options or {}),
-                 time.time(), idempotency_key, webhook, director))
-            return _job(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()), True
+            for job in jobs:
+                if job.idempotency_key is not None:
+                    row = db.execute("SELECT * FROM jobs WHERE idempotency_key=?", (job.idempotency_key,)).fetchone()
+                    if row is not None:
+                        first = _job(row)
+                        same = (first.manifest, first.options, first.priority) == (
+                            json.loads(json.dumps(job.manifest)), json.loads(json.dumps(job.options)), job.priority)
+                        out.append((first, False) if same else IdempotencyConflict(first.id))
+                        continue
+                db.execute(
+                    "INSERT INTO jobs (id, title, priority, state, manifest, root, out_dir, options, created, "
+                    "idempotency_key, webhook, director) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job.id, job.title, job.priority, json.dumps(job.manifest), job.root, job.out_dir,
+                     json.dumps(job.options), time.time(), job.idempotency_key, job.webhook, job.director))
+                out.append((_job(db.execute("SELECT * FROM jobs WHERE id=?", (job.id,)).fetchone()), True))
+        return out
 
     def job(self, job_id: str) -> JobRow | None:
         with self._lock:
@@ -266,6 +279,22 @@ class Store:
         return [dict(r) for r in rows]
 
 
+@dataclass(frozen=True)
+class NewJob:
+    """A job to insert (Store.add_jobs)."""
+
+    id: str
+    title: str
+    manifest: dict[str, Any]
+    root: str
+    out_dir: str
+    priority: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    webhook: str | None = None
+    director: str = ""
+
+
 class IdempotencyConflict(ValueError):
     """An Idempotency-Key reused with a different request: answering with the first job would hide
     that the second was never queued."""
@@ -273,6 +302,9 @@ class IdempotencyConflict(ValueError):
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         super().__init__(f"this Idempotency-Key was used for job {job_id} with a different request")
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:  # rebuilt from its job id across Ray, not its message
+        return IdempotencyConflict, (self.job_id,)
 
 
 def _job(row: sqlite3.Row) -> JobRow:

@@ -127,6 +127,33 @@ def test_idempotent_submit_returns_the_same_job(farm):
     wait_state(ray, director, a["id"])
 
 
+def test_submits_queued_together_are_answered_each_and_a_job_stored_elsewhere_is_found(farm):
+    """The API hands the director what arrives together (Director.submit_many): each submission gets
+    its own answer, a refused one refuses nothing else, and the accepted ones run without waiting for
+    the loop's rescan of the store; a job another process put in the store is found by that rescan."""
+    from farm.contract import Submission
+    from farm.manifest import ManifestError
+    from farm.store import IdempotencyConflict, Store
+
+    ray, director, root = farm
+    bad = story(seed=201)
+    bad["shots"][0]["duration"] = -1
+    opts = {"models": "tiny"}
+    got = ray.get(director.submit_many.remote([
+        Submission(story(seed=200), str(root), str(root / "many-a"), opts, idempotency_key="many"),
+        Submission(bad, str(root), str(root / "many-b"), opts),
+        Submission(story(seed=202), str(root), str(root / "many-c"), opts, idempotency_key="many"),
+        Submission(story(seed=203), str(root), str(root / "many-d"), opts, priority=2)]))
+    assert isinstance(got[1], ManifestError) and "duration" in str(got[1])
+    assert isinstance(got[2], IdempotencyConflict) and got[2].job_id == got[0]["id"]
+    for status in (got[0], got[3]):
+        assert status["state"] == "queued"
+        assert wait_state(ray, director, status["id"])["state"] == "succeeded"
+    stored = Store(root / "farm.sqlite").add_job("elsewhere01", "t", story(seed=204), str(root), str(root / "many-e"),
+                                                 options=opts, director="test-farm")[0]
+    assert wait_state(ray, director, stored.id)["state"] == "succeeded"
+
+
 def test_bad_manifest_is_refused_at_submit(farm):
     from farm.manifest import ManifestError
 

@@ -78,3 +78,22 @@ def test_an_idempotency_key_reused_for_another_request_is_a_conflict(tmp_path):
         store.add_job("j3", "t", {"a": 2}, "/", "/o", idempotency_key="k")
     with pytest.raises(IdempotencyConflict):
         store.add_job("j4", "t", {"a": 1}, "/", "/o", priority=3, idempotency_key="k")
+
+
+def test_jobs_inserted_together_commit_once_and_refuse_a_conflict_alone(tmp_path):
+    import pickle
+
+    from farm.store import IdempotencyConflict, NewJob, Store
+
+    store = Store(tmp_path / "farm.db")
+    commits = []
+    store._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    got = store.add_jobs([NewJob("j1", "t", {"a": 1}, "/", "/o1", idempotency_key="k"),
+                          NewJob("j2", "t", {"a": 2}, "/", "/o2", idempotency_key="k"),  # the key, another body
+                          NewJob("j3", "t", {"a": 1}, "/", "/o3", idempotency_key="k"),  # the key, the same body
+                          NewJob("j4", "t", {"a": 4}, "/", "/o4")])
+    assert commits == ["COMMIT"]
+    assert got[0][1] and got[3][1] and isinstance(got[1], IdempotencyConflict) and got[2] == (got[0][0], False)
+    assert sorted(store.job_ids()) == ["j1", "j4"]
+    again = pickle.loads(pickle.dumps(got[1]))  # how it crosses Ray to the API
+    assert again.job_id == "j1" and str(again) == str(got[1])
