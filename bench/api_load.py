@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import yaml
 
 from bench.report import table, write_section
@@ -119,12 +120,43 @@ async def load(url: str, clients: int, requests: int, first: int) -> dict[str, A
             "lost": len(wanted - set(found)), "duplicated": len(found) - len(set(found)) + len(ids) - len(wanted)}
 
 
+# Where a submit's CPU goes: each process of this machine's farm (or the bare app), by what it is.
+ROLES = (("ProxyActor", "Serve proxy"), ("ServeReplica", "API replica"), ("Director", "director"),
+         ("bare_app", "bare app"))
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds so far of this process ("clients") and of every process it started (Ray's daemons
+    and actors, the bare app), summed by role."""
+    me = psutil.Process()
+    out: dict[str, float] = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times, cmdline = proc.cpu_times(), " ".join(proc.cmdline())
+        except psutil.Error:  # gone meanwhile
+            continue
+        role = "clients" if proc.pid == me.pid else next((r for key, r in ROLES if key in cmdline), "other Ray")
+        out[role] = out.get(role, 0.0) + times.user + times.system
+    return out
+
+
+def measured_run(url: str, clients: int, requests: int, first: int) -> dict[str, Any]:
+    """`load`, with each role's CPU milliseconds per submit over the run."""
+    before = cpu_by_role()
+    got = asyncio.run(load(url, clients, requests, first))
+    after = cpu_by_role()
+    got["cpu_ms"] = {role: (after[role] - before.get(role, 0.0)) * 1000 / max(got["ok"], 1) for role in after}
+    return got
+
+
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Each figure's median over the runs; the counts of what went wrong summed (one loss is a finding)."""
     def mid(key: str) -> float:
         values = sorted(r[key] for r in runs)
         return values[len(values) // 2]
-    return {"rps": mid("rps"), "p50": mid("p50"), "p99": mid("p99"), "ok": sum(r["ok"] for r in runs),
+    roles = sorted({role for r in runs for role in r["cpu_ms"]})
+    cpu = {role: sorted(r["cpu_ms"].get(role, 0.0) for r in runs)[len(runs) // 2] for role in roles}
+    return {"rps": mid("rps"), "p50": mid("p50"), "p99": mid("p99"), "ok": sum(r["ok"] for r in runs), "cpu_ms": cpu,
             "errors": sum(len(r["errors"]) for r in runs), "lost": sum(r["lost"] for r in runs),
             "duplicated": sum(r["duplicated"] for r in runs)}
 
@@ -174,7 +206,8 @@ def main() -> None:
     ray.get(director.hold.remote(True))  # measure the submit path, not rendering
     farm_url = f"http://127.0.0.1:{port}"
     bare, bare_url = start_bare(home)
-    rows, verdicts, counter = [], [], 0
+    rows, verdicts, cpu_rows, counter = [], [], [], 0
+    cores = os.cpu_count() or 1
     try:
         for url in (farm_url, bare_url):  # warm both paths once
             asyncio.run(load(url, 1, 5, 10**6))
@@ -182,7 +215,7 @@ def main() -> None:
             runs: dict[str, list[dict[str, Any]]] = {"farm": [], "bare": []}
             for _ in range(args.repeats):  # alternated: a shared machine's speed drifts between runs
                 for name, url in (("farm", farm_url), ("bare", bare_url)):
-                    runs[name].append(asyncio.run(load(url, clients, args.requests, counter)))
+                    runs[name].append(measured_run(url, clients, args.requests, counter))
                     counter += args.requests
                     if runs[name][-1]["errors"]:
                         print(name, clients, runs[name][-1]["errors"][:3])
@@ -192,6 +225,14 @@ def main() -> None:
                              "lost": m["lost"], "duplicated": m["duplicated"], "p50 ms": f"{m['p50']:.0f}",
                              "p99 ms": f"{m['p99']:.0f}", "req/s": f"{m['rps']:.1f}",
                              "req/s per run": ", ".join(f"{r['rps']:.0f}" for r in runs[name])})
+            for name, m in measured.items():
+                cpu = {role: ms for role, ms in m["cpu_ms"].items() if ms >= 0.05 or role == "clients"}
+                server = sum(ms for role, ms in cpu.items() if role != "clients")
+                cpu_rows.append({"clients": clients, "server": name, "server CPU ms": f"{server:.1f}",
+                                 "clients' CPU ms": f"{cpu.get('clients', 0):.1f}",
+                                 "by process (ms)": ", ".join(f"{role} {ms:.1f}" for role, ms in sorted(
+                                     cpu.items(), key=lambda kv: -kv[1]) if role != "clients"),
+                                 "CPU-bound req/s": f"{cores * 1000 / (server + cpu.get('clients', 0)):.0f}"})
             farm, base = measured["farm"], measured["bare"]
             ratio = farm["rps"] / base["rps"]
             verdicts.append({"clients": clients, "throughput farm/bare": f"{ratio:.2f} (>= 0.5: "
@@ -216,7 +257,13 @@ def main() -> None:
             "shown; errors, losses and duplicates summed); every returned id must be listed once. The "
             "clients run on the same cores as the servers: on a 2-core machine the bare app's own p99 at 32 "
             "clients is past 250 ms, so that target is for a machine with cores to spare.\n\n"
-            + table(rows) + "\n\n" + table(verdicts) + "\n")
+            + table(rows) + "\n\n" + table(verdicts) + "\n\n"
+            "Where a submit's CPU goes (milliseconds of CPU per accepted submit, each process by role, the "
+            "runs' medians; 'other Ray' is Ray's own daemons and Serve's controller). 'CPU-bound req/s' is "
+            f"what this machine's {cores} cores serve at most when the work keeps them all busy: "
+            f"{cores * 1000} / (server + clients' CPU ms); the bare app is one process, so it also stops at "
+            "one core for itself.\n\n"
+            + table(cpu_rows) + "\n")
     print(body)
     if not args.no_write:
         command = (f"python -m bench.api_load --clients {' '.join(map(str, args.clients))} --requests {args.requests}"
