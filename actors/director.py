@@ -57,6 +57,9 @@ PREFETCH_S = 1.0
 # How often the loop looks in the store for queued jobs it was not told about (a restart, another
 # process's insert); what this director queues itself it admits on the next pass.
 ADMIT_RESCAN_S = 1.0
+# How often the loop looks at every job for one to publish or forget, not only those whose books
+# changed since it last looked (every change to a book is carried out through Effects, which notes it).
+FINISH_SWEEP_S = 0.5
 
 
 class Director:
@@ -107,6 +110,7 @@ class Director:
         # walks for jobs another process queued in the store).
         self.inbox: deque[tuple[str, JobSetup]] = deque()  # with the setup its submit made
         self.rescan_at = 0.0
+        self.sweep_at = 0.0
         self.incarnation = uuid.uuid4().hex[:8]  # event ids are per incarnation (event_page)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="director", daemon=True)
@@ -512,8 +516,16 @@ class Director:
 
     def _finish_jobs(self) -> None:
         # In priority order, as dispatch: jobs done in the same pass publish, and succeed, highest first.
-        # Only those sorted: a pass runs 20 times a second over a queue that may hold thousands.
-        done = [b for b in self.books.values() if b.complete or not b.active]
+        # A pass runs 20 times a second over a queue that may hold thousands: it looks at the jobs that
+        # changed, and at all of them every FINISH_SWEEP_S.
+        if time.monotonic() >= self.sweep_at:
+            self.sweep_at = time.monotonic() + FINISH_SWEEP_S
+            candidates = list(self.books.values())
+        else:
+            changed = self.effects.touched | set(self.publishing)  # a publish ends without a change
+            candidates = [self.books[j] for j in changed if j in self.books]
+        self.effects.touched.clear()
+        done = [b for b in candidates if b.complete or not b.active]
         for book in sorted(done, key=lambda b: (-b.priority, b.created)):
             if book.active and book.complete:
                 # The ledger and lockfile here, then the encoder tags, draws the timeline and the report

@@ -33,6 +33,7 @@ class Effects:
         self._tidying: threading.Thread | None = None
         self.streams: dict[str, list[dict[str, Any]]] = {}  # job -> its events so far (SSE, progress bars)
         self.side: dict[str, list[Any]] = {}  # job -> pending keyframe PNG writes
+        self.touched: set[str] = set()  # jobs whose books changed since the director last looked
         self.webhooks: Counter[str] = Counter()  # delivery outcomes (their threads add to it)
         self._webhooks_lock = threading.Lock()
 
@@ -66,6 +67,7 @@ class Effects:
         """Carry out the book's effects. A write that fails for want of disk (full, read-only) fails
         the job with that message instead of leaving it hanging; the farm goes on serving."""
         while effects := book.drain():
+            self.touched.add(book.id)
             for effect in effects:
                 try:
                     self.carry_out(book, effect)
