@@ -27,7 +27,7 @@ import ray
 
 from actors.effects import Effects
 from actors.fleet import HEAD, Fleet, failure_kind, short
-from actors.remote import actor_class
+from actors.remote import actor_class, untracked
 from farm import jobbook as jb
 from farm.artifacts import from_cache, ingest_images, write_outputs
 from farm.cache import ArtifactCache
@@ -129,6 +129,7 @@ class Director:
             raise got
         return got
 
+    @untracked
     def submit_many(self, submissions: list[Submission]) -> list[dict[str, Any] | Exception]:
         """`submit` for the storyboards the API received together: one call and one store transaction
         for all (a commit's fsync is most of a submit's cost here). Each answer in order: the job's
@@ -177,6 +178,7 @@ class Director:
             raise ManifestError([FieldError(("output",), problem)])
         return setup
 
+    @untracked
     def status(self, job_id: str) -> dict[str, Any]:
         with self.lock:
             row = self._row(job_id)
@@ -184,6 +186,7 @@ class Director:
             stored = None if book else [r["state"] for r in self.store.stage_rows(job_id).values()]
             return job_status(row, book, stored).model_dump(mode="json")
 
+    @untracked
     def list_jobs(self) -> list[dict[str, Any]]:
         return [self.status(row.id) for row in self.store.jobs()]
 
@@ -191,6 +194,7 @@ class Director:
         with self.lock:
             return self.streams.get(job_id, [])[since:], self._row(job_id).state
 
+    @untracked
     def event_page(self, job_id: str, since: int = 0) -> tuple[list[dict[str, Any]], str, str]:
         """`events`, and this director's incarnation: a restarted director numbers its (new) event
         lists from 0 again, so an event id only means something with the incarnation that gave it."""
@@ -288,6 +292,7 @@ class Director:
             before, self.held = self.held, held
         return before
 
+    @untracked
     def workers_info(self) -> list[dict[str, Any]]:
         return self.fleet.infos(time.time())
 
@@ -309,6 +314,7 @@ class Director:
                 "input_p50": quantile(sorted(self.input_waits), 0.5), "prefetched": self.prefetched,
                 "sizings": self.sizings, "workers": len(self.pool.workers), "quarantined": quarantined}
 
+    @untracked
     def metrics_data(self) -> tuple[dict[str, Any], list[tuple[str, str, float]], list[dict[str, Any]]]:
         """Plain data for /metrics (farm.metrics turns it into Prometheus text)."""
         with self.lock:

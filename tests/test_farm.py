@@ -154,6 +154,15 @@ def test_submits_queued_together_are_answered_each_and_a_job_stored_elsewhere_is
     assert wait_state(ray, director, stored.id)["state"] == "succeeded"
 
 
+def test_the_apis_frequent_calls_leave_no_task_events_in_the_gcs():
+    """Each submit batch and each status or event poll would otherwise be a task event the GCS keeps."""
+    from actors.director import Director
+
+    for name in ("submit_many", "status", "list_jobs", "event_page", "workers_info", "metrics_data"):
+        assert getattr(Director, name).__ray_enable_task_events__ is False, name
+    assert not hasattr(Director.cancel, "__ray_enable_task_events__")  # rare calls keep theirs
+
+
 def test_bad_manifest_is_refused_at_submit(farm):
     from farm.manifest import ManifestError
 
