@@ -34,6 +34,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from farm import __version__
+from farm.coalesce import Coalescer
 from farm.config import FarmConfig, current
 from farm.contract import ACTIVE_STATES, JobState, Submission
 from farm.egress import LOOPBACK_NAMES, is_loopback
@@ -405,6 +406,11 @@ class FarmIngress:
         Path(self.settings.root).mkdir(parents=True, exist_ok=True)
         self.director = get_director(PoolConfig(self.settings.tier, self.settings.workers),
                                      name=self.settings.director_name, config=self.settings.config)
+        self._submits: Coalescer[Submission, dict[str, Any] | Exception] = Coalescer(
+            self._submit_many, max_batch=64, in_flight=4)
+
+    async def _submit_many(self, submissions: list[Submission]) -> list[dict[str, Any] | Exception]:
+        return list(await self.director.submit_many.remote(submissions))
 
     async def _status(self, job_id: str) -> dict[str, Any]:
         try:
@@ -439,17 +445,11 @@ class FarmIngress:
         return data, manifest, limit_errors(manifest, self.settings.limits) + model_path_errors(
             manifest, root, self.settings.models)
 
-    # Submits that arrive while the director is queueing earlier ones go to it together, in one call
-    # and one store commit (Director.submit_many): no wait is added (a lone submit goes at once), and
-    # under load a commit's fsync and a Ray call are paid once per batch instead of once per request.
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
-    async def _queue_many(self, submissions: list[Submission]) -> list[dict[str, Any] | Exception]:
-        return list(await self.director.submit_many.remote(submissions))
-
     async def _queue(self, submission: Submission) -> dict[str, Any]:
-        """Queue one storyboard with whatever else is being queued now; raises what the director refused
-        it with."""
-        got = await self._queue_many(submission)
+        """Queue one storyboard with whatever else is being queued now (farm.coalesce: one director
+        call and one store commit for the submits that arrive together); raises what the director
+        refused it with."""
+        got = await self._submits(submission)
         if isinstance(got, Exception):
             raise got
         return got
