@@ -154,10 +154,13 @@ class Director:
             row, created = got
             if created:
                 self.inbox.append((row.id, setup))
-            # A new job has no book yet: its status needs no lock (the dispatch loop holds it while it works).
-            status = job_status(row, None, []).model_dump(mode="json") if created else self.status(row.id)
-            status["warnings"] = [{"loc": list(w.loc), "msg": w.msg} for w in setup.warnings]  # before its book
-            out[i] = status
+            try:  # queued now, whatever its answer: a failure here is this submission's alone
+                # A new job has no book yet: its status needs no lock (the dispatch loop holds it as it works).
+                status = job_status(row, None, []).model_dump(mode="json") if created else self.status(row.id)
+                status["warnings"] = [{"loc": list(w.loc), "msg": w.msg} for w in setup.warnings]  # before its book
+                out[i] = status
+            except Exception as exc:  # noqa: BLE001
+                out[i] = exc
         return out
 
     def _setup(self, sub: Submission) -> JobSetup:
@@ -205,6 +208,7 @@ class Director:
         """Nothing more is dispatched; running stages stop at their next denoising step."""
         with self.lock:
             row, book = self._row(job_id), self.books.get(job_id)
+            self.publishing.pop(job_id, None)  # a requeue publishes anew, not from this outcome
             if book is not None:
                 book.cancel(time.time())
                 self.effects.apply(book)
@@ -230,6 +234,7 @@ class Director:
             row, book = self._row(job_id), self.books.get(job_id)
             if JobState(row.state) not in ACTIVE_STATES:
                 self.streams[job_id] = []
+                self.publishing.pop(job_id, None)
                 if book is not None:
                     book.requeue()
                     book.announce(time.time())

@@ -114,10 +114,11 @@ class Fleet:
                 continue  # the node went away while we placed it; the next round tries again
             self.book.add(wid, info["tier"])
             self.handles[wid], self.node_of[wid] = handle, slot.node_id
+        bundles = autoscaler_bundles(gpu_demand(), tier_demand() if tier_demand else None)
         try:
             from ray.autoscaler.sdk import request_resources
 
-            request_resources(bundles=autoscaler_bundles(gpu_demand(), tier_demand() if tier_demand else None))
+            request_resources(bundles=bundles)
         except Exception:  # noqa: BLE001 - local clusters have no autoscaler
             pass
 

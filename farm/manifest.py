@@ -677,6 +677,8 @@ def parse_text(text: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ManifestError([FieldError((), f"invalid YAML{where}: {getattr(exc, 'problem', exc)}")]) from None
+    except UnicodeEncodeError as exc:  # a lone surrogate in text handed over as a str (libyaml reads UTF-8)
+        raise ManifestError([FieldError((), f"is not valid Unicode text (character {exc.start})")]) from None
     except RecursionError:  # a belt under the braces above: never a server error
         raise ManifestError([FieldError((), f"nested deeper than {MAX_DEPTH} levels")]) from None
 

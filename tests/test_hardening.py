@@ -174,6 +174,11 @@ def test_both_yaml_loaders_read_every_example_alike():
         assert yaml.load(text, Loader=fm._BoundedLoader) == yaml.load(text, Loader=fm._PyBoundedLoader)
 
 
+def test_a_lone_surrogate_in_yaml_text_is_refused_not_a_server_error():
+    with pytest.raises(ManifestError, match="not valid Unicode"):
+        parse_text("title: a\ud800b\nshots: []")
+
+
 def test_paths_outside_the_root_get_one_message_whatever_is_there(tmp_path):
     root = tmp_path / "inputs"
     root.mkdir()
