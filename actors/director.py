@@ -76,6 +76,7 @@ class Director:
         self.name = name  # jobs it owns in the store carry this name
         self.policy = policy or self.config.policy
         self.store = Store(store_path or self.config.store_path)
+        self.outputs = Path(self.store.path).parent / "outputs"  # a job's own, unless its submit names one
         self.cache = ArtifactCache(cache_dir or self.config.cache_path)
         self.assign_fn = assign_fn
         self.costs = dict(costs) if costs is not None else self.config.cost_model()
@@ -140,7 +141,7 @@ class Director:
             try:
                 setup = self._setup(sub)
                 job_id = uuid.uuid4().hex[:12]
-                out_dir = sub.out_dir or str(Path(self.store.path).parent / "outputs" / job_id)
+                out_dir = sub.out_dir or str(self.outputs / job_id)
                 ready.append((i, setup, NewJob(job_id, setup.manifest.title, sub.manifest, sub.root, out_dir,
                                                sub.priority, dict(sub.options), sub.idempotency_key,
                                                sub.webhook or setup.manifest.webhook, self.name)))
@@ -175,8 +176,7 @@ class Director:
                 raise ManifestError(unready)
         # Not after the GPU work. The folder of all outputs stands for a job's own, so an idempotent
         # replay (which returns the first job) leaves no empty folder behind.
-        problem = output_problem(Path(sub.out_dir) if sub.out_dir else Path(self.store.path).parent / "outputs",
-                                 setup.output_bytes())
+        problem = output_problem(Path(sub.out_dir) if sub.out_dir else self.outputs, setup.output_bytes())
         if problem:
             raise ManifestError([FieldError(("output",), problem)])
         return setup
@@ -408,7 +408,7 @@ class Director:
             if job_id in self.books and self.books[job_id].active:
                 continue
             row = self._row(job_id)
-            if JobState(row.state) not in (JobState.QUEUED, JobState.RUNNING):
+            if not JobState(row.state).active:
                 continue  # cancelled between its submit and this pass
             try:
                 setup = made or setup_job(row.manifest, row.root, row.options)

@@ -30,7 +30,6 @@ class Coalescer(Generic[T, R]):
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._sending = 0  # senders in their loop (counted down as one leaves it, before anyone else runs)
         self._senders: set[asyncio.Task[None]] = set()  # held: the event loop keeps only weak references
-        self.sizes: list[int] = []  # each batch's size, the latest 1,000 (what a bench or test reads)
 
     async def __call__(self, item: T) -> R:
         answer: asyncio.Future[R] = asyncio.get_running_loop().create_future()
@@ -46,7 +45,6 @@ class Coalescer(Generic[T, R]):
         try:
             while self._waiting:
                 group, self._waiting = self._waiting[:self.max_batch], self._waiting[self.max_batch:]
-                self.sizes = [*self.sizes[-999:], len(group)]
                 try:
                     answers = await self._batch([item for item, _ in group])
                     if len(answers) != len(group):
