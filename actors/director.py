@@ -41,7 +41,7 @@ from farm.paths import output_problem
 from farm.plan import Stage
 from farm.pool import PoolConfig, PoolPolicy, WorkerBook
 from farm.schedule import Policy, assign
-from farm.schemas import job_status
+from farm.schemas import JobView, KeptViews, job_status
 from farm.sim.costs import TierCost, load_seconds, price, stage_seconds
 from farm.sim.engine import total_backlog
 from farm.store import NewJob, Store
@@ -60,6 +60,9 @@ ADMIT_RESCAN_S = 1.0
 # How often the loop looks at every job for one to publish or forget, not only those whose books
 # changed since it last looked (every change to a book is carried out through Effects, which notes it).
 FINISH_SWEEP_S = 0.5
+# How many finished jobs keep their status's shots and their events in the director (~25-40 KiB each
+# for a few shots, mostly events); older ones answer from the store.
+KEEP_FINISHED = 200
 
 
 class Director:
@@ -91,7 +94,10 @@ class Director:
         self.pool = WorkerBook(PoolPolicy(self.policy.quarantine_after, self.policy.quarantine_s))
         self.fleet = Fleet(pool or PoolConfig(), self.pool, self.config, str(self.cache.root),
                            reconcile_s=self.policy.reconcile_s, threads=threads, **backends)
-        self.books: dict[str, JobBook] = {}
+        self.books: dict[str, JobBook] = {}  # active jobs, and finished ones with stages still running
+        # The latest KEEP_FINISHED finished jobs: what their status shows of their book (their events
+        # are kept in `streams` as long); older ones answer from the store alone.
+        self.kept = KeptViews(KEEP_FINISHED)
         self.effects = Effects(self.store, self.cache, self.fleet, self.config.cache_cap_bytes)
         self.streams = self.effects.streams  # job -> its events so far
         self.inflight: dict[Any, tuple[str, str, str]] = {}  # ref -> (job, stage, worker or ENCODER)
@@ -186,8 +192,9 @@ class Director:
         with self.lock:
             row = self._row(job_id)
             book = self.books.get(job_id)
-            stored = None if book else [r["state"] for r in self.store.stage_rows(job_id).values()]
-            return job_status(row, book, stored).model_dump(mode="json")
+            view = JobView.of(book) if book is not None else self.kept.get(job_id)
+            stored = None if view else [r["state"] for r in self.store.stage_rows(job_id).values()]
+            return job_status(row, view, stored).model_dump(mode="json")
 
     @untracked
     def list_jobs(self) -> list[dict[str, Any]]:
@@ -235,6 +242,7 @@ class Director:
             if JobState(row.state) not in ACTIVE_STATES:
                 self.streams[job_id] = []
                 self.publishing.pop(job_id, None)
+                self.kept.pop(job_id)
                 if book is not None:
                     book.requeue()
                     book.announce(time.time())
@@ -558,13 +566,21 @@ class Director:
                 else:
                     book.succeed(time.time())
                 self.effects.apply(book)
-            if not book.active and not book.running and len(self.books) > 200:
-                # Keep recent finished jobs for their events, not all of them (a farm runs for months):
-                # the book, its event list, and what a cancel left of its ready stages go together.
-                del self.books[book.id]
-                self.streams.pop(book.id, None)
-                for ident in [i for i in self.ready_since if i.startswith(f"{book.id}/")]:
-                    del self.ready_since[ident]
+            if not book.active and not book.running:
+                self._retire(book)
+
+    def _retire(self, book: JobBook) -> None:
+        """A finished job with nothing left running: its book goes, what its status shows stays
+        (`kept`), with its events, for the latest KEEP_FINISHED jobs (a farm runs for months). What a
+        cancel or failure left behind goes with the book: its ready stages' clocks, pending side
+        writes. A requeue admits it again from the store."""
+        del self.books[book.id]
+        for job_id in self.kept.add(book.id, JobView.of(book)):
+            self.streams.pop(job_id, None)
+        self.effects.side.pop(book.id, None)
+        for ident in [i for i in self.ready_since if i.startswith(f"{book.id}/")]:
+            del self.ready_since[ident]
+
 
 DirectorActor = actor_class(Director, max_restarts=-1, max_concurrency=16, num_cpus=0)
 

@@ -3,6 +3,8 @@ builds its answers through them, so what the API promises is what the farm retur
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -115,16 +117,59 @@ class Problem(_Body):
     detail: str
 
 
-def job_status(row: JobRow, book: JobBook | None, stage_rows: list[str] | None = None) -> JobStatus:
-    """A job as the API shows it: from its live book when the director holds one, else from the
-    store (`stage_rows`: the states of its stored stages)."""
-    warnings = []
-    if book is not None:
-        shots, progress = [ShotStatus(**s) for s in book.shot_states()], book.progress
-        warnings = [FieldProblem(loc=list(w.loc), msg=w.msg) for w in book.setup.warnings]
+@dataclass(frozen=True)
+class JobView:
+    """What a job's book says of it in its status: all the director keeps of a finished job (a few
+    KiB, where its book holds its plan, requests and every stage's record: 65-135 KiB for 2-4 shots,
+    and a farm runs for months)."""
+
+    shots: tuple[ShotStatus, ...]
+    progress: float
+    warnings: tuple[FieldProblem, ...]
+
+    @classmethod
+    def of(cls, book: JobBook) -> JobView:
+        return cls(tuple(ShotStatus(**s) for s in book.shot_states()), book.progress,
+                   tuple(FieldProblem(loc=list(w.loc), msg=w.msg) for w in book.setup.warnings))
+
+
+
+class KeptViews:
+    """The views of the latest `keep` finished jobs, oldest first out."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._views: OrderedDict[str, JobView] = OrderedDict()
+
+    def add(self, job_id: str, view: JobView) -> list[str]:
+        """Keep `view` as the newest; answers the jobs that no longer fit, forgotten here."""
+        self._views.pop(job_id, None)
+        self._views[job_id] = view
+        out = []
+        while len(self._views) > self.keep:
+            out.append(self._views.popitem(last=False)[0])
+        return out
+
+    def get(self, job_id: str) -> JobView | None:
+        return self._views.get(job_id)
+
+    def pop(self, job_id: str) -> None:
+        self._views.pop(job_id, None)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+def job_status(row: JobRow, view: JobView | None, stage_rows: list[str] | None = None) -> JobStatus:
+    """A job as the API shows it: from its book's view when the director holds one (a live book, or
+    what it kept of a finished one), else from the store (`stage_rows`: the states of its stored
+    stages)."""
+    shots: list[ShotStatus] = []
+    warnings: list[FieldProblem] = []
+    if view is not None:
+        shots, progress, warnings = list(view.shots), view.progress, list(view.warnings)
     else:
         rows = stage_rows or []
-        shots, progress = [], sum(state == JobState.SUCCEEDED for state in rows) / max(len(rows), 1)
+        progress = sum(state == JobState.SUCCEEDED for state in rows) / max(len(rows), 1)
     if row.state == JobState.SUCCEEDED:
         progress = 1.0
     return JobStatus(id=row.id, title=row.title, state=JobState(row.state), priority=row.priority,

@@ -24,6 +24,8 @@ from farm.jobbook import (
 )
 from farm.jobsetup import setup_job
 from farm.plan import Stage
+from farm.schemas import JobView, KeptViews, job_status
+from farm.store import JobRow
 from farm.pool import PoolPolicy, WorkerBook
 
 
@@ -289,6 +291,24 @@ def test_success_files_the_record_and_completes_the_job():
     assert kinds(book.drain(), Emit)[-1].event == {"job": "j", "time": 8.0, "type": "job_finished",
                                                      "state": "succeeded"}
 
+
+
+def test_a_finished_jobs_view_shows_what_its_book_showed_and_only_the_latest_are_kept():
+    book = book_of(ONE_SHOT)
+    for stage in ("keyframe:a", "video:a:0"):
+        finish(book, stage)
+    book.cancel(3.0)
+    row = JobRow("j", "t", 0, JobState.CANCELLED, {}, "/", "/out", {}, 0.0, 1.0, 3.0, "cancelled by request", None, None)
+    view = JobView.of(book)
+    status = job_status(row, view)
+    assert [(s.id, s.state) for s in status.shots] == [("a", "queued")] and status.progress == pytest.approx(2 / 8)
+    assert job_status(row, None, ["succeeded", "failed"]).shots == []  # what the store alone knows
+    kept = KeptViews(keep=2)
+    assert kept.add("j1", view) == [] and kept.add("j2", view) == []
+    assert kept.add("j1", view) == []  # kept again: now the newest
+    assert kept.add("j3", view) == ["j2"] and kept.get("j2") is None and kept.get("j1") is view
+    kept.pop("j1")
+    assert len(kept) == 1 and kept.get("j1") is None
 
 def test_priority_rank_and_order_reach_the_policy():
     book = book_of([{"id": "a", "prompt": "p", "duration": 2.0}, {"id": "b", "prompt": "p", "duration": 0.5}])
