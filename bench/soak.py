@@ -97,6 +97,7 @@ def main() -> None:
                         "gcs_rss": rss(gcs) if gcs else None})
         print(f"job {i:3d} {state['state']:9s} stages {stages:4d} worker {samples[-1]['worker_rss'] / 2**20:7.1f} MiB "
               f"fds {samples[-1]['fds']} threads {samples[-1]['threads']} "
+              f"director {(samples[-1]['director_rss'] or 0) / 2**20:.1f} MiB "
               f"gcs {(samples[-1]['gcs_rss'] or 0) / 2**20:.1f} MiB", flush=True)
     wall = time.perf_counter() - started
     ray.shutdown()

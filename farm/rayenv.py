@@ -45,6 +45,14 @@ LOCAL_RAY_ENV = {
     TASK_EVENTS_ENV: "10000",
 }
 
+# Arrow's buffers from glibc's allocator, not its default mimalloc, in every farm process: mimalloc
+# keeps a heap per thread and what it freed there, and the director writes a parquet ledger per job
+# from whichever of its threads finished it (a cancel comes in on any of its 16): bench/soak.py saw it
+# grow 2 MiB per cancelled job. Arrow reads this once, when it first allocates, so it is set before
+# the process starts (pyarrow's set_memory_pool does not reach the parquet writer's own buffers).
+ARROW_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system"}
+LOCAL_RAY_ENV.update(ARROW_ENV)
+
 # Serve's request path in one event loop per process (two of the switches its throughput-optimised
 # mode sets): by default a replica runs the app's handlers on a second loop in a thread of its own, and
 # the proxy its router on another, so every request crosses loops (and the GIL) twice more. The farm's
@@ -57,7 +65,7 @@ SERVE_ENV = {
 LOCAL_RAY_ENV.update(SERVE_ENV)
 
 # A cluster's nodes are started by `ray start` (cluster.yaml), on their private addresses, with Ray's
-# token auth; none of the above applies to them but the niceness and, on the head, SERVE_ENV.
+# token auth; none of the above applies to them but the niceness and, on the head, SERVE_ENV and ARROW_ENV.
 
 
 def local_ray_options() -> dict[str, Any]:

@@ -221,10 +221,27 @@ def test_failed_job_can_be_requeued(farm):
     job, out = submit(farm, story(seed=105), "requeue")
     status = wait_state(ray, director, job["id"])
     assert status["state"] == "failed" and "keyframe:c" in status["error"]
+    time.sleep(0.5)  # the director's loop retires the finished book: its status comes from what it kept
+    shots = {s["id"]: s["state"] for s in ray.get(director.status.remote(job["id"]))["shots"]}
+    assert set(shots) == {"a", "b", "c"} and shots["c"] != "succeeded", shots
     # both workers failed keyframe:c once, then a third attempt... unless the budget (3) was spent
-    ray.get(director.requeue.remote(job["id"]))
-    assert wait_state(ray, director, job["id"])["state"] == "succeeded"
+    ray.get(director.requeue.remote(job["id"]))  # admitted again from the store
+    status = wait_state(ray, director, job["id"])
+    assert status["state"] == "succeeded" and {s["state"] for s in status["shots"]} == {"succeeded"}
     assert (out / "final.mp4").is_file()
+    events = ray.get(director.events.remote(job["id"]))[0]
+    assert events[-1]["type"] == "job_finished" and events[-1]["state"] == "succeeded"
+
+
+def test_farm_processes_keep_arrow_on_the_system_allocator(ray_session):
+    """farm/rayenv.py ARROW_ENV reaches Ray's worker processes (the director's ledger writes)."""
+    @ray_session.remote(num_cpus=0)
+    def backend() -> str:
+        import pyarrow
+
+        return pyarrow.default_memory_pool().backend_name
+
+    assert ray_session.get(backend.remote()) == "system"
 
 
 def test_poison_job_fails_and_every_worker_stays_in_rotation(farm):

@@ -24,9 +24,9 @@ from farm.jobbook import (
 )
 from farm.jobsetup import setup_job
 from farm.plan import Stage
+from farm.pool import PoolPolicy, WorkerBook
 from farm.schemas import JobView, KeptViews, job_status
 from farm.store import JobRow
-from farm.pool import PoolPolicy, WorkerBook
 
 
 def book_of(shots=None, policy=None, **over):
@@ -298,7 +298,7 @@ def test_a_finished_jobs_view_shows_what_its_book_showed_and_only_the_latest_are
     for stage in ("keyframe:a", "video:a:0"):
         finish(book, stage)
     book.cancel(3.0)
-    row = JobRow("j", "t", 0, JobState.CANCELLED, {}, "/", "/out", {}, 0.0, 1.0, 3.0, "cancelled by request", None, None)
+    row = JobRow("j", "t", 0, JobState.CANCELLED, {}, "/", "/out", {}, 0.0, 1.0, 3.0, "cancelled", None, None)
     view = JobView.of(book)
     status = job_status(row, view)
     assert [(s.id, s.state) for s in status.shots] == [("a", "queued")] and status.progress == pytest.approx(2 / 8)
