@@ -37,7 +37,7 @@ from farm.jobbook import JobBook
 from farm.jobsetup import JobSetup, adapter_errors, setup_job
 from farm.manifest import FieldError, ManifestError
 from farm.metrics import snapshot
-from farm.paths import output_problem
+from farm.paths import folder_room, output_problem
 from farm.plan import Stage
 from farm.pool import PoolConfig, PoolPolicy, WorkerBook
 from farm.schedule import Policy, assign
@@ -143,9 +143,10 @@ class Director:
         status, or what `submit` would have raised for it alone."""
         out: list[dict[str, Any] | Exception] = [ValueError("not queued")] * len(submissions)
         ready: list[tuple[int, JobSetup, NewJob]] = []
+        rooms: dict[Path, tuple[str | None, int]] = {}  # one look per output folder in the batch
         for i, sub in enumerate(submissions):
             try:
-                setup = self._setup(sub)
+                setup = self._setup(sub, rooms)
                 job_id = uuid.uuid4().hex[:12]
                 out_dir = sub.out_dir or str(self.outputs / job_id)
                 ready.append((i, setup, NewJob(job_id, setup.manifest.title, sub.manifest, sub.root, out_dir,
@@ -170,8 +171,9 @@ class Director:
                 out[i] = exc
         return out
 
-    def _setup(self, sub: Submission) -> JobSetup:
-        """A submission validated and planned, or the ManifestError / ModelError that refuses it."""
+    def _setup(self, sub: Submission, rooms: dict[Path, tuple[str | None, int]]) -> JobSetup:
+        """A submission validated and planned, or the ManifestError / ModelError that refuses it.
+        `rooms`: the output folders already looked at, and what was found (filled in here)."""
         setup = setup_job(sub.validated or sub.manifest, Path(sub.root), dict(sub.options))
         if not setup.tiny:
             absent = self.fleet.missing_models(list(setup.specs.values()))
@@ -182,7 +184,10 @@ class Director:
                 raise ManifestError(unready)
         # Not after the GPU work. The folder of all outputs stands for a job's own, so an idempotent
         # replay (which returns the first job) leaves no empty folder behind.
-        problem = output_problem(Path(sub.out_dir) if sub.out_dir else self.outputs, setup.output_bytes())
+        folder = Path(sub.out_dir) if sub.out_dir else self.outputs
+        if folder not in rooms:
+            rooms[folder] = folder_room(folder)
+        problem = output_problem(folder, setup.output_bytes(), rooms[folder])
         if problem:
             raise ManifestError([FieldError(("output",), problem)])
         return setup

@@ -39,9 +39,9 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
         raise
 
 
-def output_problem(folder: Path | str, need_bytes: int) -> str | None:
-    """Why a job could not write its outputs to `folder` (read-only, not a folder, too little free
-    space), found before any GPU work; None when it can. Creates the folder, as the job would."""
+def folder_room(folder: Path | str) -> tuple[str | None, int]:
+    """Whether a job could write to `folder` at all (None, or why not: read-only, not a folder) and
+    the bytes free there. Creates the folder, as the job would."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -50,8 +50,17 @@ def output_problem(folder: Path | str, need_bytes: int) -> str | None:
         os.unlink(probe)
         stat = os.statvfs(folder)
     except OSError as exc:
-        return f"cannot write to {folder}: {exc.strerror or exc}"
-    free = stat.f_bavail * stat.f_frsize
+        return f"cannot write to {folder}: {exc.strerror or exc}", 0
+    return None, stat.f_bavail * stat.f_frsize
+
+
+def output_problem(folder: Path | str, need_bytes: int, room: tuple[str | None, int] | None = None) -> str | None:
+    """Why a job could not write its outputs to `folder` (read-only, not a folder, too little free
+    space), found before any GPU work; None when it can. `room`: `folder_room(folder)` already probed
+    (submits queued together share one look at the outputs folder)."""
+    problem, free = room or folder_room(folder)
+    if problem:
+        return problem
     if free < need_bytes:
         return (f"{folder} has {free / 1e6:.0f} MB free; the job writes about {need_bytes / 1e6:.0f} MB "
                 "there (free some space or choose another output folder)")

@@ -107,7 +107,7 @@ def test_the_director_tidies_the_cache_after_a_job_ends(tmp_path):
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path):
-    from farm.paths import output_problem
+    from farm.paths import folder_room, output_problem
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -115,6 +115,12 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
     assert "MB free; the job writes about" in (output_problem(tmp_path / "out", 10**18) or "")
     assert output_problem(tmp_path / "fine", 1) is None and (tmp_path / "fine").is_dir()
     assert list((tmp_path / "fine").iterdir()) == []  # the probe leaves nothing behind
+    # Submits queued together look at a folder once: each is judged on that one look.
+    room = folder_room(tmp_path / "fine")
+    assert room[0] is None and room[1] > 0
+    assert output_problem(tmp_path / "fine", room[1] + 1, room) is not None
+    assert output_problem(tmp_path / "fine", room[1], room) is None
+    assert output_problem(tmp_path / "fine", 1, ("cannot write to it", 0)) == "cannot write to it"
 
 
 def test_farm_render_refuses_an_unwritable_output_folder_at_once(tmp_path):
