@@ -245,16 +245,15 @@ class Director:
         with self.lock:
             row, book = self._row(job_id), self.books.get(job_id)
             if JobState(row.state) not in ACTIVE_STATES:
-                self.streams[job_id] = []
                 self.publishing.pop(job_id, None)
-                self.kept.pop(job_id)
                 if book is not None:
+                    self.streams[job_id] = []
                     book.requeue()
                     book.announce(time.time())
                     self.effects.apply(book)
-                else:
+                else:  # retired: planned again from its stored manifest, as after a restart, here and now
                     self.store.set_job_state(job_id, JobState.QUEUED)
-                    self.rescan_at = 0.0  # admitted on the next pass, from its stored manifest
+                    self._open(self._row(job_id))
         return self.status(job_id)
 
     def _size_deadlines(self) -> None:
@@ -418,24 +417,36 @@ class Director:
         else:
             news = [self.inbox.popleft() for _ in range(len(self.inbox))]
         for job_id, made in news:
-            if job_id in self.books and self.books[job_id].active:
+            # A book, even a finished one, still has the job: the stages it left running come back to it,
+            # and once it is retired the next rescan admits the job anew (another process requeued it).
+            if job_id in self.books:
                 continue
             row = self._row(job_id)
             if not JobState(row.state).active:
                 continue  # cancelled between its submit and this pass
-            try:
-                setup = made or setup_job(row.manifest, row.root, row.options)
-                p = self.policy
-                book = JobBook(row.id, setup, row.out_dir, priority=row.priority, created=row.created,
-                               use_cache=row.options.get("cache", True), image_keys=ingest_images(setup, self.cache),
-                               policy=jb.RetryPolicy(p.max_attempts, p.backoff_s, p.backoff_cap_s, p.max_worker_losses))
-            except (ValueError, OSError) as exc:  # ManifestError and ModelError are ValueErrors
-                self.store.set_job_state(row.id, JobState.FAILED, str(exc))
-                continue
-            price(book, {w.tier for w in self.pool.workers.values()}, self.costs)
-            self.books[row.id], self.streams[row.id] = book, []
-            book.announce(time.time())
-            self.effects.apply(book)
+            self._open(row, made)
+
+    def _open(self, row: Any, made: JobSetup | None = None) -> JobBook | None:
+        """A queued job's book, announced: from the setup its submit made, else from its stored
+        manifest (a restart, a requeue of a retired job, another process's insert). A manifest that no
+        longer plans (a model or a first frame gone since) fails the job instead: None."""
+        try:
+            setup = made or setup_job(row.manifest, row.root, row.options)
+            p = self.policy
+            book = JobBook(row.id, setup, row.out_dir, priority=row.priority, created=row.created,
+                           use_cache=row.options.get("cache", True), image_keys=ingest_images(setup, self.cache),
+                           policy=jb.RetryPolicy(p.max_attempts, p.backoff_s, p.backoff_cap_s, p.max_worker_losses))
+        except (ValueError, OSError) as exc:  # ManifestError and ModelError are ValueErrors
+            self.store.set_job_state(row.id, JobState.FAILED, str(exc))
+            self.kept.pop(row.id)  # its status is the store's now: this error, not an earlier run's shots
+            self.streams.pop(row.id, None)
+            return None
+        price(book, {w.tier for w in self.pool.workers.values()}, self.costs)
+        self.kept.pop(row.id)
+        self.books[row.id], self.streams[row.id] = book, []
+        book.announce(time.time())
+        self.effects.apply(book)
+        return book
 
     def _dispatch(self) -> None:
         if self.held:
@@ -506,8 +517,13 @@ class Director:
 
     def _result(self, ref: Any) -> None:
         job, stage_id, wid = self.inflight.pop(ref)
-        book, now = self.books[job], time.time()
+        book, now = self.books.get(job), time.time()
         self.pool.freed(wid, now, f"{job}/{stage_id}")
+        if book is None:  # a book is retired only with nothing in flight: never, but not a reason to stop
+            log.error("a result for %s/%s, whose job has no book", job, stage_id)
+            self.gap_watch.discard(f"{job}/{stage_id}")
+            self.sent_ahead.discard(f"{job}/{stage_id}")
+            return
         try:
             result = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - sorted by kind below
@@ -581,7 +597,8 @@ class Director:
         writes. A requeue admits it again from the store."""
         del self.books[book.id]
         for job_id in self.kept.add(book.id, JobView.of(book)):
-            self.streams.pop(job_id, None)
+            if job_id not in self.books:  # admitted again meanwhile (by a rescan): its events are its book's
+                self.streams.pop(job_id, None)
         self.effects.side.pop(book.id, None)
         for ident in [i for i in self.ready_since if i.startswith(f"{book.id}/")]:
             del self.ready_since[ident]

@@ -213,6 +213,14 @@ def test_oom_walks_down_the_preset_ladder(farm):
         ray.get(director.set_faults.remote(w["id"], []))
 
 
+def retired(ray, director, job_id, timeout=30.0):
+    """Wait until the director's loop has retired the finished job's book (its cancelled stages back)."""
+    deadline = time.time() + timeout
+    while ray.get(director.__ray_call__.remote(lambda d, j: j in d.books, job_id)):
+        assert time.time() < deadline, f"the book of finished job {job_id} was never retired"
+        time.sleep(0.1)
+
+
 def test_failed_job_can_be_requeued(farm):
     ray, director, _ = farm
     workers = ray.get(director.workers_info.remote())
@@ -221,16 +229,35 @@ def test_failed_job_can_be_requeued(farm):
     job, out = submit(farm, story(seed=105), "requeue")
     status = wait_state(ray, director, job["id"])
     assert status["state"] == "failed" and "keyframe:c" in status["error"]
-    time.sleep(0.5)  # the director's loop retires the finished book: its status comes from what it kept
-    shots = {s["id"]: s["state"] for s in ray.get(director.status.remote(job["id"]))["shots"]}
+    retired(ray, director, job["id"])
+    shots = {s["id"]: s["state"] for s in ray.get(director.status.remote(job["id"]))["shots"]}  # what it kept
     assert set(shots) == {"a", "b", "c"} and shots["c"] != "succeeded", shots
     # both workers failed keyframe:c once, then a third attempt... unless the budget (3) was spent
-    ray.get(director.requeue.remote(job["id"]))  # admitted again from the store
+    again = ray.get(director.requeue.remote(job["id"]))  # a new book at once, from the stored manifest
+    assert again["state"] in ("queued", "running") and again["progress"] < 1 and len(again["shots"]) == 3, again
     status = wait_state(ray, director, job["id"])
     assert status["state"] == "succeeded" and {s["state"] for s in status["shots"]} == {"succeeded"}
     assert (out / "final.mp4").is_file()
     events = ray.get(director.events.remote(job["id"]))[0]
-    assert events[-1]["type"] == "job_finished" and events[-1]["state"] == "succeeded"
+    assert events[0]["type"] == "job_started" and events[-1]["type"] == "job_finished", events
+    assert events[-1]["state"] == "succeeded"
+
+
+def test_a_retired_job_that_no_longer_plans_fails_its_requeue_at_once(farm):
+    """A requeue plans a retired job again from its stored manifest: a first frame deleted since fails
+    it there and then, with the reason, and no earlier run's shots or events linger."""
+    from helpers import write_png
+
+    ray, director, root = farm
+    first = write_png(root / "first-frame.png")
+    data = story(seed=106, shots=[{"id": "a", "prompt": "from my photo", "duration": 0.5, "keyframe": first.name}])
+    job, _ = submit(farm, data, "requeue-gone")
+    assert wait_state(ray, director, job["id"])["state"] == "succeeded"
+    retired(ray, director, job["id"])
+    first.unlink()
+    again = ray.get(director.requeue.remote(job["id"]))
+    assert again["state"] == "failed" and "first-frame.png" in again["error"] and again["shots"] == [], again
+    assert ray.get(director.events.remote(job["id"]))[0] == []
 
 
 def test_farm_processes_keep_arrow_on_the_system_allocator(ray_session):
