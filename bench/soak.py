@@ -61,6 +61,7 @@ def main() -> None:
     os.environ["FARM_HOME"] = str(home)
     import ray
 
+    from actors.director import KEEP_FINISHED
     from farm.config import current
     from farm.driver import local_director, start_ray
     from farm.pool import PoolConfig
@@ -106,10 +107,13 @@ def main() -> None:
     last = samples[-1]
     after = samples[samples.index(base):]
 
-    def growth(key: str) -> str:
-        if base[key] is None:
+    def growth_from(first: dict[str, Any], key: str) -> str:
+        if first[key] is None:
             return "n/a"
-        return f"{(last[key] / base[key] - 1) * 100:+.1f}%"
+        return f"{(last[key] / first[key] - 1) * 100:+.1f}%"
+
+    def growth(key: str) -> str:
+        return growth_from(base, key)
 
     def spread(key: str) -> str:
         return f"{min(s[key] for s in after)}-{max(s[key] for s in after)}"
@@ -128,6 +132,14 @@ def main() -> None:
                      "last": f"{last['director_rss'] / 2**20:.1f} MiB", "growth": growth("director_rss"),
                      "target": "flat (< 5%)", "met": "yes" if last["director_rss"] < 1.05 * base["director_rss"]
                      else "NO"})
+        full = next((s for s in after if s["job"] >= KEEP_FINISHED), None)
+        if full is not None and full is not last:  # what it keeps of finished jobs no longer grows from here
+            per_job = (last["director_rss"] - full["director_rss"]) / max(last["job"] - full["job"], 1) / 1024
+            rows.append({"measure": f"director resident memory from job {full['job']} (by then it keeps its "
+                                    f"{KEEP_FINISHED} latest finished jobs' status and events)",
+                         "at warm-up": f"{full['director_rss'] / 2**20:.1f} MiB",
+                         "last": f"{last['director_rss'] / 2**20:.1f} MiB", "growth": growth_from(full, "director_rss"),
+                         "target": "flat", "met": f"{per_job:+.0f} KiB a job"})
     if base["gcs_rss"]:
         half = after[len(after) // 2]
         rows.append({"measure": "Ray gcs_server resident memory", "at warm-up": f"{base['gcs_rss'] / 2**20:.1f} MiB",
