@@ -429,7 +429,9 @@ class Director:
     def _open(self, row: Any, made: JobSetup | None = None) -> JobBook | None:
         """A queued job's book, announced: from the setup its submit made, else from its stored
         manifest (a restart, a requeue of a retired job, another process's insert). A manifest that no
-        longer plans (a model or a first frame gone since) fails the job instead: None."""
+        longer plans (a model or a first frame gone since) fails the job instead: None. Either way
+        an earlier run's kept view goes: its status is the new book's, or the store's with the error."""
+        self.kept.pop(row.id)
         try:
             setup = made or setup_job(row.manifest, row.root, row.options)
             p = self.policy
@@ -438,11 +440,9 @@ class Director:
                            policy=jb.RetryPolicy(p.max_attempts, p.backoff_s, p.backoff_cap_s, p.max_worker_losses))
         except (ValueError, OSError) as exc:  # ManifestError and ModelError are ValueErrors
             self.store.set_job_state(row.id, JobState.FAILED, str(exc))
-            self.kept.pop(row.id)  # its status is the store's now: this error, not an earlier run's shots
             self.streams.pop(row.id, None)
             return None
         price(book, {w.tier for w in self.pool.workers.values()}, self.costs)
-        self.kept.pop(row.id)
         self.books[row.id], self.streams[row.id] = book, []
         book.announce(time.time())
         self.effects.apply(book)
@@ -512,7 +512,11 @@ class Director:
         it, rather than raise in every dispatch pass."""
         book.fail(f"{stage.id}: {short(exc)}", now)
         self.effects.apply(book)
-        for ident in [i for i in self.ready_since if i.startswith(f"{book.id}/")]:
+        self._forget_ready(book.id)
+
+    def _forget_ready(self, job_id: str) -> None:
+        """Drop the clocks of a job's stages that were ready and will not be dispatched now."""
+        for ident in [i for i in self.ready_since if i.startswith(f"{job_id}/")]:
             del self.ready_since[ident]
 
     def _result(self, ref: Any) -> None:
@@ -594,14 +598,12 @@ class Director:
         """A finished job with nothing left running: its book goes, what its status shows stays
         (`kept`), with its events, for the latest KEEP_FINISHED jobs (a farm runs for months). What a
         cancel or failure left behind goes with the book: its ready stages' clocks, pending side
-        writes. A requeue admits it again from the store."""
+        writes. A requeue opens it again from the store."""
         del self.books[book.id]
-        for job_id in self.kept.add(book.id, JobView.of(book)):
-            if job_id not in self.books:  # admitted again meanwhile (by a rescan): its events are its book's
-                self.streams.pop(job_id, None)
+        for job_id in self.kept.add(book.id, JobView.of(book)):  # a job with a book is never kept (_open)
+            self.streams.pop(job_id, None)
         self.effects.side.pop(book.id, None)
-        for ident in [i for i in self.ready_since if i.startswith(f"{book.id}/")]:
-            del self.ready_since[ident]
+        self._forget_ready(book.id)
 
 
 DirectorActor = actor_class(Director, max_restarts=-1, max_concurrency=16, num_cpus=0)

@@ -133,7 +133,6 @@ class JobView:
                    tuple(FieldProblem(loc=list(w.loc), msg=w.msg) for w in book.setup.warnings))
 
 
-
 class KeptViews:
     """The views of the latest `keep` finished jobs, oldest first out."""
 
@@ -158,6 +157,7 @@ class KeptViews:
 
     def __len__(self) -> int:
         return len(self._views)
+
 
 def job_status(row: JobRow, view: JobView | None, stage_rows: list[str] | None = None) -> JobStatus:
     """A job as the API shows it: from its book's view when the director holds one (a live book, or
