@@ -227,16 +227,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from farm.config import current
-    from farm.driver import serve_api, until_ctrl_c
+    from farm.driver import port_problem, serve_api, until_ctrl_c
+    from farm.egress import is_loopback
     from farm.rayenv import local_ray_options, prepare_local_ray
 
+    if problem := port_problem(args.host, args.port):  # before Ray starts
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_INVALID
     if not ray.is_initialized():
-        # RAY_ADDRESS set: join that cluster; otherwise a local one.
-        prepare_local_ray()
+        # RAY_ADDRESS set: join that cluster; otherwise a local one, whose API replica serves a loopback
+        # port itself (farm/rayenv.py, direct ingress).
         joining = os.environ.get("RAY_ADDRESS")
+        prepare_local_ray(args.port if not joining and is_loopback(args.host) else None)
         ray.init(address=joining or "local", log_to_driver=False,
                  **({"include_dashboard": False} if joining else local_ray_options()))
-    where = serve_api(current(), args.host, args.port, models=args.models, tier=args.tier, workers=args.workers)
+    try:
+        where = serve_api(current(), args.host, args.port, models=args.models, tier=args.tier, workers=args.workers)
+    except ValueError as exc:  # a weak token off loopback, a port in use
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     print(f"farm API on http://{args.host}:{args.port} (OpenAPI at /openapi.json), web pages at "
           f"http://{args.host}:{args.port}/ui; Ctrl-C stops it", flush=True)
     print(f"API token: {where if where else 'from FARM_API_TOKEN / api.token'} (the CLI reads it there)", flush=True)

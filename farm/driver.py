@@ -5,6 +5,7 @@ import actors and Ray; the core below it may not."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from farm.manifest import FieldError, ManifestError, load
 from farm.paths import OutputLayout, output_problem
 from farm.pool import PoolConfig, resources_for_local
 from farm.progress import ProgressBars
-from farm.rayenv import local_ray_options, prepare_local_ray
+from farm.rayenv import direct_ingress_port, local_ray_options, prepare_local_ray
 
 
 class RenderError(RuntimeError):
@@ -43,13 +44,14 @@ def job_key(manifest: dict[str, Any], out_dir: str, options: dict[str, Any]) -> 
     return content_hash({"manifest": manifest, "out": out_dir, "options": options})
 
 
-def start_ray(pool: PoolConfig) -> bool:
-    """Start a local Ray unless this process is already attached to one. Returns whether we started it."""
+def start_ray(pool: PoolConfig, api_port: int | None = None) -> bool:
+    """Start a local Ray unless this process is already attached to one (with its API to be served on
+    loopback `api_port`, if given). Returns whether we started it."""
     import ray
 
     if ray.is_initialized():
         return False
-    prepare_local_ray()
+    prepare_local_ray(api_port)
     # address="local": always a fresh local cluster, never someone else's that happens to be running.
     ray.init(address="local", resources=resources_for_local(pool), log_to_driver=False, configure_logging=False,
              **local_ray_options())
@@ -97,9 +99,42 @@ def serve_api(config: FarmConfig, host: str, port: int, **settings: Any) -> Path
 
     token, where = ensure_token(config)
     api = Settings.from_config(config, token=token, host=host, **settings)  # refuses a weak token off loopback
-    serve.start(http_options={"host": host, "port": port})
+    if problem := port_problem(host, port):
+        raise ValueError(problem)
+    # Where this farm's Ray has its API replica serve the port itself (farm/rayenv.py), Serve's proxy
+    # takes a free port of its own on the same host; otherwise the proxy serves the farm's port.
+    direct = direct_ingress_port() == port
+    serve.start(http_options={"host": host, "port": free_port(host) if direct else port})
     serve.run(FarmAPI.bind(api), name="farm", route_prefix="/")
     return where
+
+
+def port_problem(host: str, port: int) -> str:
+    """Why `host:port` cannot be listened on (in use, or not this machine's address), "" when it can."""
+    try:
+        with _bound(host, port):
+            return ""
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+
+
+def free_port(host: str) -> int:
+    """A port on `host` that nothing listens on now (the system's pick)."""
+    with _bound(host, 0) as s:
+        return int(s.getsockname()[1])
+
+
+def _bound(host: str, port: int) -> socket.socket:
+    """A socket bound the way uvicorn binds (SO_REUSEADDR: a port an earlier run left in TIME_WAIT
+    is free)."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+    except OSError:
+        s.close()
+        raise
+    return s
 
 
 def serve_pages(pool: PoolConfig, config: FarmConfig, models: str | None, root: Path, port: int, job_id: str) -> str:
@@ -157,12 +192,14 @@ def render(path: Path | str, out_dir: Path | str, *, models: str | None = None, 
     missing = model_errors(manifest, path.parent, models)  # checked where they will load: here
     if missing:
         raise ManifestError(missing)
+    if ui_port is not None and (busy := port_problem("127.0.0.1", ui_port)):
+        raise RenderError(f"the web pages: {busy}; pick another --port")
     out = OutputLayout(Path(out_dir).resolve())
     problem = output_problem(out.root, OUTPUT_SLACK)  # the first look, before Ray starts; submit sizes it
     if problem:
         raise ManifestError([FieldError(("output",), problem)])
     pool = PoolConfig(tier=tier, workers=workers)
-    we_started = start_ray(pool)
+    we_started = start_ray(pool, api_port=ui_port)
     try:
         director = local_director(pool, config)
         data = manifest.model_dump(mode="json", exclude_unset=True)

@@ -66,11 +66,13 @@ def running_api(token: str, root: Path, **settings: Any) -> Iterator[tuple[str, 
     from ray import serve
 
     from deployments.app import FarmAPI, Limits, Settings
+    from farm.rayenv import direct_ingress_port
 
+    port = direct_ingress_port()  # the session's API port, served by the replica (tests/conftest.py)
+    assert port is not None
     for attempt in range(5):
-        port = free_port()
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:  # Serve's proxy, on a port of its own, as farm.driver.serve_api starts it
+            serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
             break
         except Exception as exc:  # the port went to a client's ephemeral socket between free_port and the bind
             serve.shutdown()

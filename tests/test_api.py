@@ -410,6 +410,97 @@ def test_cli_reads_the_generated_token(api, tmp_path):
     assert bad.returncode != 0 and "401" in bad.stderr + bad.stdout
 
 
+def listeners(root) -> dict[str, set[tuple[str, int]]]:
+    """The TCP ports each process under `root` (a psutil.Process) listens on, by process name."""
+    import psutil
+
+    found: dict[str, set[tuple[str, int]]] = {}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            conns, name = proc.net_connections(kind="tcp"), proc.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        listening = {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+        found.setdefault(name, set()).update(listening)
+    return found
+
+
+def test_the_api_port_is_served_by_its_replica_not_by_serves_proxy(api):
+    """A local farm's API replica listens on the farm's port itself (farm/rayenv.py, direct ingress):
+    nothing between a client and the app; Serve's proxy keeps a loopback port of its own."""
+    import psutil
+
+    url, client, _ = api
+    port = int(url.rsplit(":", 1)[1])
+    found = listeners(psutil.Process())
+    assert [name for name, addrs in found.items() if ("127.0.0.1", port) in addrs] == ["ray::ServeReplica:farm:FarmAPI"]
+    proxy = [addr for name, addrs in found.items() if name.startswith("ray::ProxyActor") for addr in addrs]
+    assert any(ip == "127.0.0.1" and p != port for ip, p in proxy), found
+    assert client.get("/v1/jobs").status_code == 200
+
+
+def test_a_port_in_use_is_refused_before_ray_starts(tmp_path, tiny_models, capsys):
+    """`farm serve` and `farm render --ui` on a port something listens on: a clear error, at once."""
+    import socket
+
+    from farm import cli
+
+    story = write_manifest(tmp_path / "in", base_manifest(shots=[{"id": "a", "prompt": "p", "duration": 0.5}]))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        run = subprocess.run([sys.executable, "-m", "farm.cli", "serve", "--port", str(port)], capture_output=True,
+                             text=True, timeout=120, cwd=REPO, env={**os.environ, "FARM_HOME": str(tmp_path)})
+        assert run.returncode == 2 and f"cannot listen on 127.0.0.1:{port}: Address already in use" in run.stderr
+        assert time.monotonic() - started < 30 and "ray" not in run.stderr.lower()  # no Ray was started for it
+        assert cli.main(["render", str(story), "-o", str(tmp_path / "out"), "--models", "tiny", "--quiet", "--ui",
+                         "--port", str(port)]) != 0
+    assert f"the web pages: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing was started or written
+
+
+def test_farm_serve_on_loopback_serves_from_its_replica(tmp_path):
+    """`farm serve` as a user runs it: its own local Ray, the API replica listening on the farm's port
+    (no proxy hop), a job submitted and listed, Ctrl-C ends it."""
+    import signal
+
+    import psutil
+    from helpers import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_AUTH_TOKEN_PATH"}
+    env |= {"FARM_HOME": str(tmp_path / "home"), "FARM_API_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "farm.cli", "serve", "--port", str(port), "--models", "tiny",
+                             "--tier", "cpu", "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=REPO, env=env)
+    try:
+        lines = []
+        for line in proc.stdout:  # until it says where it is
+            lines.append(line)
+            if line.startswith("farm API on"):
+                break
+        assert f"http://127.0.0.1:{port}" in "".join(lines), "".join(lines)[-3000:]
+        found = listeners(psutil.Process(proc.pid))
+        assert [name for name, addrs in found.items() if ("127.0.0.1", port) in addrs] == [
+            "ray::ServeReplica:farm:FarmAPI"], found
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"},
+                              timeout=60)
+        story = base_manifest(shots=[{"id": "a", "prompt": "p", "duration": 0.5}])
+        job = post(client, story)
+        assert job.status_code == 202, job.text
+        assert job.json()["id"] in [j["id"] for j in client.get("/v1/jobs").json()]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0
+
+
 BROWSER_FLAGS = [*CHROMIUM_FLAGS, "--window-size=1280,1000", "--autoplay-policy=no-user-gesture-required"]
 
 

@@ -237,17 +237,15 @@ def test_render_with_ui_serves_the_job_page_on_loopback(tmp_path, ray_session, t
     """`farm render --ui` prints the job page's URL (not the token) and serves the pages over this
     render's director on 127.0.0.1 while it renders and, until Ctrl-C, after."""
     import re
-    import socket
 
     import httpx
     from ray import serve
 
     from farm.config import current
+    from farm.rayenv import direct_ingress_port
     from farm.tokens import ensure_token
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = direct_ingress_port()  # the session's: served by the API replica, as a farm started here would
     path = write_manifest(tmp_path, base_manifest(seed=231))
     seen: dict[str, object] = {}
 
