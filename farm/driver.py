@@ -4,6 +4,7 @@ import actors and Ray; the core below it may not."""
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import time
@@ -110,12 +111,17 @@ def serve_api(config: FarmConfig, host: str, port: int, **settings: Any) -> Path
 
 
 def port_problem(host: str, port: int) -> str:
-    """Why `host:port` cannot be listened on (in use, or not this machine's address), "" when it can."""
+    """Why Serve could not listen on `host:port` now (in use, not this machine's address), "" when it
+    can. Serve binds without SO_REUSEADDR, so connections an earlier server there left closing (the
+    kernel keeps them up to a minute) hold the port as much as a listener does: said as such."""
     try:
         with _bound(host, port):
             return ""
     except OSError as exc:
-        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE and not _listened(host, port):
+            why = "connections of an earlier server there are still closing (up to a minute); try again then"
+    return f"cannot listen on {host}:{port}: {why}"
 
 
 def free_port(host: str) -> int:
@@ -124,17 +130,26 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def _bound(host: str, port: int) -> socket.socket:
-    """A socket bound the way uvicorn binds (SO_REUSEADDR: a port an earlier run left in TIME_WAIT
-    is free)."""
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))
     except OSError:
         s.close()
         raise
     return s
+
+
+def _listened(host: str, port: int) -> bool:
+    """Whether something accepts connections on `host:port` (an any-address host: on loopback)."""
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    with socket.socket(_family(target), socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        return s.connect_ex((target, port)) == 0
 
 
 def serve_pages(pool: PoolConfig, config: FarmConfig, models: str | None, root: Path, port: int, job_id: str) -> str:

@@ -405,6 +405,26 @@ def test_model_path_errors_over_http_reveal_nothing(api, tmp_path):
     assert str(tmp_path) not in json.dumps(answers)
 
 
+def test_a_port_is_free_only_when_serve_could_bind_it():
+    """farm.driver.port_problem answers as Serve's own bind (no SO_REUSEADDR) would: a listener, and
+    connections an earlier server closed (TIME_WAIT), both keep the port, each said as such."""
+    from farm.driver import port_problem
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    assert port_problem("127.0.0.1", port).endswith("Address already in use")
+    accepted.close()  # the server closes first: its side of the connection lingers
+    time.sleep(0.1)
+    client.close()
+    server.close()
+    assert "still closing" in port_problem("127.0.0.1", port)
+    assert port_problem("127.0.0.1", 0) == ""
+
+
 def test_bind_with_a_short_token_off_loopback_is_refused():
     from deployments.app import Settings
     from farm.config import FarmConfig
@@ -616,3 +636,30 @@ def test_a_full_disk_fails_the_job_at_once_and_the_farm_keeps_serving(api, ray_s
     assert [a["outcome"] for a in attempts if a["outcome"] != "succeeded"] == ["failed"]  # no retries
     assert run(1811)["state"] == "succeeded"
     assert all(w["state"] != "quarantined" for w in ray_session.get(director.workers_info.remote()))
+
+
+@pytest.mark.slow
+def test_the_api_replica_killed_comes_back_on_the_same_port(api):
+    """A local farm's API replica serves the farm's port itself (farm/rayenv.py): killed, Serve starts
+    another that takes the same port back (no quarantine), and the CLI's client rides out the gap: up
+    to a minute with clients connected (this module's), while the kernel lets go of the dead replica's
+    connections (Serve binds without SO_REUSEADDR; docs/cluster.md)."""
+    import psutil
+
+    from farm.client import Client
+
+    url, _, _ = api
+    port = int(url.rsplit(":", 1)[1])
+
+    def serving() -> list[psutil.Process]:
+        return [p for p in psutil.Process().children(recursive=True) if p.name().startswith("ray::ServeReplica")
+                and any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in p.net_connections("tcp"))]
+
+    first = serving()
+    assert len(first) == 1
+    first[0].kill()
+    first[0].wait(30)
+    started = time.monotonic()
+    assert isinstance(Client(url, TOKEN).jobs(), list)  # refused connections retried until it is back
+    back = serving()
+    assert len(back) == 1 and back[0].pid != first[0].pid and time.monotonic() - started < 100
