@@ -231,13 +231,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from farm.egress import is_loopback
     from farm.rayenv import local_ray_options, prepare_local_ray
 
-    if problem := port_problem(args.host, args.port):  # before Ray starts
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_INVALID
     if not ray.is_initialized():
         # RAY_ADDRESS set: join that cluster; otherwise a local one, whose API replica serves a loopback
         # port itself (farm/rayenv.py, direct ingress).
         joining = os.environ.get("RAY_ADDRESS")
+        if not joining and (problem := port_problem(args.host, args.port)):  # before Ray starts
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_INVALID
         prepare_local_ray(args.port if not joining and is_loopback(args.host) else None)
         ray.init(address=joining or "local", log_to_driver=False,
                  **({"include_dashboard": False} if joining else local_ray_options()))

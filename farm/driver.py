@@ -100,11 +100,12 @@ def serve_api(config: FarmConfig, host: str, port: int, **settings: Any) -> Path
 
     token, where = ensure_token(config)
     api = Settings.from_config(config, token=token, host=host, **settings)  # refuses a weak token off loopback
-    if problem := port_problem(host, port):
-        raise ValueError(problem)
     # Where this farm's Ray has its API replica serve the port itself (farm/rayenv.py), Serve's proxy
-    # takes a free port of its own on the same host; otherwise the proxy serves the farm's port.
+    # takes a free port of its own on the same host; otherwise the proxy serves the farm's port (and
+    # serve.start says at once when it cannot bind it, where a replica would be retried for a minute).
     direct = direct_ingress_port() == port
+    if direct and (problem := port_problem(host, port)):
+        raise ValueError(problem)
     serve.start(http_options={"host": host, "port": free_port(host) if direct else port})
     serve.run(FarmAPI.bind(api), name="farm", route_prefix="/")
     return where
