@@ -106,7 +106,19 @@ def serve_api(config: FarmConfig, host: str, port: int, **settings: Any) -> Path
     direct = direct_ingress_port() == port
     if direct and (problem := port_problem(host, port)):
         raise ValueError(problem)
-    serve.start(http_options={"host": host, "port": free_port(host) if direct else port})
+    for attempt in range(5):
+        proxy_port = free_port(host) if direct else port
+        try:
+            serve.start(http_options={"host": host, "port": proxy_port})
+            break
+        except Exception as exc:  # Serve wraps the OSError; its message is all that says what it was
+            serve.shutdown()
+            if "Failed to bind" not in str(exc):
+                raise
+            # Direct, the free port went to another socket before Serve bound it: take another.
+            if not direct or attempt == 4:
+                why = port_problem(host, proxy_port) or f"cannot listen on {host}:{proxy_port}: {exc}"
+                raise ValueError(why) from None
     serve.run(FarmAPI.bind(api), name="farm", route_prefix="/")
     return where
 

@@ -110,13 +110,17 @@ WORKER_NICENESS = 0
 
 def prepare_local_ray(api_port: int | None = None) -> None:
     """Set the environment a Ray started from this process passes to its daemons and workers; what
-    the user set already wins. `api_port`: the loopback port this farm's API will be served on, by its
-    replica directly (`direct_ingress_env`)."""
+    the user set already wins, but for `api_port`: the loopback port this farm's API will be served on,
+    by its replica directly (`direct_ingress_env`; None: by Serve's proxy)."""
     proxied = any(os.environ.get(v) for v in ("http_proxy", "HTTP_PROXY"))
-    wanted = {**LOCAL_RAY_ENV, **(direct_ingress_env(api_port) if api_port is not None else {})}
-    for name, value in wanted.items():
+    for name, value in LOCAL_RAY_ENV.items():
         if not (proxied and "proxy" in name.lower()):  # the user's own proxy settings stay as they are
             os.environ.setdefault(name, value)
+    # The API's port is this Ray's, not one inherited from the process that started this one.
+    for name in direct_ingress_env(0):
+        os.environ.pop(name, None)
+    if api_port is not None:
+        os.environ.update(direct_ingress_env(api_port))
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
         # Ray imported before this call read the variable then; its address lookup reads the constant

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import quiet_port
 
 from farm.rayenv import local_ray_options, prepare_local_ray
 
@@ -25,24 +26,9 @@ os.environ.setdefault("FARM_HOME", str(_SESSION_HOME / "farm"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-def _quiet_port() -> int:
-    """A free loopback port below the ephemeral range, so no client socket takes it between tests."""
-    import random
-    import socket
-
-    for port in random.sample(range(20000, 30000), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free loopback port in 20000-29999")
-
-
 # The environment the farm starts its own Ray with, its API served on this session's one port by the
 # API replica itself (farm/rayenv.py); tests/helpers.py running_api serves it there.
-prepare_local_ray(api_port=_quiet_port())
+prepare_local_ray(api_port=quiet_port())
 os.environ["FARM_WEBHOOK_SECRET"] = "webhook-test-secret"  # the director signs job-end webhooks with it
 os.environ["FARM_WEBHOOK_ALLOW_HOSTS"] = "localhost"  # test receivers listen there; 127.0.0.1 stays refused
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

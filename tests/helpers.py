@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def quiet_port() -> int:
+    """A free loopback port below the ephemeral range, so no client socket takes it meanwhile."""
+    import random
+
+    for port in random.sample(range(20000, 30000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in 20000-29999")
+
+
+def port_free_again(port: int, timeout: float = 120.0) -> None:
+    """Wait until Serve could bind `port` again: connections an earlier server there closed first
+    (uvicorn on shutdown, a 413) keep it from a bind without SO_REUSEADDR for up to a minute."""
+    from farm.driver import port_problem
+
+    deadline = time.monotonic() + timeout
+    while problem := port_problem("127.0.0.1", port):
+        assert time.monotonic() < deadline, problem
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def running_api(token: str, root: Path, **settings: Any) -> Iterator[tuple[str, Any]]:
     """The farm's API on Ray Serve (the session's Ray) on a loopback port, with these Settings and a
@@ -70,6 +96,7 @@ def running_api(token: str, root: Path, **settings: Any) -> Iterator[tuple[str, 
 
     port = direct_ingress_port()  # the session's API port, served by the replica (tests/conftest.py)
     assert port is not None
+    port_free_again(port)
     for attempt in range(5):
         try:  # Serve's proxy, on a port of its own, as farm.driver.serve_api starts it
             serve.start(http_options={"host": "127.0.0.1", "port": free_port()})

@@ -464,22 +464,26 @@ def test_a_port_in_use_is_refused_before_ray_starts(tmp_path, tiny_models, capsy
 def test_farm_serve_on_loopback_serves_from_its_replica(tmp_path):
     """`farm serve` as a user runs it: its own local Ray, the API replica listening on the farm's port
     (no proxy hop), a job submitted and listed, Ctrl-C ends it."""
+    import queue
     import signal
 
     import psutil
-    from helpers import free_port
+    from helpers import quiet_port
 
-    port = free_port()
+    port = quiet_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_AUTH_TOKEN_PATH"}
     env |= {"FARM_HOME": str(tmp_path / "home"), "FARM_API_TOKEN": TOKEN}
     proc = subprocess.Popen([sys.executable, "-m", "farm.cli", "serve", "--port", str(port), "--models", "tiny",
                              "--tier", "cpu", "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=REPO, env=env)
     try:
-        lines = []
-        for line in proc.stdout:  # until it says where it is
-            lines.append(line)
-            if line.startswith("farm API on"):
+        said: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [said.put(line) for line in proc.stdout], daemon=True).start()
+        lines, deadline = [], time.monotonic() + 240
+        while not (lines and lines[-1].startswith("farm API on")):  # until it says where it is
+            try:
+                lines.append(said.get(timeout=max(0.1, deadline - time.monotonic())))
+            except queue.Empty:  # silent past the deadline
                 break
         assert f"http://127.0.0.1:{port}" in "".join(lines), "".join(lines)[-3000:]
         found = listeners(psutil.Process(proc.pid))

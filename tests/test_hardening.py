@@ -660,6 +660,8 @@ def test_the_api_replica_killed_comes_back_on_the_same_port(api):
     first[0].kill()
     first[0].wait(30)
     started = time.monotonic()
-    assert isinstance(Client(url, TOKEN).jobs(), list)  # refused connections retried until it is back
+    client = Client(url, TOKEN)
+    assert isinstance(client.jobs(), list)  # refused connections retried until it is back
+    client.http.close()
     back = serving()
     assert len(back) == 1 and back[0].pid != first[0].pid and time.monotonic() - started < 100

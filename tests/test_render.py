@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import base_manifest, write_manifest, write_png
+from helpers import base_manifest, port_free_again, write_manifest, write_png
 
 from farm import cli
 from farm.artifacts import load_image, read_png_parameters
@@ -246,6 +246,8 @@ def test_render_with_ui_serves_the_job_page_on_loopback(tmp_path, ray_session, t
     from farm.tokens import ensure_token
 
     port = direct_ingress_port()  # the session's: served by the API replica, as a farm started here would
+    assert port is not None
+    port_free_again(port)
     path = write_manifest(tmp_path, base_manifest(seed=231))
     seen: dict[str, object] = {}
 
