@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import psutil
 import yaml
 
 from bench.report import table, write_section
+from farm.driver import free_port, start_serve
 from farm.rayenv import local_ray_options, prepare_local_ray
 
 TOKEN = "bench-token-0123456789abcdefghijklmnop"
@@ -82,12 +82,6 @@ def manifest(i: int) -> str:
                            "output": {"fps": 8, "resolution": "64x64"},
                            "shots": [{"id": "a", "prompt": f"shot {i}", "duration": 1.0},
                                      {"id": "b", "prompt": "next", "duration": 1.0, "continue_from": "previous"}]})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Lean:
@@ -227,7 +221,7 @@ def start_bare(home: Path) -> tuple[subprocess.Popen[bytes], str]:
     root = home / "inputs"
     root.mkdir(parents=True, exist_ok=True)
     (home / "bare_app.py").write_text(BARE_APP.format(token=TOKEN, root=str(root), db=str(home / "bare.sqlite")))
-    port = free_port()
+    port = free_port("127.0.0.1")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bare_app:app", "--host", "127.0.0.1", "--port",
                              str(port), "--log-level", "warning", "--backlog", "2048", "--timeout-keep-alive", "120"],
                             cwd=home, env={**os.environ, "PYTHONPATH": f"{home}{os.pathsep}{REPO}"})
@@ -260,10 +254,10 @@ def main() -> None:
 
     from deployments.app import FarmAPI, Settings
 
-    port, proxy_port = free_port(), free_port()
+    port = free_port("127.0.0.1")
     prepare_local_ray(api_port=port)  # as `farm serve` starts its Ray: the API replica serves `port` itself
     ray.init(address="local", log_to_driver=False, configure_logging=False, **local_ray_options())
-    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})  # as farm.driver.serve_api
+    proxy_port = start_serve("127.0.0.1", port)
     serve.run(FarmAPI.bind(Settings(token=TOKEN, tier="cpu", workers=1, models="tiny", director_name="load",
                                     root=str(home / "inputs"))), name="farm", route_prefix="/")
     director = ray.get_actor("load", namespace="farm")

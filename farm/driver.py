@@ -100,27 +100,37 @@ def serve_api(config: FarmConfig, host: str, port: int, **settings: Any) -> Path
 
     token, where = ensure_token(config)
     api = Settings.from_config(config, token=token, host=host, **settings)  # refuses a weak token off loopback
+    start_serve(host, port)
+    serve.run(FarmAPI.bind(api), name="farm", route_prefix="/")
+    return where
+
+
+def start_serve(host: str, port: int) -> int:
+    """Serve started on this process's Ray for an API on `host:port` (the app is deployed after).
+    Returns the port Serve's proxy listens on."""
+    from ray import serve
+
     # Where this farm's Ray has its API replica serve the port itself (farm/rayenv.py), Serve's proxy
     # takes a free port of its own on the same host; otherwise the proxy serves the farm's port (and
     # serve.start says at once when it cannot bind it, where a replica would be retried for a minute).
     direct = direct_ingress_port() == port
     if direct and (problem := port_problem(host, port)):
         raise ValueError(problem)
-    for attempt in range(5):
+    attempts = 0
+    while True:
         proxy_port = free_port(host) if direct else port
         try:
             serve.start(http_options={"host": host, "port": proxy_port})
-            break
+            return proxy_port
         except Exception as exc:  # Serve wraps the OSError; its message is all that says what it was
             serve.shutdown()
+            attempts += 1
             if "Failed to bind" not in str(exc):
                 raise
             # Direct, the free port went to another socket before Serve bound it: take another.
-            if not direct or attempt == 4:
+            if not direct or attempts == 5:
                 why = port_problem(host, proxy_port) or f"cannot listen on {host}:{proxy_port}: {exc}"
                 raise ValueError(why) from None
-    serve.run(FarmAPI.bind(api), name="farm", route_prefix="/")
-    return where
 
 
 def port_problem(host: str, port: int) -> str:

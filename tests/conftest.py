@@ -24,8 +24,6 @@ _TOKEN.write_text(secrets.token_hex(32))
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
 os.environ.setdefault("FARM_HOME", str(_SESSION_HOME / "farm"))
 os.environ["HF_HUB_OFFLINE"] = "1"
-
-
 # The environment the farm starts its own Ray with, its API served on this session's one port by the
 # API replica itself (farm/rayenv.py); tests/helpers.py running_api serves it there.
 prepare_local_ray(api_port=quiet_port())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,21 +53,19 @@ def write_png(path: Path, size: tuple[int, int] = (64, 64), color: tuple[int, in
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from farm.driver import free_port as free
+
+    return free("127.0.0.1")
 
 
 def quiet_port() -> int:
     """A free loopback port below the ephemeral range, so no client socket takes it meanwhile."""
     import random
 
+    from farm.driver import port_problem
+
     for port in random.sample(range(20000, 30000), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        if not port_problem("127.0.0.1", port):
             return port
     raise RuntimeError("no free loopback port in 20000-29999")
 
@@ -92,19 +89,13 @@ def running_api(token: str, root: Path, **settings: Any) -> Iterator[tuple[str, 
     from ray import serve
 
     from deployments.app import FarmAPI, Limits, Settings
+    from farm.driver import start_serve
     from farm.rayenv import direct_ingress_port
 
     port = direct_ingress_port()  # the session's API port, served by the replica (tests/conftest.py)
     assert port is not None
     port_free_again(port)
-    for attempt in range(5):
-        try:  # Serve's proxy, on a port of its own, as farm.driver.serve_api starts it
-            serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-            break
-        except Exception as exc:  # the port went to a client's ephemeral socket between free_port and the bind
-            serve.shutdown()
-            if "Failed to bind" not in str(exc) or attempt == 4:
-                raise
+    start_serve("127.0.0.1", port)  # Serve's proxy on a port of its own, as `farm serve` starts it
     api = Settings(token=token, root=str(root), limits=Limits(max_body_bytes=64 * 1024, max_shots=20), tier="cpu",
                    models="tiny", **settings)
     serve.run(FarmAPI.bind(api), name="farm", route_prefix="/")
