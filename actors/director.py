@@ -54,9 +54,12 @@ ENCODER = "encoder"  # what CPU stages run on, in the ledger and events
 # end: long enough to cover the director's loop (<= 0.1 s wait) and the request's transfer, short enough
 # that little is committed early (a prefetched stage is no longer re-planned).
 PREFETCH_S = 1.0
-# How often the loop looks in the store for queued jobs it was not told about (a restart, another
-# process's insert); what this director queues itself it admits on the next pass.
+# How often the loop asks the store whether another process wrote to it, and if one did, looks there
+# for queued jobs it was not told about (another process's insert or requeue); what this director
+# queues itself it admits on the next pass. A full look, written or not, every FULL_RESCAN_S, for what
+# only a write of its own that failed could hide (a queue of thousands costs a look milliseconds).
 ADMIT_RESCAN_S = 1.0
+FULL_RESCAN_S = 30.0
 # How often the loop looks at every job for one to publish or forget, not only those whose books
 # changed since it last looked (every change to a book is carried out through Effects, which notes it).
 FINISH_SWEEP_S = 0.5
@@ -116,7 +119,7 @@ class Director:
         # they number, not what the whole queue does (which a full rescan, every ADMIT_RESCAN_S, still
         # walks for jobs another process queued in the store).
         self.inbox: deque[tuple[str, JobSetup]] = deque()  # with the setup its submit made
-        self.rescan_at = 0.0
+        self.rescan_at = self.full_rescan_at = 0.0
         self.sweep_at = 0.0
         self.incarnation = uuid.uuid4().hex[:8]  # event ids are per incarnation (event_page)
         self._stop = threading.Event()
@@ -409,8 +412,12 @@ class Director:
 
     def _admit(self) -> None:
         news: list[tuple[str, JobSetup | None]]
-        if time.monotonic() >= self.rescan_at:
-            self.rescan_at = time.monotonic() + ADMIT_RESCAN_S
+        now, rescan = time.monotonic(), False
+        if now >= self.rescan_at:  # a restart's first pass looks: full_rescan_at starts at 0
+            self.rescan_at = now + ADMIT_RESCAN_S
+            rescan = self.store.written_elsewhere() or now >= self.full_rescan_at
+        if rescan:
+            self.full_rescan_at = now + FULL_RESCAN_S
             self.inbox.clear()
             news = [(job_id, None) for job_id in
                     self.store.job_ids((JobState.QUEUED, JobState.RUNNING), director=self.name)]

@@ -101,6 +101,7 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._migrate()
+        self._data_version: int | None = None  # what written_elsewhere last saw
 
     def _migrate(self) -> None:
         """Bring a store written by an older farm up to SCHEMA_VERSION, one step at a time, so a state
@@ -191,6 +192,15 @@ class Store:
             args = (*states, director)
         with self._lock:
             return [r[0] for r in self._db.execute(query + " ORDER BY created", args).fetchall()]
+
+    def written_elsewhere(self) -> bool:
+        """Whether another connection (another process) committed to the store since the last ask;
+        True the first time. SQLite's data_version moves only for other connections' commits, so a
+        director's own writes do not make it look again."""
+        with self._lock:
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        changed, self._data_version = version != self._data_version, version
+        return changed
 
     def set_priority(self, job_id: str, priority: int) -> None:
         with self.tx() as db:

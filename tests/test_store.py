@@ -50,6 +50,19 @@ def test_directors_sharing_a_store_see_only_their_jobs(tmp_path):
     assert store.job_ids(("queued",)) == ["a", "b"]
 
 
+def test_a_director_looks_again_only_when_another_process_wrote(tmp_path):
+    """Store.written_elsewhere: a director's own inserts do not make it rescan its queue; another
+    connection's do, once."""
+    mine, other = Store(tmp_path / "s.sqlite"), Store(tmp_path / "s.sqlite")
+    assert mine.written_elsewhere()  # the first ask always looks
+    mine.add_job("a", "t", {}, "/", "/o", director="local")
+    assert not mine.written_elsewhere()
+    other.add_job("b", "t", {}, "/", "/o", director="local")
+    assert mine.written_elsewhere() and not mine.written_elsewhere()
+    other.set_job_state("a", "cancelled")
+    assert mine.written_elsewhere()
+
+
 def test_store_from_an_older_farm_is_migrated(tmp_path):
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as db:  # the attempts table as the first release wrote it
