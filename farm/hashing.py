@@ -7,9 +7,13 @@ import json
 from typing import Any
 
 
+# One encoder: json.dumps with options builds a new one on every call, and a director hashes often.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no whitespace, so equal data always hashes equal."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return _CANONICAL.encode(value)
 
 
 def content_hash(value: Any) -> str:

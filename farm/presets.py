@@ -8,6 +8,7 @@ numbers live; the CLI prints them (`farm presets`), workers and the lockfile rea
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
@@ -206,6 +207,7 @@ class MemoryKnobs:
     fp8_storage: bool = False  # denoiser weights stored in fp8, computed in bf16 (layerwise casting)
 
     @classmethod
+    @cache  # asked for every stage a director prices
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
 

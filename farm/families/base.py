@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -288,8 +289,7 @@ class Family:
         return denoise, decode
 
     def knobs(self, tier: Tier, variant: str | None = None) -> MemoryKnobs:
-        on = self.tier_knobs[tier]
-        return MemoryKnobs(**{name: name in on for name in MemoryKnobs.names()})
+        return _knobs(self.tier_knobs[tier])
 
     def preset(self, tier: Tier, quality: Quality, scene: Scene | None, variant: str | None = None) -> Preset:
         """A worker of `tier`'s own preset for this family: its memory knobs and decode chunk."""
@@ -321,3 +321,8 @@ class Family:
             "presets": {k: {"steps": s, "guidance": g} for k, (s, g) in self.presets.items()},
             "oom_ladder": [sorted(r) for r in self.ladder],
         }
+
+
+@cache  # a knob set is asked for every stage a director prices; there are a handful
+def _knobs(on: frozenset[str]) -> MemoryKnobs:
+    return MemoryKnobs(**{name: name in on for name in MemoryKnobs.names()})
