@@ -228,7 +228,7 @@ class Director:
                 book.cancel(time.time())
                 self.effects.apply(book)
             elif JobState(row.state) in ACTIVE_STATES:
-                self.store.set_job_state(job_id, JobState.CANCELLED, "cancelled by request")
+                self.effects.finish_unbooked(job_id, JobState.CANCELLED, "cancelled by request")
         return self.status(job_id)
 
     def set_priority(self, job_id: str, priority: int) -> dict[str, Any]:
@@ -446,7 +446,7 @@ class Director:
                            use_cache=row.options.get("cache", True), image_keys=ingest_images(setup, self.cache),
                            policy=jb.RetryPolicy(p.max_attempts, p.backoff_s, p.backoff_cap_s, p.max_worker_losses))
         except (ValueError, OSError) as exc:  # ManifestError and ModelError are ValueErrors
-            self.store.set_job_state(row.id, JobState.FAILED, str(exc))
+            self.effects.finish_unbooked(row.id, JobState.FAILED, str(exc))
             self.streams.pop(row.id, None)
             return None
         price(book, {w.tier for w in self.pool.workers.values()}, self.costs)

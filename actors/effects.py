@@ -79,16 +79,26 @@ class Effects:
                     if book.active:
                         book.fail(trouble, time.time())  # its effects come round in the next drain
 
+    def finish_unbooked(self, job_id: str, state: JobState, error: str | None) -> None:
+        """A job that ends without ever having had a book here (its stored manifest no longer plans
+        after a restart, a cancel before its first admission): its state, and its webhook, as a job
+        that finished through its book gets."""
+        self.store.set_job_state(job_id, state, error)
+        self._notify(job_id, state.value, error)
+
+    def _notify(self, job_id: str, state: str, error: str | None) -> None:
+        """The job's webhook, where it has one: the row is read only now (events are many)."""
+        row = self.store.job(job_id)
+        if row is not None and row.webhook:
+            deliver_later(row.webhook, {"id": job_id, "title": row.title, "state": state, "error": error,
+                                        "out_dir": row.out_dir}, done=self._delivered)
+
     def carry_out(self, book: JobBook, effect: jb.Effect) -> None:
         if isinstance(effect, jb.Emit):
             self.streams.setdefault(book.id, []).append(effect.event)
-            if effect.event["type"] != "job_finished":  # the row (for its webhook) only then: events are many
+            if effect.event["type"] != "job_finished":
                 return
-            row = self.store.job(book.id)
-            if row is not None and row.webhook:
-                deliver_later(row.webhook, {"id": book.id, "title": row.title, "state": effect.event["state"],
-                                            "error": effect.event.get("error"), "out_dir": row.out_dir},
-                              done=self._delivered)
+            self._notify(book.id, effect.event["state"], effect.event.get("error"))
         elif isinstance(effect, jb.LedgerRow):
             self.store.add_attempt(effect.row)
         elif isinstance(effect, jb.SaveStage):

@@ -6,7 +6,6 @@ import hashlib
 import json
 from typing import Any
 
-
 # One encoder: json.dumps with options builds a new one on every call, and a director hashes often.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
 

@@ -8,8 +8,8 @@ numbers live; the CLI prints them (`farm presets`), workers and the lockfile rea
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache
 from dataclasses import asdict, dataclass, fields, replace
+from functools import cache
 from typing import Any, Literal
 
 Tier = Literal["high", "mid", "low", "cpu"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,3 +108,41 @@ def running_api(token: str, root: Path, **settings: Any) -> Iterator[tuple[str, 
     finally:
         client.close()
         serve.shutdown()
+
+
+class Receiver:
+    """A loopback HTTP receiver (a webhook's) keeping what reaches it: `hits` the paths, `posts`
+    (headers, body) each; `status`/`location` shape its answer."""
+
+    def __init__(self, status: int = 204, location: str | None = None) -> None:
+        self.hits: list[str] = []
+        self.posts: list[tuple[dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.hits.append(self.path)
+                outer.posts.append((dict(self.headers), body))
+                self.send_response(status)
+                if location:
+                    self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, count: int = 1, timeout: float = 20) -> list[tuple[dict[str, str], bytes]]:
+        """The posts once there are `count` of them (fewer after `timeout`)."""
+        deadline = time.time() + timeout
+        while len(self.posts) < count and time.time() < deadline:
+            time.sleep(0.05)
+        return self.posts
+
+    def close(self) -> None:
+        self.server.shutdown()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import hmac
-import http.server
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers import CHROMIUM, CHROMIUM_FLAGS, base_manifest, running_api, write_manifest
+from helpers import CHROMIUM, CHROMIUM_FLAGS, Receiver, base_manifest, running_api, write_manifest
 
 from farm.encode import probe
 
@@ -293,33 +292,20 @@ def test_workers_and_metrics(api):
 
 def test_webhook_is_signed_and_delivered(api):
     _, client, _ = api
-    received = []
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((self.headers["X-Farm-Signature"], body))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    # by name: `localhost` is on the allow-list (conftest); a bare loopback address would be refused
-    data = base_manifest(seed=204, webhook=f"http://localhost:{server.server_port}/hook")
-    job = post(client, data).json()
-    assert wait(client, job["id"])["state"] == "succeeded"
-    deadline = time.time() + 20
-    while not received and time.time() < deadline:
-        time.sleep(0.1)
-    server.shutdown()
-    signature, body = received[0]
+    hook = Receiver()
+    try:
+        # by name: `localhost` is on the allow-list (conftest); a bare loopback address would be refused
+        data = base_manifest(seed=204, webhook=f"http://localhost:{hook.port}/hook")
+        job = post(client, data).json()
+        assert wait(client, job["id"])["state"] == "succeeded"
+        headers, body = hook.wait()[0]
+    finally:
+        hook.close()
     assert json.loads(body)["state"] == "succeeded" and json.loads(body)["id"] == job["id"]
     # signed with the farm's webhook secret (conftest sets it before Ray starts, so the director has it)
     secret = os.environ["FARM_WEBHOOK_SECRET"].encode()
-    assert hmac.compare_digest(signature, "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest())
+    expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["X-Farm-Signature"], expected)
 
 
 def test_cli_against_the_server(api, tmp_path):

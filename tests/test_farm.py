@@ -5,6 +5,7 @@ hook, not from mocking Ray."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -12,7 +13,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import base_manifest
+from helpers import Receiver, base_manifest
 
 from farm.encode import read_frames
 
@@ -152,6 +153,30 @@ def test_submits_queued_together_are_answered_each_and_a_job_stored_elsewhere_is
     stored = Store(root / "farm.sqlite").add_job("elsewhere01", "t", story(seed=204), str(root), str(root / "many-e"),
                                                  options=opts, director="test-farm")[0]
     assert wait_state(ray, director, stored.id)["state"] == "succeeded"
+
+
+def test_a_stored_job_that_no_longer_plans_fails_and_its_webhook_says_so(farm):
+    """A job found in the store (a restart, another process's insert) whose manifest this farm
+    refuses fails at admission, never having had a book, and its webhook is delivered as a job that
+    finished through its book gets."""
+    from farm.store import Store
+
+    ray, director, root = farm
+    hook = Receiver()
+    try:
+        data = story(seed=206, webhook=f"http://localhost:{hook.port}/hook")
+        data["shots"][0]["duration"] = -1
+        stored = Store(root / "farm.sqlite").add_job("unplannable1", "t", data, str(root), str(root / "unplannable"),
+                                                     options={"models": "tiny"}, webhook=data["webhook"],
+                                                     director="test-farm")[0]
+        status = wait_state(ray, director, stored.id, timeout=60)
+        posts = hook.wait()
+    finally:
+        hook.close()
+    assert status["state"] == "failed" and "duration" in status["error"]
+    assert len(posts) == 1
+    sent = json.loads(posts[0][1])
+    assert sent["id"] == stored.id and sent["state"] == "failed" and "duration" in sent["error"]
 
 
 def test_the_apis_frequent_calls_leave_no_task_events_in_the_gcs():

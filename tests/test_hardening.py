@@ -4,16 +4,14 @@ its token. Pure checks first; then the same through real HTTP on Ray Serve."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import base_manifest, running_api
+from helpers import Receiver, base_manifest, running_api
 
 from farm.egress import Refused, address_refusal, url_problem, vet
 from farm.manifest import MAX_DEPTH, ManifestError, outside_root, parse_text, validate_data
@@ -63,34 +61,6 @@ def test_a_name_with_one_private_record_is_refused_and_the_allow_list_is_by_name
         vet("https://hooks.example.com/x", resolve=resolver("93.184.216.34", "169.254.169.254"))
     target = vet("http://hooks.internal:8080/x", ["hooks.internal"], resolve=resolver("10.0.0.5"))
     assert target.addresses == ("10.0.0.5",) and target.port == 8080 and target.path == "/x"
-
-
-class Receiver:
-    """A loopback HTTP receiver counting what reaches it; `status`/`location` shape its answer."""
-
-    def __init__(self, status: int = 204, location: str | None = None) -> None:
-        self.hits: list[str] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.hits.append(self.path)
-                self.send_response(status)
-                if location:
-                    self.send_header("Location", location)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_port
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
 
 
 def test_deliveries_to_refused_ranges_never_leave_the_farm():
