@@ -37,6 +37,7 @@ from farm.jobbook import JobBook
 from farm.jobsetup import JobSetup, adapter_errors, setup_job
 from farm.manifest import FieldError, ManifestError
 from farm.metrics import snapshot
+from farm.models import ModelSpec
 from farm.paths import folder_room, output_problem
 from farm.plan import Stage
 from farm.pool import PoolConfig, PoolPolicy, WorkerBook
@@ -147,9 +148,10 @@ class Director:
         out: list[dict[str, Any] | Exception] = [ValueError("not queued")] * len(submissions)
         ready: list[tuple[int, JobSetup, NewJob]] = []
         rooms: dict[Path, tuple[str | None, int]] = {}  # one look per output folder in the batch
+        absent: dict[tuple[ModelSpec, ...], dict[str, str]] = {}  # and one question per set of models
         for i, sub in enumerate(submissions):
             try:
-                setup = self._setup(sub, rooms)
+                setup = self._setup(sub, rooms, absent)
                 job_id = uuid.uuid4().hex[:12]
                 out_dir = sub.out_dir or str(self.outputs / job_id)
                 ready.append((i, setup, NewJob(job_id, setup.manifest.title, sub.manifest, sub.root, out_dir,
@@ -174,14 +176,19 @@ class Director:
                 out[i] = exc
         return out
 
-    def _setup(self, sub: Submission, rooms: dict[Path, tuple[str | None, int]]) -> JobSetup:
+    def _setup(self, sub: Submission, rooms: dict[Path, tuple[str | None, int]],
+               absent: dict[tuple[ModelSpec, ...], dict[str, str]]) -> JobSetup:
         """A submission validated and planned, or the ManifestError / ModelError that refuses it.
-        `rooms`: the output folders already looked at, and what was found (filled in here)."""
+        `rooms`: the output folders already looked at, and what was found; `absent`: the same for the
+        models a worker was asked about (a worker that does not answer costs its timeout once a batch,
+        not once a submission). Both filled in here."""
         setup = setup_job(sub.validated or sub.manifest, Path(sub.root), dict(sub.options))
         if not setup.tiny:
-            absent = self.fleet.missing_models(list(setup.specs.values()))
-            if absent:
-                raise ManifestError([FieldError(("models", role), why) for role, why in sorted(absent.items())])
+            specs = tuple(setup.specs.values())
+            if specs not in absent:
+                absent[specs] = self.fleet.missing_models(list(specs))
+            if absent[specs]:
+                raise ManifestError([FieldError(("models", role), why) for role, why in sorted(absent[specs].items())])
             unready = adapter_errors(setup.manifest, setup.specs["keyframe"])  # named by path in the farm config
             if unready:
                 raise ManifestError(unready)

@@ -155,6 +155,26 @@ def test_submits_queued_together_are_answered_each_and_a_job_stored_elsewhere_is
     assert wait_state(ray, director, stored.id)["state"] == "succeeded"
 
 
+def test_submits_of_one_batch_naming_a_model_no_worker_has_are_each_refused(farm):
+    """Director.submit_many asks a worker about a set of models once a batch; every submission naming
+    it gets the answer, naming the field, and one with other models is queued."""
+    from farm.contract import Submission
+    from farm.manifest import ManifestError
+
+    ray, director, root = farm
+    absent = {"keyframe": "stabilityai/stable-diffusion-xl-base-1.0", "video": "tiny"}
+    got = ray.get(director.submit_many.remote([
+        Submission(story(seed=210, models=absent), str(root), str(root / "absent-a"), {}),
+        Submission(story(seed=211, models=absent), str(root), str(root / "absent-b"), {}),
+        Submission(story(seed=212), str(root), str(root / "absent-c"), {"models": "tiny"}, priority=-5)]))
+    for refused in got[:2]:
+        assert isinstance(refused, ManifestError)
+        assert [e.loc for e in refused.errors] == [("models", "keyframe")]
+        assert "not in the local Hugging Face cache" in refused.errors[0].msg
+    assert got[2]["state"] == "queued"
+    ray.get(director.cancel.remote(got[2]["id"]))
+
+
 def test_a_stored_job_that_no_longer_plans_fails_and_its_webhook_says_so(farm):
     """A job found in the store (a restart, another process's insert) whose manifest this farm
     refuses fails at admission, never having had a book, and its webhook is delivered as a job that
