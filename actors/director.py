@@ -117,8 +117,8 @@ class Director:
         self.publishing: dict[str, Any] = {}  # job -> the encoder's publish of its last outputs
         self.held = False  # drained for maintenance: jobs are accepted and queued, nothing new starts
         # Jobs queued through this director since its loop last admitted: admitting them costs a pass what
-        # they number, not what the whole queue does (which a full rescan, every ADMIT_RESCAN_S, still
-        # walks for jobs another process queued in the store).
+        # they number, not what the whole queue does (which a rescan still walks for jobs another process
+        # queued in the store: when one wrote there, and every FULL_RESCAN_S).
         self.inbox: deque[tuple[str, JobSetup]] = deque()  # with the setup its submit made
         self.rescan_at = self.full_rescan_at = 0.0
         self.sweep_at = 0.0
@@ -234,8 +234,10 @@ class Director:
             if book is not None:
                 book.cancel(time.time())
                 self.effects.apply(book)
-            elif JobState(row.state) in ACTIVE_STATES:
+            elif JobState(row.state) in ACTIVE_STATES and row.director == self.name:
                 self.effects.finish_unbooked(job_id, JobState.CANCELLED, "cancelled by request")
+            elif JobState(row.state) in ACTIVE_STATES:  # another director's: its webhook is for it to send
+                self.store.set_job_state(job_id, JobState.CANCELLED, "cancelled by request")
         return self.status(job_id)
 
     def set_priority(self, job_id: str, priority: int) -> dict[str, Any]:
@@ -415,6 +417,7 @@ class Director:
                     self._finish_jobs()
             except Exception:  # noqa: BLE001 - the loop must survive anything one job does
                 log.error("director loop error:\n%s", traceback.format_exc())
+                self.full_rescan_at = 0.0  # what the inbox held past the failure is in the store: look there
                 time.sleep(0.5)
 
     def _admit(self) -> None:

@@ -24,6 +24,12 @@ from farm.pool import PoolConfig, WorkerBook, autoscaler_bundles, desired_slots,
 from farm.schemas import WorkerInfo
 
 HEAD = {"node:__internal_head__": 0.001}  # Ray's marker resource of the head node
+# A worker answers which models it lacks in milliseconds (its actor runs three calls at once, a stage
+# among them). One that does not answer within MODEL_CHECK_S is hung or swamped: submits ask the next
+# worker, and do not ask it again for SILENT_S (the API sends one director call at a time, and every
+# submit behind a question waits for its answer).
+MODEL_CHECK_S = 10.0
+SILENT_S = 60.0
 
 
 def failure_kind(exc: BaseException, *, job_active: bool) -> FailureKind:
@@ -67,6 +73,7 @@ class Fleet:
         self.handles: dict[str, Any] = {}
         self.node_of: dict[str, str | None] = {}  # worker -> the node it was placed on
         self.faults: dict[str, list[dict[str, Any]]] = {}  # armed per worker id, kept across restarts
+        self.silent_until: dict[str, float] = {}  # workers that did not answer a model check, not asked till
         self.last_reconcile = 0.0
         self.encoder = self.start_encoder()
 
@@ -125,6 +132,7 @@ class Fleet:
     def drop(self, wid: str) -> None:
         """A worker that died or whose node left; a stage it ran comes back as a lost-worker failure."""
         self.book.remove(wid)
+        self.silent_until.pop(wid, None)
         handle = self.handles.pop(wid, None)
         if handle is not None:
             ray.kill(handle, no_restart=True)
@@ -146,12 +154,16 @@ class Fleet:
 
     def missing_models(self, specs: list[ModelSpec]) -> dict[str, str]:
         """Ask a worker which of `specs` it could not load (models are checked where they will load);
-        with no worker yet, this node answers."""
-        for handle in list(self.handles.values()):
+        with no worker yet, or none answering, this node answers."""
+        for wid, handle in list(self.handles.items()):
+            if self.silent_until.get(wid, 0.0) > time.monotonic():
+                continue
             try:
-                found: dict[str, str] = ray.get(handle.missing_models.remote(specs), timeout=30)
+                found: dict[str, str] = ray.get(handle.missing_models.remote(specs), timeout=MODEL_CHECK_S)
                 return found
-            except (RayActorError, GetTimeoutError):
+            except GetTimeoutError:
+                self.silent_until[wid] = time.monotonic() + SILENT_S
+            except RayActorError:
                 continue
         return {s.role: why for s in specs if (why := missing(s, self.config.models.allow_download)) is not None}
 

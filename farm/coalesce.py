@@ -3,8 +3,7 @@
 The API queues storyboards this way: each submit is one director call and one store commit (an
 fsync) on its own, most of a submit's cost past the HTTP layer; while calls are in flight, the submits
 that arrive meanwhile wait and go together in the next one. No wait is added: a lone submit is sent at
-once. Up to `in_flight` batches run at the same time (the API runs one: more only made the director's
-threads queue for its GIL, see deployments/app.py).
+once. Up to `in_flight` batches run at the same time (the API runs one: see deployments/app.py).
 """
 
 from __future__ import annotations

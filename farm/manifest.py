@@ -52,7 +52,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@lru_cache(maxsize=1024)  # sizes are few and asked for on every stage a director prices
+@lru_cache(maxsize=256)  # sizes are few (32 characters at most) and asked for on every stage a director prices
 def parse_size(value: str, field: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(value))
     if not match:
@@ -119,15 +119,18 @@ class Speed(Strict):
     step_cache_threshold: Annotated[float, Field(gt=0, le=1), NoBool] = 0.05
 
 
+SizeText = Annotated[str, Field(min_length=1, max_length=32)]  # WIDTHxHEIGHT: parse_size reads it
+
+
 class Output(Strict):
     fps: Annotated[int, Field(ge=1, le=120), NoBool] | None = None  # None: the quality template's fps
-    resolution: str = "1024x576"
+    resolution: SizeText = "1024x576"
     # The keyframes' own size; None: the seed's ratio (1920x1080 keyframes for 1024x576 video: 1.875x
     # the video size), rounded to what the keyframe family can make. Written full size as PNGs, and
     # resized to the video size for the video stage.
-    keyframe_resolution: str | None = None
+    keyframe_resolution: SizeText | None = None
     keyframe_fit: Literal["crop", "pad"] = "crop"  # user keyframe images of another aspect ratio
-    final_resolution: str | None = None
+    final_resolution: SizeText | None = None
     crf: Annotated[int, Field(ge=0, le=51), NoBool] | None = None
     preset: Literal[
         "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"

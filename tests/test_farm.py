@@ -175,6 +175,40 @@ def test_submits_of_one_batch_naming_a_model_no_worker_has_are_each_refused(farm
     ray.get(director.cancel.remote(got[2]["id"]))
 
 
+def test_a_worker_that_does_not_answer_a_model_check_is_not_asked_again_for_a_while(ray_session, monkeypatch):
+    """Fleet.missing_models: a hung worker costs one timeout, then the next worker answers (and the
+    submits behind it, one director call at a time, do not wait that timeout again)."""
+    import actors.fleet as fleet_module
+    from farm.config import FarmConfig
+    from farm.models import resolve_model
+
+    @ray_session.remote
+    class Checker:
+        def __init__(self, delay):
+            self.delay, self.asked = delay, 0
+
+        def missing_models(self, specs):
+            self.asked += 1
+            time.sleep(self.delay)
+            return {"keyframe": f"answered after {self.delay}"}
+
+        def count(self):
+            return self.asked
+
+    monkeypatch.setattr(fleet_module, "MODEL_CHECK_S", 0.5)
+    hung, fine = Checker.remote(3.0), Checker.remote(0.0)
+    fleet = fleet_module.Fleet.__new__(fleet_module.Fleet)  # only what a model check uses: no workers started
+    fleet.handles, fleet.silent_until, fleet.config = {"w0": hung, "w1": fine}, {}, FarmConfig()
+    specs = [resolve_model("keyframe", "tiny")]
+    started = time.monotonic()
+    assert fleet.missing_models(specs) == {"keyframe": "answered after 0.0"}
+    assert fleet.missing_models(specs) == {"keyframe": "answered after 0.0"}
+    assert time.monotonic() - started < 3  # one timeout, not two
+    assert ray_session.get(hung.count.remote()) == 1 and ray_session.get(fine.count.remote()) == 2
+    for actor in (hung, fine):
+        ray_session.kill(actor)
+
+
 def test_a_stored_job_that_no_longer_plans_fails_and_its_webhook_says_so(farm):
     """A job found in the store (a restart, another process's insert) whose manifest this farm
     refuses fails at admission, never having had a book, and its webhook is delivered as a job that
