@@ -408,9 +408,10 @@ class FarmIngress:
         self.director = get_director(PoolConfig(self.settings.tier, self.settings.workers),
                                      name=self.settings.director_name, config=self.settings.config)
         # One director call out at a time, and one thread parsing storyboards: measured at 32 clients
-        # (BENCHMARKS.md, API submit under load), more of either only made more threads queue for each
-        # process's GIL (a submit spent ~12 ms waiting for 0.4 ms of parsing, ~30 ms for the director's
-        # answer), and throughput fell by about a seventh. What arrives during a call goes in the next.
+        # (docs/cluster.md, "How many submits the API takes"), more of either only made more threads queue
+        # for each process's GIL (a submit spent ~12 ms waiting for 0.4 ms of parsing, ~30 ms for the
+        # director's answer), and throughput fell by about a seventh. What arrives during a call goes in
+        # the next.
         self._submits: Coalescer[Submission, dict[str, Any] | Exception] = Coalescer(
             self._submit_many, max_batch=64, in_flight=1)
         self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
