@@ -234,10 +234,11 @@ class Director:
             if book is not None:
                 book.cancel(time.time())
                 self.effects.apply(book)
-            elif JobState(row.state) in ACTIVE_STATES and row.director == self.name:
-                self.effects.finish_unbooked(job_id, JobState.CANCELLED, "cancelled by request")
-            elif JobState(row.state) in ACTIVE_STATES:  # another director's: its webhook is for it to send
-                self.store.set_job_state(job_id, JobState.CANCELLED, "cancelled by request")
+            elif JobState(row.state) in ACTIVE_STATES:
+                if row.director == self.name:
+                    self.effects.finish_unbooked(job_id, JobState.CANCELLED, "cancelled by request")
+                else:  # another director's: its webhook is for it to send
+                    self.store.set_job_state(job_id, JobState.CANCELLED, "cancelled by request")
         return self.status(job_id)
 
     def set_priority(self, job_id: str, priority: int) -> dict[str, Any]:

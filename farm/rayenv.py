@@ -67,8 +67,8 @@ LOCAL_RAY_ENV.update(SERVE_ENV)
 # A local farm's API served by its replica itself (Serve's direct ingress): uvicorn in the API replica
 # listens on the farm's port, so a request reaches the app without Serve's proxy actor in between. Behind
 # the proxy each submit cost ~3.5 ms of proxy CPU plus ~2 ms more in the replica (fetching the body back
-# from the proxy, the router): bench/api_load.py measured 0.44 of the bare app's throughput at 32 clients
-# through the proxy and 0.72 direct, in one run (BENCHMARKS.md). Serve takes the replica's port
+# from the proxy, the router): bench/api_load.py measures both paths side by side against a bare app
+# (BENCHMARKS.md; docs/cluster.md has the figures). Serve takes the replica's port
 # from a range, set here to the one port; a restarted replica takes it back at once (no quarantine, which
 # only guards an HAProxy in front) and a stopping one does not hold it for a load balancer to notice (no
 # minimum drain). Serve's proxy still runs, on an internal loopback port of its own (farm.driver.serve_api).

@@ -54,12 +54,6 @@ def write_png(path: Path, size: tuple[int, int] = (64, 64), color: tuple[int, in
     return path
 
 
-def free_port() -> int:
-    from farm.driver import free_port as free
-
-    return free("127.0.0.1")
-
-
 def quiet_port() -> int:
     """A free loopback port below the ephemeral range, so no client socket takes it meanwhile."""
     import random
@@ -146,3 +140,17 @@ class Receiver:
 
     def close(self) -> None:
         self.server.shutdown()
+
+
+def tree_sockets(root: Any, kind: str = "inet") -> Iterator[tuple[Any, str, Any]]:
+    """(process, its name, connection) for every socket of `root` (a psutil.Process) and every process
+    under it; a process that went away meanwhile is skipped."""
+    import psutil
+
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            conns, name = proc.net_connections(kind=kind), proc.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for conn in conns:
+            yield proc, name, conn

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers import CHROMIUM, CHROMIUM_FLAGS, Receiver, base_manifest, running_api, write_manifest
+from helpers import CHROMIUM, CHROMIUM_FLAGS, Receiver, base_manifest, running_api, tree_sockets, write_manifest
 
 from farm.encode import probe
 
@@ -401,13 +401,9 @@ def listeners(root) -> dict[str, set[tuple[str, int]]]:
     import psutil
 
     found: dict[str, set[tuple[str, int]]] = {}
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            conns, name = proc.net_connections(kind="tcp"), proc.name()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        listening = {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
-        found.setdefault(name, set()).update(listening)
+    for _, name, conn in tree_sockets(root, "tcp"):
+        if conn.status == psutil.CONN_LISTEN:
+            found.setdefault(name, set()).add((conn.laddr.ip, conn.laddr.port))
     return found
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers import base_manifest, free_port
+from helpers import base_manifest
+
+from farm.driver import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
@@ -70,7 +72,7 @@ def test_every_panel_returns_data_from_real_prometheus(ray_session, tiny_models,
 
     prometheus = shutil.which("prometheus")
     assert prometheus, "Debian's prometheus package is needed (scripts/setup.sh installs it)"
-    api_port, prom_port = free_port(), free_port()
+    api_port, prom_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": api_port})
     serve.run(FarmAPI.bind(Settings(token="t", root=str(tmp_path), director_name="prom-test", tier="cpu",
                                     workers=1, models="tiny")), name="farm", route_prefix="/")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import Receiver, base_manifest, running_api
+from helpers import Receiver, base_manifest, running_api, tree_sockets
 
 from farm.egress import Refused, address_refusal, url_problem, vet
 from farm.manifest import MAX_DEPTH, ManifestError, outside_root, parse_text, validate_data
@@ -434,17 +434,8 @@ def test_a_local_farm_listens_on_loopback_only(api):
     import psutil
 
     url, _, _ = api
-    me = psutil.Process()
-    found = []
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            conns = proc.net_connections(kind="inet")
-            name = proc.name()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        for c in conns:
-            if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr):
-                found.append((name, c.laddr.ip, c.laddr.port))
+    found = [(name, c.laddr.ip, c.laddr.port) for _, name, c in tree_sockets(psutil.Process())
+             if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr)]
     names = {n for n, _, _ in found}
     assert any("gcs_server" in n for n in names) and any("raylet" in n for n in names), names
     assert ("127.0.0.1", int(url.rsplit(":", 1)[1])) in {(ip, port) for _, ip, port in found}
@@ -622,8 +613,9 @@ def test_the_api_replica_killed_comes_back_on_the_same_port(api):
     port = int(url.rsplit(":", 1)[1])
 
     def serving() -> list[psutil.Process]:
-        return [p for p in psutil.Process().children(recursive=True) if p.name().startswith("ray::ServeReplica")
-                and any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in p.net_connections("tcp"))]
+        return list({p.pid: p for p, name, c in tree_sockets(psutil.Process(), "tcp")
+                     if name.startswith("ray::ServeReplica") and c.status == psutil.CONN_LISTEN
+                     and c.laddr.port == port}.values())
 
     first = serving()
     assert len(first) == 1
